@@ -1,0 +1,2 @@
+//! Architecture-specific set-up. Popek is x86-64 only.
+pub mod x86_64;

@@ -1,0 +1,4 @@
+//! x86-64 set-up, one file per architectural concern.
+pub mod cpuid;
+pub mod mptable;
+pub mod regs;

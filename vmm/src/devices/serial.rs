@@ -1,0 +1,140 @@
+//! COM1: a 16550A UART from `vm-superio`, with output to a writer (stdout) and input fed
+//! from stdin by a thread of its own. Its interrupt line is an eventfd wired to GSI 4.
+
+use super::{BusDevice, VmRequest};
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// The UART's interrupt: an eventfd the VM registers as an irqfd.
+pub struct EventFdTrigger(pub EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where guest console output goes: written and flushed per byte, so a reader sees the
+/// first byte the moment the guest sends it (the boot benchmark measures exactly that).
+pub struct ConsoleOut(pub Box<dyn Write + Send>);
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.0.flush()?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// The UART as a bus device.
+pub struct SerialDevice {
+    uart: Serial<EventFdTrigger, NoEvents, ConsoleOut>,
+}
+
+impl SerialDevice {
+    /// A UART writing to `out` and raising `interrupt`.
+    pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>) -> Self {
+        SerialDevice {
+            uart: Serial::new(EventFdTrigger(interrupt), ConsoleOut(out)),
+        }
+    }
+
+    /// Queues input bytes for the guest; returns how many fit in the receive FIFO.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let value = u8::try_from(offset)
+            .map(|o| self.uart.read(o))
+            .unwrap_or(0xff);
+        data.fill(0);
+        if let Some(first) = data.first_mut() {
+            *first = value;
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest> {
+        if let (Ok(offset), Some(&value)) = (u8::try_from(offset), data.first()) {
+            if let Err(e) = self.uart.write(offset, value) {
+                // A closed stdout must not stop the guest; say so once per failure kind.
+                log::debug!("serial output failed: {e:?}");
+            }
+        }
+        None
+    }
+}
+
+/// Feeds `input` to the UART until it ends. The receive FIFO is small (64 bytes): when it
+/// is full the thread waits for the guest to drain it rather than dropping input.
+pub fn spawn_input_thread<R: Read + Send + 'static>(
+    serial: Arc<Mutex<SerialDevice>>,
+    mut input: R,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("serial-input".into())
+        .spawn(move || {
+            let mut buffer = [0u8; 256];
+            loop {
+                let n = match input.read(&mut buffer) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let mut pending = &buffer[..n];
+                while !pending.is_empty() {
+                    let taken = serial
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .enqueue_input(pending);
+                    pending = &pending[taken..];
+                    if taken == 0 {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+            }
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn output_and_input() {
+        let out = Shared::default();
+        let mut uart = SerialDevice::new(EventFd::new(0).unwrap(), Box::new(out.clone()));
+        for b in b"hi" {
+            uart.write(0, &[*b]);
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"hi");
+        assert_eq!(uart.enqueue_input(b"x"), 1);
+        let mut lsr = [0u8];
+        uart.read(5, &mut lsr);
+        assert_eq!(lsr[0] & 1, 1, "data ready");
+        let mut data = [0u8];
+        uart.read(0, &mut data);
+        assert_eq!(data[0], b'x');
+    }
+}

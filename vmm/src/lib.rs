@@ -1,0 +1,14 @@
+//! Popek: a tiny KVM hypervisor for seeing and measuring virtualization.
+//!
+//! The data flow of a boot: [`config::VmConfig`] -> [`vm::Vm::new`] (KVM VM, memory,
+//! irqchip, devices) -> [`boot::load`] (image into memory, entry state) -> vCPUs configured
+//! -> [`vm::Vm::run`]. See docs/architecture.md.
+
+pub mod arch;
+pub mod boot;
+pub mod bundled;
+pub mod config;
+pub mod devices;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

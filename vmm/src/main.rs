@@ -1,0 +1,198 @@
+//! The `popek` command line: parse, set up logging, call the library, turn the outcome into
+//! an exit status. Exit statuses: the guest's own are odd (`(v << 1) | 1`, as with QEMU's
+//! isa-debug-exit); Popek's are even, so the two never collide (see README).
+
+use clap::{Parser, Subcommand, ValueEnum};
+use popek::config::{self, BootMode, Kernel, VmConfig};
+use popek::vcpu::{FaultKind, VmExit};
+use popek::vm::{self, Vm};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit statuses of `popek` itself (all even; odd ones come from the guest).
+mod status {
+    pub const RESET: u8 = 0;
+    pub const USAGE: u8 = 2;
+    pub const BAD_INPUT: u8 = 4;
+    pub const NO_KVM: u8 = 6;
+    pub const TRIPLE_FAULT: u8 = 8;
+    pub const FAIL_ENTRY: u8 = 10;
+    pub const EMULATION: u8 = 12;
+    pub const SYSTEM_EVENT: u8 = 14;
+    pub const VMM_ERROR: u8 = 16;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "popek",
+    version,
+    about = "A tiny KVM hypervisor for seeing and measuring virtualization"
+)]
+#[command(
+    after_help = "Exit status: the guest's exit-port value v gives (v << 1) | 1 (odd), as QEMU's \
+isa-debug-exit does; popek's own: 0 guest asked for reset, 2 usage, 4 bad input (image, size, file), \
+6 KVM unavailable, 8 triple fault, 10 VM entry failed, 12 emulation failure, 14 KVM system event, \
+16 other VMM error."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel (the bundled test guest by default) and run it until it exits.
+    Run(RunArgs),
+    /// Write the bundled test guest ELF to a file (to boot it elsewhere, e.g. under QEMU).
+    ExportGuest {
+        /// Where to write the ELF.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BootArg {
+    /// The VMM loads the kernel and starts at its entry (PVH or Multiboot).
+    Direct,
+    /// Start at the reset vector of Popek's firmware ROM, which jumps to the kernel.
+    Firmware,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Kernel image: a PVH ELF64 or a Multiboot v1 ELF32. Default: the bundled test guest.
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+    /// Guest RAM: a size with K/M/G suffix (a bare number is MiB).
+    #[arg(long, short, default_value = "256M", value_name = "SIZE")]
+    memory: String,
+    /// Number of vCPUs; all but the first wait for the guest to start them (INIT/SIPI).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    vcpus: u32,
+    /// Kernel command line. The bundled guest takes `test=NAME` (hello, exit, echo, mem,
+    /// initrd, rom, smp, triple-fault).
+    #[arg(long, default_value = "", value_name = "TEXT")]
+    cmdline: String,
+    /// A file handed to the kernel as its initrd (PVH module 0 / Multiboot module).
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    /// How the first instruction is reached.
+    #[arg(long, value_enum, default_value = "direct")]
+    boot: BootArg,
+    /// The KVM device node.
+    #[arg(long, default_value = "/dev/kvm", value_name = "PATH")]
+    kvm_device: PathBuf,
+    /// Do not feed standard input to the guest's serial console.
+    #[arg(long)]
+    no_stdin: bool,
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().filter_or("POPEK_LOG", "warn")).init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { status::USAGE } else { 0 });
+        }
+    };
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::ExportGuest { output } => match std::fs::write(&output, popek::bundled::GUEST_ELF)
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(
+                status::BAD_INPUT,
+                &format!("cannot write {}: {e}", output.display()),
+            ),
+        },
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let memory_bytes = match config::parse_size(&args.memory) {
+        Ok(bytes) => bytes,
+        Err(e) => return fail(status::BAD_INPUT, &e.to_string()),
+    };
+    let config = VmConfig {
+        memory_bytes,
+        vcpus: args.vcpus,
+        kernel: args.kernel.map_or(Kernel::Bundled, Kernel::File),
+        cmdline: args.cmdline,
+        initrd: args.initrd,
+        boot: match args.boot {
+            BootArg::Direct => BootMode::Direct,
+            BootArg::Firmware => BootMode::Firmware,
+        },
+        kvm_device: args.kvm_device,
+    };
+    if let Err(e) = config.validate() {
+        return fail(status::BAD_INPUT, &e.to_string());
+    }
+    let mut vm = match Vm::new(&config, Box::new(std::io::stdout())) {
+        Ok(vm) => vm,
+        Err(e) => return fail(creation_status(&e), &chain(&e)),
+    };
+    log::info!("booting {} kernel", vm.protocol());
+    let input = (!args.no_stdin).then(std::io::stdin);
+    let exit = match vm.run(input) {
+        Ok(exit) => exit,
+        Err(e) => return fail(status::VMM_ERROR, &chain(&e)),
+    };
+    finish(exit)
+}
+
+/// Turns the VM's end into the process exit status. Uses `std::process::exit` so that vCPU
+/// threads still parked in KVM_RUN do not keep the process alive.
+fn finish(exit: VmExit) -> ExitCode {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let code: i32 = match exit {
+        VmExit::Guest(v) => (i32::from(v) << 1) | 1,
+        VmExit::Reset => {
+            eprintln!("popek: the guest requested a reset; stopping (popek does not reboot)");
+            i32::from(status::RESET)
+        }
+        VmExit::Fault(fault) => {
+            eprintln!("popek: error: vCPU {}: {}", fault.vcpu, fault.detail);
+            eprint!("{}", fault.dump);
+            i32::from(match fault.kind {
+                FaultKind::TripleFault => status::TRIPLE_FAULT,
+                FaultKind::FailEntry => status::FAIL_ENTRY,
+                FaultKind::Emulation => status::EMULATION,
+                FaultKind::SystemEvent => status::SYSTEM_EVENT,
+                FaultKind::Other => status::VMM_ERROR,
+            })
+        }
+    };
+    std::process::exit(code)
+}
+
+fn creation_status(e: &vm::Error) -> u8 {
+    match e {
+        vm::Error::NoKvm(_)
+        | vm::Error::KvmPermission(_)
+        | vm::Error::OpenKvm { .. }
+        | vm::Error::NotKvm { .. } => status::NO_KVM,
+        vm::Error::Boot(_) => status::BAD_INPUT,
+        _ => status::VMM_ERROR,
+    }
+}
+
+/// "outer: inner: innermost", the way a user reads a cause chain on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn fail(code: u8, message: &str) -> ExitCode {
+    eprintln!("popek: error: {message}");
+    ExitCode::from(code)
+}

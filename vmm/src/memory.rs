@@ -1,0 +1,218 @@
+//! Guest-physical layout: RAM below the 32-bit MMIO hole, the rest above 4 GiB, and the
+//! firmware ROM at the top of the hole. Owns the host mappings behind them.
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_ioctls::VmFd;
+use popek_abi::layout;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
+
+/// Guest RAM as rust-vmm's mmap-backed guest memory.
+pub type GuestRam = vm_memory::GuestMemoryMmap<()>;
+
+/// Memory errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Host could not map guest RAM.
+    #[error("Cannot allocate {size} bytes of guest memory")]
+    Allocate {
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// Host could not map the ROM.
+    #[error("Cannot allocate the firmware ROM")]
+    AllocateRom(#[source] vm_memory::mmap::MmapRegionError),
+    /// KVM refused a memory slot.
+    #[error("KVM refused memory slot {slot} at {gpa:#x}")]
+    RegisterSlot {
+        slot: u32,
+        gpa: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The host KVM cannot map read-only memory.
+    #[error(
+        "This KVM cannot map read-only memory (KVM_CAP_READONLY_MEM), needed for the firmware ROM"
+    )]
+    NoReadonlyMemory,
+}
+
+/// Address ranges of RAM for a VM of `size` bytes.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    let low = size.min(layout::MMIO_HOLE_START);
+    let mut ranges = vec![(GuestAddress(0), low as usize)];
+    if size > low {
+        ranges.push((GuestAddress(layout::FOUR_GIB), (size - low) as usize));
+    }
+    ranges
+}
+
+/// Maps guest RAM (anonymous, zeroed, populated lazily).
+pub fn create_ram(size: u64) -> Result<GuestRam, Error> {
+    GuestRam::from_ranges(&ram_ranges(size)).map_err(|source| Error::Allocate { size, source })
+}
+
+/// End of RAM below the MMIO hole.
+pub fn low_ram_end(ram: &GuestRam) -> u64 {
+    ram.iter()
+        .filter(|r| r.start_addr().raw_value() < layout::MMIO_HOLE_START)
+        .map(|r| r.last_addr().raw_value() + 1)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Whether `[start, start + len)` lies inside one RAM region.
+pub fn is_ram(ram: &GuestRam, start: u64, len: u64) -> bool {
+    let Some(end) = start.checked_add(len) else {
+        return false;
+    };
+    ram.iter().any(|r| {
+        let region_start = r.start_addr().raw_value();
+        let region_end = region_start + r.len();
+        start >= region_start && end <= region_end
+    })
+}
+
+/// The E820-style map every boot protocol gets: RAM, minus the MP table's last KiB of base
+/// memory and the BIOS area, which are reserved.
+pub fn memory_map(ram: &GuestRam) -> Vec<MemoryMapEntry> {
+    let mut map = vec![
+        MemoryMapEntry {
+            addr: 0,
+            size: layout::MPTABLE,
+            kind: MemoryKind::Ram,
+        },
+        MemoryMapEntry {
+            addr: layout::MPTABLE,
+            size: layout::LOW_MEMORY_END - layout::MPTABLE,
+            kind: MemoryKind::Reserved,
+        },
+    ];
+    for region in ram.iter() {
+        let start = region.start_addr().raw_value().max(layout::HIGH_MEMORY);
+        let end = region.start_addr().raw_value() + region.len();
+        if end > start {
+            map.push(MemoryMapEntry {
+                addr: start,
+                size: end - start,
+                kind: MemoryKind::Ram,
+            });
+        }
+    }
+    map
+}
+
+/// Kind of a memory map entry, with E820 numbering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryKind {
+    Ram = 1,
+    Reserved = 2,
+}
+
+/// One entry of the memory map handed to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryMapEntry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: MemoryKind,
+}
+
+/// Hands every RAM region to KVM as a memory slot, numbered from 0.
+pub fn register_ram(vm: &VmFd, ram: &GuestRam) -> Result<u32, Error> {
+    let mut slot = 0;
+    for region in ram.iter() {
+        let gpa = region.start_addr().raw_value();
+        let host = region.as_ptr() as u64;
+        register_slot(vm, slot, gpa, region.len(), host, 0)?;
+        slot += 1;
+    }
+    Ok(slot)
+}
+
+/// The firmware ROM: host memory KVM maps read-only, so guest writes exit to the VMM
+/// (which drops them) instead of changing it.
+pub struct Rom {
+    region: MmapRegion,
+}
+
+impl Rom {
+    /// Maps `image` (exactly [`layout::FIRMWARE_SIZE`] bytes) read-only at the top of 4 GiB.
+    pub fn map(vm: &VmFd, kvm: &kvm_ioctls::Kvm, slot: u32, image: &[u8]) -> Result<Rom, Error> {
+        if !kvm.check_extension(kvm_ioctls::Cap::ReadonlyMem) {
+            return Err(Error::NoReadonlyMemory);
+        }
+        let region = MmapRegion::new(layout::FIRMWARE_SIZE as usize).map_err(Error::AllocateRom)?;
+        let len = image.len().min(region.size());
+        // SAFETY: `region` is a fresh private mapping of `region.size()` bytes that only this
+        // function has seen; `len` is bounded by that size.
+        unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), region.as_ptr(), len) };
+        let host = region.as_ptr() as u64;
+        register_slot(
+            vm,
+            slot,
+            layout::FIRMWARE_BASE,
+            layout::FIRMWARE_SIZE,
+            host,
+            KVM_MEM_READONLY,
+        )?;
+        Ok(Rom { region })
+    }
+
+    /// The ROM's current bytes (for checks that it stayed intact).
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping lives as long as `self`; KVM maps it read-only for the guest.
+        unsafe { std::slice::from_raw_parts(self.region.as_ptr(), self.region.size()) }
+    }
+}
+
+fn register_slot(
+    vm: &VmFd,
+    slot: u32,
+    gpa: u64,
+    size: u64,
+    host: u64,
+    flags: u32,
+) -> Result<(), Error> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags,
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: host,
+    };
+    // SAFETY: `host` points to a mapping of `size` bytes owned by the VM object, which keeps it
+    // alive (and unmoved) for as long as the VM fd exists.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|source| Error::RegisterSlot {
+        slot,
+        gpa,
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_split_around_the_hole() {
+        assert_eq!(ram_ranges(256 << 20), vec![(GuestAddress(0), 256 << 20)]);
+        let big = ram_ranges(4 << 30);
+        assert_eq!(big[0], (GuestAddress(0), layout::MMIO_HOLE_START as usize));
+        assert_eq!(big[1], (GuestAddress(layout::FOUR_GIB), (1 << 30) as usize));
+    }
+
+    #[test]
+    fn map_covers_ram() {
+        let ram = create_ram(64 << 20).unwrap();
+        let map = memory_map(&ram);
+        let total: u64 = map
+            .iter()
+            .filter(|e| e.kind == MemoryKind::Ram)
+            .map(|e| e.size)
+            .sum();
+        assert_eq!(total, (64 << 20) - (layout::HIGH_MEMORY - layout::MPTABLE));
+        assert!(is_ram(&ram, 0x100000, 0x1000));
+        assert!(!is_ram(&ram, (64 << 20) - 8, 16));
+        assert!(!is_ram(&ram, u64::MAX - 1, 16));
+    }
+}

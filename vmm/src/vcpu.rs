@@ -1,0 +1,230 @@
+//! One thread per vCPU: the KVM_RUN loop. Each exit goes to the bus that owns the port or
+//! address; anything that ends the VM is reported to the VM's thread as a [`VmExit`].
+//! The loop knows nothing of devices beyond the two buses.
+
+use crate::arch::x86_64::{cpuid, regs};
+use crate::boot::Entry;
+use crate::devices::{Bus, VmRequest};
+use kvm_bindings::CpuId;
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+/// vCPU set-up errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// KVM_CREATE_VCPU failed.
+    #[error("Cannot create vCPU {id}")]
+    Create {
+        id: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM_SET_CPUID2 failed.
+    #[error("Cannot set the CPUID of vCPU {id}")]
+    Cpuid {
+        id: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Register set-up failed.
+    #[error(transparent)]
+    Registers(#[from] regs::Error),
+    /// The thread could not be started.
+    #[error("Cannot start the thread of vCPU {id}")]
+    Thread {
+        id: u32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The buses a vCPU dispatches port I/O and MMIO exits to.
+pub struct Buses {
+    pub pio: Bus,
+    pub mmio: Bus,
+}
+
+/// Why a VM stopped running (the first of these any vCPU reports ends the run).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest wrote `status` to the exit port.
+    Guest(u8),
+    /// The guest asked for a reset; Popek stops rather than reboots.
+    Reset,
+    /// The guest ended in a way the VMM must report, with a register dump.
+    Fault(Fault),
+}
+
+/// A VM ending the guest did not ask for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub vcpu: u32,
+    pub kind: FaultKind,
+    /// One line on what happened.
+    pub detail: String,
+    /// Registers at the time, a few lines.
+    pub dump: String,
+}
+
+/// Kinds of [`Fault`], each with its own exit code in `main`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultKind {
+    /// KVM_EXIT_SHUTDOWN: a triple fault (or a shutdown cycle).
+    TripleFault,
+    /// KVM_EXIT_FAIL_ENTRY: the hardware refused to enter the guest.
+    FailEntry,
+    /// KVM_EXIT_INTERNAL_ERROR, e.g. an instruction KVM cannot emulate.
+    Emulation,
+    /// A KVM system event (crash, or shutdown/reset by a paravirtual path).
+    SystemEvent,
+    /// Anything else: an unexpected exit kind or a KVM_RUN error.
+    Other,
+}
+
+/// A created and configured vCPU, ready to run on its own thread.
+pub struct Vcpu {
+    id: u32,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` of `count` with its CPUID, FPU, MSRs and LAPIC LINT pins set.
+    /// Application processors stay in KVM's wait-for-INIT/SIPI state until the guest starts them.
+    pub fn new(vm: &VmFd, id: u32, count: u32, base_cpuid: &CpuId) -> Result<Self, Error> {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|source| Error::Create { id, source })?;
+        let cpuid = cpuid::for_vcpu(base_cpuid, id, count);
+        fd.set_cpuid2(&cpuid)
+            .map_err(|source| Error::Cpuid { id, source })?;
+        regs::set_fpu(&fd, id)?;
+        regs::set_boot_msrs(&fd, id)?;
+        regs::set_lint(&fd, id)?;
+        Ok(Vcpu { id, fd })
+    }
+
+    /// Sets the boot vCPU's first instruction. The reset vector is KVM's initial state, so
+    /// firmware boot sets no registers at all.
+    pub fn set_entry(&self, entry: &Entry) -> Result<(), Error> {
+        match entry {
+            Entry::ProtectedMode(k) => {
+                regs::set_protected_mode_entry(&self.fd, self.id, k.entry, k.eax, k.ebx)?
+            }
+            Entry::ResetVector => {}
+        }
+        Ok(())
+    }
+
+    /// Starts the KVM_RUN loop on a thread named `vcpu<N>`; it reports to `exits` when done.
+    pub fn spawn(
+        self,
+        buses: Arc<Buses>,
+        exits: Sender<VmExit>,
+    ) -> Result<std::thread::JoinHandle<()>, Error> {
+        let id = self.id;
+        std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                let mut vcpu = self;
+                let exit = vcpu.run(&buses);
+                // The receiver is gone only when the VM is already ending.
+                let _ = exits.send(exit);
+            })
+            .map_err(|source| Error::Thread { id, source })
+    }
+
+    fn run(&mut self, buses: &Buses) -> VmExit {
+        loop {
+            let request = match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => buses.pio.write(u64::from(port), data),
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    buses.pio.read(u64::from(port), data);
+                    None
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => buses.mmio.write(addr, data),
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    buses.mmio.read(addr, data);
+                    None
+                }
+                Ok(VcpuExit::Shutdown) => {
+                    return self.fault(
+                        FaultKind::TripleFault,
+                        "triple fault (KVM_EXIT_SHUTDOWN)".into(),
+                    )
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    let detail =
+                        format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}");
+                    return self.fault(FaultKind::FailEntry, detail);
+                }
+                Ok(VcpuExit::InternalError) => {
+                    let detail = self.internal_error();
+                    return self.fault(FaultKind::Emulation, detail);
+                }
+                Ok(VcpuExit::SystemEvent(kind, data)) => {
+                    let detail = format!(
+                        "KVM system event {} (data {data:x?})",
+                        system_event_name(kind)
+                    );
+                    return self.fault(FaultKind::SystemEvent, detail);
+                }
+                Ok(VcpuExit::Hlt) => {
+                    return self.fault(
+                        FaultKind::Other,
+                        "vCPU halted with no in-kernel APIC to wake it".into(),
+                    )
+                }
+                Ok(VcpuExit::Intr) => None,
+                Ok(other) => {
+                    let detail = format!("unhandled VM exit {other:?}");
+                    return self.fault(FaultKind::Other, detail);
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) => return self.fault(FaultKind::Other, format!("KVM_RUN failed: {e}")),
+            };
+            match request {
+                None => {}
+                Some(VmRequest::Exit(status)) => return VmExit::Guest(status),
+                Some(VmRequest::Reset) => return VmExit::Reset,
+            }
+        }
+    }
+
+    fn fault(&self, kind: FaultKind, detail: String) -> VmExit {
+        VmExit::Fault(Fault {
+            vcpu: self.id,
+            kind,
+            detail,
+            dump: regs::dump(&self.fd),
+        })
+    }
+
+    /// Describes a KVM_EXIT_INTERNAL_ERROR from the `internal` member of `kvm_run`.
+    fn internal_error(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: KVM fills the `internal` member of the exit union for
+        // KVM_EXIT_INTERNAL_ERROR, which is the exit just returned.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let what = match internal.suberror {
+            1 => "instruction emulation failed",
+            2 => "simultaneous exceptions",
+            3 => "delivery of an event failed",
+            _ => "internal error",
+        };
+        let data = &internal.data[..(internal.ndata as usize).min(internal.data.len())];
+        format!(
+            "KVM {what} (suberror {}, data {data:x?})",
+            internal.suberror
+        )
+    }
+}
+
+fn system_event_name(kind: u32) -> &'static str {
+    match kind {
+        1 => "shutdown",
+        2 => "reset",
+        3 => "crash",
+        _ => "unknown",
+    }
+}

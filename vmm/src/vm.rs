@@ -1,0 +1,254 @@
+//! A VM: the KVM VM fd, guest memory, the in-kernel irqchip and PIT, the devices, the
+//! vCPUs. `Vm::new` builds it all from a [`VmConfig`]; `Vm::run` runs it until the guest
+//! or a fault ends it.
+
+use crate::arch::x86_64::cpuid;
+use crate::boot::{self, BootPlan};
+use crate::config::VmConfig;
+use crate::devices::debug_exit::DebugExit;
+use crate::devices::i8042::I8042;
+use crate::devices::rom::RomWrites;
+use crate::devices::serial::{self, SerialDevice};
+use crate::devices::{bus, Bus};
+use crate::memory::{self, GuestRam, Rom};
+use crate::vcpu::{self, Buses, Vcpu, VmExit};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use popek_abi::{layout, ports};
+use std::ffi::CString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use vmm_sys_util::eventfd::EventFd;
+
+/// VM creation errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The KVM device node is missing.
+    #[error("{0} does not exist: KVM is not available on this host (is virtualization enabled and the kvm module loaded?)")]
+    NoKvm(PathBuf),
+    /// No permission to open it.
+    #[error("No permission to open {0} (add your user to the 'kvm' group, or run as root)")]
+    KvmPermission(PathBuf),
+    /// Any other failure to open it.
+    #[error("Cannot open {path}")]
+    OpenKvm {
+        path: PathBuf,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Opened, but it does not speak the KVM API.
+    #[error("{path} is not a KVM device (KVM API version {version}, expected 12)")]
+    NotKvm { path: PathBuf, version: i32 },
+    /// A VM-level KVM ioctl failed.
+    #[error("Cannot {what}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] memory::Error),
+    /// Loading the kernel.
+    #[error(transparent)]
+    Boot(#[from] boot::Error),
+    /// A vCPU.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::Error),
+    /// CPUID.
+    #[error(transparent)]
+    Cpuid(#[from] cpuid::Error),
+    /// Device wiring.
+    #[error("Cannot wire the devices")]
+    Bus(#[from] bus::Error),
+    /// An eventfd or thread.
+    #[error("Cannot create {what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// KVM's stable API version.
+const KVM_API_VERSION: i32 = 12;
+/// Three pages Intel VT-x needs for real mode without unrestricted guest; just below the
+/// firmware ROM, inside the MMIO hole.
+const TSS_ADDRESS: usize = 0xfffb_d000;
+/// The UART's IRQ line (ISA IRQ 4, as on a PC).
+const SERIAL_GSI: u32 = 4;
+
+/// A built VM, ready to run.
+pub struct Vm {
+    _kvm: Kvm,
+    fd: VmFd,
+    ram: GuestRam,
+    rom: Option<Rom>,
+    vcpus: Vec<Vcpu>,
+    buses: Arc<Buses>,
+    serial: Arc<Mutex<SerialDevice>>,
+    plan: BootPlan,
+}
+
+impl Vm {
+    /// Builds the VM: KVM objects, memory, devices, the loaded kernel, configured vCPUs.
+    /// Guest console output goes to `console`.
+    pub fn new(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Self, Error> {
+        let kvm = open_kvm(&config.kvm_device)?;
+        let fd = kvm.create_vm().map_err(|source| Error::Kvm {
+            what: "create a VM",
+            source,
+        })?;
+        fd.set_tss_address(TSS_ADDRESS)
+            .map_err(|source| Error::Kvm {
+                what: "set the TSS address",
+                source,
+            })?;
+        fd.create_irq_chip().map_err(|source| Error::Kvm {
+            what: "create the in-kernel irqchip",
+            source,
+        })?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(|source| Error::Kvm {
+            what: "create the in-kernel PIT",
+            source,
+        })?;
+
+        let ram = memory::create_ram(config.memory_bytes)?;
+        let slots = memory::register_ram(&fd, &ram)?;
+        let plan = boot::load(config, &ram)?;
+        let rom = plan
+            .rom
+            .map(|image| Rom::map(&fd, &kvm, slots, image))
+            .transpose()?;
+
+        let interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Io {
+            what: "the serial eventfd",
+            source,
+        })?;
+        fd.register_irqfd(&interrupt, SERIAL_GSI)
+            .map_err(|source| Error::Kvm {
+                what: "wire the serial IRQ",
+                source,
+            })?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(interrupt, console)));
+        let buses = Arc::new(wire_devices(serial.clone(), rom.is_some())?);
+
+        let base_cpuid = cpuid::supported(&kvm)?;
+        let vcpus = (0..config.vcpus)
+            .map(|id| Vcpu::new(&fd, id, config.vcpus, &base_cpuid))
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(boot_vcpu) = vcpus.first() {
+            boot_vcpu.set_entry(&plan.entry)?;
+        }
+        Ok(Vm {
+            _kvm: kvm,
+            fd,
+            ram,
+            rom,
+            vcpus,
+            buses,
+            serial,
+            plan,
+        })
+    }
+
+    /// The boot protocol the kernel was loaded with ("pvh" or "multiboot").
+    pub fn protocol(&self) -> &'static str {
+        self.plan.protocol
+    }
+
+    /// The firmware ROM's bytes, if mapped.
+    pub fn rom_bytes(&self) -> Option<&[u8]> {
+        self.rom.as_ref().map(Rom::bytes)
+    }
+
+    /// Guest memory.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The VM fd (for state and dirty-log work).
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Runs every vCPU on its own thread, feeds `input` (if any) to the UART, and returns
+    /// the first reason to stop. vCPU threads still blocked in KVM_RUN end with the process.
+    pub fn run<R: std::io::Read + Send + 'static>(
+        &mut self,
+        input: Option<R>,
+    ) -> Result<VmExit, Error> {
+        if let Some(input) = input {
+            serial::spawn_input_thread(self.serial.clone(), input).map_err(|source| Error::Io {
+                what: "the serial input thread",
+                source,
+            })?;
+        }
+        let (tx, rx) = mpsc::channel();
+        for vcpu in self.vcpus.drain(..) {
+            vcpu.spawn(self.buses.clone(), tx.clone())?;
+        }
+        drop(tx);
+        // Every vCPU thread sends exactly one exit before it ends, so this only fails if
+        // there were no vCPUs at all, which config validation rules out.
+        rx.recv().map_err(|_| Error::Io {
+            what: "a vCPU (all vCPU threads ended without a result)",
+            source: std::io::Error::other("no vCPU reported"),
+        })
+    }
+}
+
+fn open_kvm(path: &Path) -> Result<Kvm, Error> {
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::NoKvm(path.to_path_buf()))?;
+    let kvm = Kvm::new_with_path(&c_path).map_err(|source| match source.errno() {
+        libc::ENOENT => Error::NoKvm(path.to_path_buf()),
+        libc::EACCES | libc::EPERM => Error::KvmPermission(path.to_path_buf()),
+        _ => Error::OpenKvm {
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
+    let version = kvm.get_api_version();
+    if version != KVM_API_VERSION {
+        return Err(Error::NotKvm {
+            path: path.to_path_buf(),
+            version,
+        });
+    }
+    Ok(kvm)
+}
+
+fn wire_devices(serial: Arc<Mutex<SerialDevice>>, with_rom: bool) -> Result<Buses, bus::Error> {
+    let mut pio = Bus::new("port I/O", 0xff);
+    pio.insert(
+        u64::from(ports::SERIAL_COM1),
+        u64::from(ports::SERIAL_LEN),
+        serial,
+    )?;
+    pio.insert(
+        u64::from(ports::DEBUG_EXIT),
+        1,
+        Arc::new(Mutex::new(DebugExit)),
+    )?;
+    let i8042_len = u64::from(ports::I8042_COMMAND - ports::I8042_DATA) + 1;
+    pio.insert(
+        u64::from(ports::I8042_DATA),
+        i8042_len,
+        Arc::new(Mutex::new(I8042)),
+    )?;
+    let mut mmio = Bus::new("MMIO", 0);
+    if with_rom {
+        mmio.insert(
+            layout::FIRMWARE_BASE,
+            layout::FIRMWARE_SIZE,
+            Arc::new(Mutex::new(RomWrites::default())),
+        )?;
+    }
+    Ok(Buses { pio, mmio })
+}
