@@ -65,6 +65,18 @@ const PROGRAMS: &[Program] = &[
         run: rom,
     },
     Program {
+        name: "reset",
+        ring: Ring::User,
+        about: "ask the i8042 for a reset",
+        run: reset,
+    },
+    Program {
+        name: "probe",
+        ring: Ring::User,
+        about: "touch a port no device owns",
+        run: probe,
+    },
+    Program {
         name: "smp",
         ring: Ring::Kernel,
         about: "start every CPU of the MP table",
@@ -199,6 +211,24 @@ fn rom(_: &Context) -> u8 {
         println!("rom: CHANGED {:#010x} -> {:#010x}", before, after);
         FAILURE
     }
+}
+
+fn reset(_: &Context) -> u8 {
+    io::outb(
+        popek_abi::ports::I8042_COMMAND,
+        popek_abi::ports::I8042_CMD_RESET,
+    );
+    println!("reset: still running after the reset request");
+    FAILURE
+}
+
+/// Reads and writes ports no device claims: the VMM must log and go on, not stop.
+fn probe(_: &Context) -> u8 {
+    const UNCLAIMED: u16 = 0x510;
+    io::outb(UNCLAIMED, 0x42);
+    let value = io::inb(UNCLAIMED);
+    println!("probe: port {:#x} reads {:#04x}", UNCLAIMED, value);
+    SUCCESS
 }
 
 fn smp_test(_: &Context) -> u8 {

@@ -81,7 +81,7 @@ impl VmConfig {
                 max: MAX_MEMORY_GIB,
             });
         }
-        if self.memory_bytes % 4096 != 0 {
+        if !self.memory_bytes.is_multiple_of(4096) {
             return Err(Error::MemoryNotPageAligned(self.memory_bytes));
         }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what building and testing Popek needs on a fresh Debian machine with rustup:
+# the bare-metal Rust target the guest and firmware are built for, and the Debian tools
+# the tests call. Idempotent and quiet when everything is already there.
+set -euo pipefail
+
+if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-none; then
+    echo "setup: adding the x86_64-unknown-none Rust target" >&2
+    rustup target add x86_64-unknown-none >&2
+fi
+
+for component in rustfmt clippy; do
+    if ! rustup component list --installed 2>/dev/null | grep -q "^${component}"; then
+        echo "setup: adding rustup component ${component}" >&2
+        rustup component add "${component}" >&2
+    fi
+done
+
+# setpriv (util-linux) runs the no-permission test without CAP_DAC_OVERRIDE.
+missing=()
+command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}" >&2
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+fi

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs Popek's whole test suite (set-up included): formatting, lints, unit tests, and the
+# integration tests that drive the real `popek` binary on real KVM. Needs /dev/kvm: the
+# KVM tests fail without it rather than skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools/setup.sh
+
+if [ ! -e /dev/kvm ]; then
+    echo "test: /dev/kvm is missing; the integration tests will fail (they need KVM)" >&2
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy (host crates)"
+cargo clippy --release --all-targets --quiet -- -D warnings
+echo "== cargo clippy (guest and firmware, x86_64-unknown-none)"
+cargo clippy --release --quiet --target x86_64-unknown-none -p popek-guest -p popek-firmware \
+    --target-dir target/embedded -- -D warnings
+echo "== cargo test"
+cargo test --release --workspace --quiet 2>&1 | tee target/test-output.txt
+# One closing line for CI: the totals over every test binary.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f; exit (f > 0) }' \
+    target/test-output.txt
