@@ -100,6 +100,16 @@ impl Vm {
             what: "create a VM",
             source,
         })?;
+        // Memory slots (the ROM's too) go in before the irqchip: on some hosts (seen on PVM) the first slot
+        // added after KVM_CREATE_IRQCHIP waits ~5 ms for an SRCU grace period, which would
+        // be half of Popek's time to first guest byte.
+        let ram = memory::create_ram(config.memory_bytes)?;
+        let slots = memory::register_ram(&fd, &ram)?;
+        let plan = boot::load(config, &ram)?;
+        let rom = plan
+            .rom
+            .map(|image| Rom::map(&fd, &kvm, slots, image))
+            .transpose()?;
         fd.set_tss_address(TSS_ADDRESS)
             .map_err(|source| Error::Kvm {
                 what: "set the TSS address",
@@ -117,14 +127,6 @@ impl Vm {
             what: "create the in-kernel PIT",
             source,
         })?;
-
-        let ram = memory::create_ram(config.memory_bytes)?;
-        let slots = memory::register_ram(&fd, &ram)?;
-        let plan = boot::load(config, &ram)?;
-        let rom = plan
-            .rom
-            .map(|image| Rom::map(&fd, &kvm, slots, image))
-            .transpose()?;
 
         let interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Io {
             what: "the serial eventfd",
