@@ -22,6 +22,12 @@ pub mod ports {
     pub const I8042_COMMAND: u16 = 0x64;
     /// i8042 command: pulse the CPU reset line.
     pub const I8042_CMD_RESET: u8 = 0xfe;
+    /// Hypercall port: a 32-bit `out` of a request block's physical address makes one call.
+    pub const HYPERCALL: u16 = 0x5f0;
+    /// Doorbell port: any write is counted by the VMM without stopping the vCPU (ioeventfd).
+    pub const DOORBELL: u16 = 0x5f4;
+    /// A port whose device does nothing: the floor cost of a port-I/O exit, for benchmarks.
+    pub const NULL: u16 = 0x5f8;
 }
 
 /// Guest-physical memory layout used by Popek's loaders. The guest does not depend on most
@@ -88,6 +94,91 @@ pub mod handoff_offsets {
     /// Offset of `ebx`.
     pub const EBX: u64 = 12;
 }
+
+/// The paravirtual hypercall interface (see docs/hypercall.md).
+pub mod hypercall {
+    /// Version of the hypercall ABI, returned by [`VERSION`].
+    pub const VERSION_1: u64 = 1;
+
+    /// A call: the guest fills one of these (8-byte aligned, below 4 GiB), sets `ret` to
+    /// anything, and writes its physical address with a 32-bit `out` to
+    /// [`super::ports::HYPERCALL`]. When the `out` completes, `ret` holds the result: a
+    /// value >= 0, or a negative errno (-[`ENOSYS`], -[`EFAULT`], -[`EINVAL`]).
+    #[repr(C, align(8))]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Request {
+        pub nr: u64,
+        pub args: [u64; 4],
+        pub ret: i64,
+    }
+
+    /// Size of [`Request`] in bytes.
+    pub const REQUEST_SIZE: usize = 48;
+    /// Byte offset of `ret` in [`Request`].
+    pub const RET_OFFSET: usize = 40;
+
+    // Call numbers.
+    /// -> ABI version.
+    pub const VERSION: u64 = 0;
+    /// -> feature bits (`FEATURE_*`).
+    pub const FEATURES: u64 = 1;
+    /// -> 0. The null call, for latency.
+    pub const PING: u64 = 2;
+    /// (gpa, len) -> len. Writes guest bytes to the console; len <= [`CONSOLE_WRITE_MAX`].
+    pub const CONSOLE_WRITE: u64 = 3;
+    /// (status) -> does not return: ends the VM like the exit port.
+    pub const EXIT: u64 = 4;
+    /// (clock) -> nanoseconds of [`CLOCK_MONOTONIC`] or [`CLOCK_REALTIME`] on the host.
+    pub const CLOCK: u64 = 5;
+    /// (ns) -> 0 after the vCPU slept ns (<= [`SLEEP_MAX_NS`]) in the VMM.
+    pub const SLEEP: u64 = 6;
+    /// -> 0 after the vCPU thread yielded the host CPU.
+    pub const YIELD: u64 = 7;
+    /// (gpa, len) -> len. Fills guest memory with host random bytes; len <= [`RANDOM_MAX`].
+    pub const RANDOM: u64 = 8;
+    /// (gpa, npages) -> pages newly marked free. Page-aligned; migration may skip them.
+    pub const FREE_PAGE_HINT: u64 = 9;
+    /// (gpa, npages) -> pages newly marked in use again (the reverse of a hint).
+    pub const FREE_PAGE_UNHINT: u64 = 10;
+    /// -> the VM generation: 0 at boot, +1 each time the VM is restored after migration.
+    pub const GENERATION: u64 = 11;
+    /// (gpa) -> 0. The VMM keeps the generation (a u64, 8-byte aligned) at gpa up to date,
+    /// so the guest learns of a migration with a plain load, no exit.
+    pub const REGISTER_GENERATION: u64 = 12;
+    /// -> doorbell writes the VMM has seen (they are counted asynchronously).
+    pub const DOORBELL_COUNT: u64 = 13;
+    /// Highest call number.
+    pub const LAST: u64 = DOORBELL_COUNT;
+
+    // Feature bits returned by FEATURES.
+    pub const FEATURE_CONSOLE: u64 = 1 << 0;
+    pub const FEATURE_CLOCK: u64 = 1 << 1;
+    pub const FEATURE_SLEEP: u64 = 1 << 2;
+    pub const FEATURE_RANDOM: u64 = 1 << 3;
+    pub const FEATURE_FREE_PAGE_HINTS: u64 = 1 << 4;
+    pub const FEATURE_GENERATION: u64 = 1 << 5;
+    pub const FEATURE_DOORBELL: u64 = 1 << 6;
+
+    /// CLOCK argument: host CLOCK_MONOTONIC.
+    pub const CLOCK_MONOTONIC: u64 = 0;
+    /// CLOCK argument: host CLOCK_REALTIME (ns since the Unix epoch).
+    pub const CLOCK_REALTIME: u64 = 1;
+
+    /// Limits.
+    pub const CONSOLE_WRITE_MAX: u64 = 64 * 1024;
+    pub const RANDOM_MAX: u64 = 64 * 1024;
+    pub const SLEEP_MAX_NS: u64 = 10_000_000_000;
+    pub const PAGE_SIZE: u64 = 4096;
+
+    // Error numbers (Linux values); calls return their negation.
+    pub const EFAULT: i64 = 14;
+    pub const EINVAL: i64 = 22;
+    pub const ENOSYS: i64 = 38;
+}
+
+/// CPUID leaf of Popek's features: EAX = hypercall feature bits, EBX = hypercall port,
+/// ECX = hypercall ABI version, EDX = doorbell port.
+pub const CPUID_FEATURES_LEAF: u32 = 0x4000_0001;
 
 /// CPUID leaf where Popek's hypervisor signature lives.
 pub const CPUID_SIGNATURE_LEAF: u32 = 0x4000_0000;

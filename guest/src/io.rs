@@ -13,6 +13,15 @@ pub fn outb(port: u16, value: u8) {
     }
 }
 
+/// Writes four bytes to an I/O port.
+#[inline(always)]
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: port I/O has no memory effects visible to Rust.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
 /// Reads one byte from an I/O port.
 #[inline(always)]
 pub fn inb(port: u16) -> u8 {
@@ -34,9 +43,19 @@ pub fn serial_init() {
     outb(ports::SERIAL_COM1 + 3, 0x03);
 }
 
+/// Writes bytes to the console: through the hypercall device when there is one (one exit
+/// per write), else to COM1 (one exit per byte).
+pub fn write_bytes(bytes: &[u8]) {
+    if crate::hypercall::console_available() {
+        crate::hypercall::console_write(bytes);
+    } else {
+        serial_write(bytes);
+    }
+}
+
 /// Writes bytes to COM1. No wait for "transmitter empty": emulated UARTs (Popek's, QEMU's)
 /// take a byte at every write, and polling would double the exits.
-pub fn write_bytes(bytes: &[u8]) {
+pub fn serial_write(bytes: &[u8]) {
     for &b in bytes {
         outb(ports::SERIAL_COM1, b);
     }

@@ -7,6 +7,8 @@
 
 mod boot;
 mod cpu;
+mod hyper_tests;
+mod hypercall;
 mod io;
 mod programs;
 mod smp;
@@ -18,9 +20,13 @@ use start_info::StartInfo;
 #[no_mangle]
 extern "C" fn kmain(start_info_paddr: u64) -> ! {
     io::serial_init();
-    io::write_bytes(b"popek-guest: up\n");
+    hypercall::detect();
     let info = StartInfo::from_paddr(start_info_paddr);
     let cmdline = info.map(|i| i.cmdline()).unwrap_or(&[]);
+    if start_info::arg(cmdline, "console") == Some(b"serial") {
+        hypercall::force_serial_console();
+    }
+    io::write_bytes(b"popek-guest: up\n");
     cpu::init();
     programs::run(info, cmdline)
 }

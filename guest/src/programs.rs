@@ -15,9 +15,9 @@ enum Ring {
 
 /// What a program gets to look at.
 #[derive(Clone, Copy)]
-struct Context {
-    info: Option<StartInfo>,
-    cmdline: &'static [u8],
+pub struct Context {
+    pub info: Option<StartInfo>,
+    pub cmdline: &'static [u8],
 }
 
 struct Program {
@@ -75,6 +75,24 @@ const PROGRAMS: &[Program] = &[
         ring: Ring::User,
         about: "touch a port no device owns",
         run: probe,
+    },
+    Program {
+        name: "hypercall",
+        ring: Ring::User,
+        about: "every hypercall and its error paths",
+        run: crate::hyper_tests::hypercall_test,
+    },
+    Program {
+        name: "hyperfuzz",
+        ring: Ring::User,
+        about: "random and malformed hypercalls (iterations=N)",
+        run: crate::hyper_tests::hyperfuzz,
+    },
+    Program {
+        name: "hyperbench",
+        ring: Ring::Kernel,
+        about: "hypercall latency and console throughput (iterations=N)",
+        run: crate::hyper_tests::hyperbench,
     },
     Program {
         name: "smp",

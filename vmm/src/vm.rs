@@ -5,19 +5,23 @@
 use crate::arch::x86_64::cpuid;
 use crate::boot::{self, BootPlan};
 use crate::config::VmConfig;
+use crate::devices::console::Console;
 use crate::devices::debug_exit::DebugExit;
+use crate::devices::doorbell::Doorbell;
+use crate::devices::hypercall::{HypercallDevice, HypercallState};
 use crate::devices::i8042::I8042;
-use crate::devices::rom::RomWrites;
+use crate::devices::rom::{NullDevice, RomWrites};
 use crate::devices::serial::{self, SerialDevice};
 use crate::devices::{bus, Bus};
 use crate::memory::{self, GuestRam, Rom};
 use crate::vcpu::{self, Buses, Vcpu, VmExit};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use popek_abi::{layout, ports};
 use std::ffi::CString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{mpsc, Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -87,7 +91,10 @@ pub struct Vm {
     rom: Option<Rom>,
     vcpus: Vec<Vcpu>,
     buses: Arc<Buses>,
-    serial: Arc<Mutex<SerialDevice>>,
+    serial: Arc<SerialDevice>,
+    hypercalls: Arc<HypercallState>,
+    rom_writes: Arc<RomWrites>,
+    doorbell: Option<Doorbell>,
     plan: BootPlan,
 }
 
@@ -128,17 +135,35 @@ impl Vm {
             source,
         })?;
 
-        let interrupt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Io {
-            what: "the serial eventfd",
-            source,
-        })?;
+        let console = Console::new(console);
+        let interrupt = eventfd("the serial eventfd")?;
         fd.register_irqfd(&interrupt, SERIAL_GSI)
             .map_err(|source| Error::Kvm {
                 what: "wire the serial IRQ",
                 source,
             })?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(interrupt, console)));
-        let buses = Arc::new(wire_devices(serial.clone(), rom.is_some())?);
+        let serial = Arc::new(SerialDevice::new(interrupt, console.clone()));
+        let rings = Arc::new(AtomicU64::new(0));
+        let hypercalls = Arc::new(HypercallState::new(&ram, rings.clone()));
+        let hypercall = Arc::new(HypercallDevice::new(
+            ram.clone(),
+            console,
+            hypercalls.clone(),
+        ));
+        let doorbell_fd = eventfd("the doorbell eventfd")?;
+        fd.register_ioevent(
+            &doorbell_fd,
+            &IoEventAddress::Pio(u64::from(ports::DOORBELL)),
+            NoDatamatch,
+        )
+        .map_err(|source| Error::Kvm {
+            what: "register the doorbell ioeventfd",
+            source,
+        })?;
+        let doorbell = Some(Doorbell::new(doorbell_fd, rings));
+        let rom_writes = Arc::new(RomWrites::default());
+        let with_rom = rom.is_some().then(|| rom_writes.clone());
+        let buses = Arc::new(wire_devices(serial.clone(), hypercall, with_rom)?);
 
         let base_cpuid = cpuid::supported(&kvm)?;
         let vcpus = (0..config.vcpus)
@@ -155,6 +180,9 @@ impl Vm {
             vcpus,
             buses,
             serial,
+            hypercalls,
+            rom_writes,
+            doorbell,
             plan,
         })
     }
@@ -167,6 +195,16 @@ impl Vm {
     /// The firmware ROM's bytes, if mapped.
     pub fn rom_bytes(&self) -> Option<&[u8]> {
         self.rom.as_ref().map(Rom::bytes)
+    }
+
+    /// The hypercall device's shared state (call counts, free page hints, generation).
+    pub fn hypercalls(&self) -> &Arc<HypercallState> {
+        &self.hypercalls
+    }
+
+    /// Guest writes to the firmware ROM that were dropped.
+    pub fn rom_writes_dropped(&self) -> u64 {
+        self.rom_writes.dropped()
     }
 
     /// Guest memory.
@@ -190,6 +228,9 @@ impl Vm {
                 what: "the serial input thread",
                 source,
             })?;
+        }
+        if let Some(doorbell) = self.doorbell.take() {
+            spawn_event_loop(doorbell)?;
         }
         let (tx, rx) = mpsc::channel();
         for vcpu in self.vcpus.drain(..) {
@@ -226,31 +267,53 @@ fn open_kvm(path: &Path) -> Result<Kvm, Error> {
     Ok(kvm)
 }
 
-fn wire_devices(serial: Arc<Mutex<SerialDevice>>, with_rom: bool) -> Result<Buses, bus::Error> {
+fn eventfd(what: &'static str) -> Result<EventFd, Error> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Io { what, source })
+}
+
+/// The event-manager thread: serves the doorbell (and, later, other fd-driven devices)
+/// without stopping any vCPU.
+fn spawn_event_loop(doorbell: Doorbell) -> Result<(), Error> {
+    let io = |source| Error::Io {
+        what: "the event loop",
+        source,
+    };
+    let mut manager = event_manager::EventManager::<
+        Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>,
+    >::new()
+    .map_err(|e| io(std::io::Error::other(format!("{e:?}"))))?;
+    event_manager::SubscriberOps::add_subscriber(&mut manager, Arc::new(Mutex::new(doorbell)));
+    std::thread::Builder::new()
+        .name("event-loop".into())
+        .spawn(move || loop {
+            if let Err(e) = manager.run() {
+                log::error!("event loop: {e:?}");
+                return;
+            }
+        })
+        .map_err(io)?;
+    Ok(())
+}
+
+fn wire_devices(
+    serial: Arc<SerialDevice>,
+    hypercall: Arc<HypercallDevice>,
+    rom_writes: Option<Arc<RomWrites>>,
+) -> Result<Buses, bus::Error> {
     let mut pio = Bus::new("port I/O", 0xff);
     pio.insert(
         u64::from(ports::SERIAL_COM1),
         u64::from(ports::SERIAL_LEN),
         serial,
     )?;
-    pio.insert(
-        u64::from(ports::DEBUG_EXIT),
-        1,
-        Arc::new(Mutex::new(DebugExit)),
-    )?;
+    pio.insert(u64::from(ports::DEBUG_EXIT), 1, Arc::new(DebugExit))?;
     let i8042_len = u64::from(ports::I8042_COMMAND - ports::I8042_DATA) + 1;
-    pio.insert(
-        u64::from(ports::I8042_DATA),
-        i8042_len,
-        Arc::new(Mutex::new(I8042)),
-    )?;
+    pio.insert(u64::from(ports::I8042_DATA), i8042_len, Arc::new(I8042))?;
+    pio.insert(u64::from(ports::HYPERCALL), 4, hypercall)?;
+    pio.insert(u64::from(ports::NULL), 4, Arc::new(NullDevice))?;
     let mut mmio = Bus::new("MMIO", 0);
-    if with_rom {
-        mmio.insert(
-            layout::FIRMWARE_BASE,
-            layout::FIRMWARE_SIZE,
-            Arc::new(Mutex::new(RomWrites::default())),
-        )?;
+    if let Some(rom_writes) = rom_writes {
+        mmio.insert(layout::FIRMWARE_BASE, layout::FIRMWARE_SIZE, rom_writes)?;
     }
     Ok(Buses { pio, mmio })
 }

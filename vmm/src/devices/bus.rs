@@ -1,16 +1,18 @@
 //! A bus maps address ranges (ports or guest-physical addresses) to devices. Built once
-//! before the vCPUs start, then shared read-only; each device has its own lock.
+//! before the vCPUs start, then shared read-only. Devices take `&self` and lock what they
+//! need inside, so a slow call on one device (a hypercall that sleeps) never blocks
+//! another vCPU's access to a different device.
 
 use super::VmRequest;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 /// A device on a bus. `offset` is relative to the base the device was inserted at.
-pub trait BusDevice: Send {
+pub trait BusDevice: Send + Sync {
     /// Fills `data` with the value at `offset`.
-    fn read(&mut self, offset: u64, data: &mut [u8]);
+    fn read(&self, offset: u64, data: &mut [u8]);
     /// Handles a write; may ask the VM for something.
-    fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest>;
+    fn write(&self, offset: u64, data: &[u8]) -> Option<VmRequest>;
 }
 
 /// Bus set-up errors (programming errors in the VM's device wiring, reported not panicked).
@@ -26,7 +28,7 @@ pub enum Error {
 
 struct Entry {
     len: u64,
-    device: Arc<Mutex<dyn BusDevice>>,
+    device: Arc<dyn BusDevice>,
 }
 
 /// Accesses that hit no device, per address: counted and logged once each.
@@ -56,12 +58,7 @@ impl Bus {
     }
 
     /// Puts `device` at `[base, base + len)`.
-    pub fn insert(
-        &mut self,
-        base: u64,
-        len: u64,
-        device: Arc<Mutex<dyn BusDevice>>,
-    ) -> Result<(), Error> {
+    pub fn insert(&mut self, base: u64, len: u64, device: Arc<dyn BusDevice>) -> Result<(), Error> {
         if len == 0 {
             return Err(Error::Empty(base));
         }
@@ -84,7 +81,7 @@ impl Bus {
     /// Dispatches a read; unclaimed reads return the bus's floating value.
     pub fn read(&self, addr: u64, data: &mut [u8]) {
         match self.find(addr) {
-            Some((offset, entry)) => lock(&entry.device).read(offset, data),
+            Some((offset, entry)) => entry.device.read(offset, data),
             None => {
                 self.note_unclaimed(addr, "read");
                 data.fill(self.unclaimed_value);
@@ -95,7 +92,7 @@ impl Bus {
     /// Dispatches a write; unclaimed writes are dropped.
     pub fn write(&self, addr: u64, data: &[u8]) -> Option<VmRequest> {
         match self.find(addr) {
-            Some((offset, entry)) => lock(&entry.device).write(offset, data),
+            Some((offset, entry)) => entry.device.write(offset, data),
             None => {
                 self.note_unclaimed(addr, "write");
                 None
@@ -125,24 +122,16 @@ impl Bus {
     }
 }
 
-/// A device whose lock was poisoned (a panic on another vCPU) is still usable: device
-/// state is plain data, and stopping the VM over it would lose the guest.
-fn lock<'a>(
-    device: &'a Mutex<dyn BusDevice + 'static>,
-) -> std::sync::MutexGuard<'a, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     struct Echo(u8);
     impl BusDevice for Echo {
-        fn read(&mut self, offset: u64, data: &mut [u8]) {
+        fn read(&self, offset: u64, data: &mut [u8]) {
             data.fill(self.0 + offset as u8);
         }
-        fn write(&mut self, _: u64, data: &[u8]) -> Option<VmRequest> {
+        fn write(&self, _: u64, data: &[u8]) -> Option<VmRequest> {
             Some(VmRequest::Exit(data[0]))
         }
     }
@@ -150,10 +139,10 @@ mod tests {
     #[test]
     fn dispatch_and_unclaimed() {
         let mut bus = Bus::new("test", 0xff);
-        bus.insert(0x10, 4, Arc::new(Mutex::new(Echo(1)))).unwrap();
-        assert!(bus.insert(0x12, 4, Arc::new(Mutex::new(Echo(2)))).is_err());
-        assert!(bus.insert(0x0e, 4, Arc::new(Mutex::new(Echo(2)))).is_err());
-        bus.insert(0x14, 4, Arc::new(Mutex::new(Echo(9)))).unwrap();
+        bus.insert(0x10, 4, Arc::new(Echo(1))).unwrap();
+        assert!(bus.insert(0x12, 4, Arc::new(Echo(2))).is_err());
+        assert!(bus.insert(0x0e, 4, Arc::new(Echo(2))).is_err());
+        bus.insert(0x14, 4, Arc::new(Echo(9))).unwrap();
         let mut data = [0u8; 1];
         bus.read(0x13, &mut data);
         assert_eq!(data, [4]);

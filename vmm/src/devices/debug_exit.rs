@@ -8,11 +8,11 @@ use super::{BusDevice, VmRequest};
 pub struct DebugExit;
 
 impl BusDevice for DebugExit {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+    fn read(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
 
-    fn write(&mut self, _offset: u64, data: &[u8]) -> Option<VmRequest> {
+    fn write(&self, _offset: u64, data: &[u8]) -> Option<VmRequest> {
         // QEMU's device has a 1-byte port; wider writes keep their low byte, as there.
         data.first().map(|&v| VmRequest::Exit(v))
     }

@@ -12,12 +12,12 @@ pub struct I8042;
 const COMMAND_OFFSET: u64 = (ports::I8042_COMMAND - ports::I8042_DATA) as u64;
 
 impl BusDevice for I8042 {
-    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+    fn read(&self, _offset: u64, data: &mut [u8]) {
         // Status: output buffer empty, input buffer empty; data: nothing pending.
         data.fill(0);
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest> {
+    fn write(&self, offset: u64, data: &[u8]) -> Option<VmRequest> {
         (offset == COMMAND_OFFSET && data.first() == Some(&ports::I8042_CMD_RESET))
             .then_some(VmRequest::Reset)
     }

@@ -3,7 +3,10 @@
 //! returning a [`VmRequest`].
 
 pub mod bus;
+pub mod console;
 pub mod debug_exit;
+pub mod doorbell;
+pub mod hypercall;
 pub mod i8042;
 pub mod rom;
 pub mod serial;

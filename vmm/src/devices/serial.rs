@@ -1,9 +1,10 @@
-//! COM1: a 16550A UART from `vm-superio`, with output to a writer (stdout) and input fed
-//! from stdin by a thread of its own. Its interrupt line is an eventfd wired to GSI 4.
+//! COM1: a 16550A UART from `vm-superio`, with output to the console (stdout) and input
+//! fed from stdin by a thread of its own. Its interrupt line is an eventfd wired to GSI 4.
 
+use super::console::Console;
 use super::{BusDevice, VmRequest};
-use std::io::{Read, Write};
-use std::sync::{Arc, Mutex};
+use std::io::Read;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
@@ -19,44 +20,36 @@ impl Trigger for EventFdTrigger {
     }
 }
 
-/// Where guest console output goes: written and flushed per byte, so a reader sees the
-/// first byte the moment the guest sends it (the boot benchmark measures exactly that).
-pub struct ConsoleOut(pub Box<dyn Write + Send>);
-
-impl Write for ConsoleOut {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.0.write(buf)?;
-        self.0.flush()?;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
-    }
-}
+type Uart = Serial<EventFdTrigger, NoEvents, Console>;
 
 /// The UART as a bus device.
 pub struct SerialDevice {
-    uart: Serial<EventFdTrigger, NoEvents, ConsoleOut>,
+    uart: Mutex<Uart>,
 }
 
 impl SerialDevice {
-    /// A UART writing to `out` and raising `interrupt`.
-    pub fn new(interrupt: EventFd, out: Box<dyn Write + Send>) -> Self {
+    /// A UART writing to `console` and raising `interrupt`.
+    pub fn new(interrupt: EventFd, console: Console) -> Self {
         SerialDevice {
-            uart: Serial::new(EventFdTrigger(interrupt), ConsoleOut(out)),
+            uart: Mutex::new(Serial::new(EventFdTrigger(interrupt), console)),
         }
     }
 
+    fn uart(&self) -> MutexGuard<'_, Uart> {
+        // UART state is plain data: a panic elsewhere while holding the lock leaves it usable.
+        self.uart.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Queues input bytes for the guest; returns how many fit in the receive FIFO.
-    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
-        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+    pub fn enqueue_input(&self, bytes: &[u8]) -> usize {
+        self.uart().enqueue_raw_bytes(bytes).unwrap_or(0)
     }
 }
 
 impl BusDevice for SerialDevice {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
+    fn read(&self, offset: u64, data: &mut [u8]) {
         let value = u8::try_from(offset)
-            .map(|o| self.uart.read(o))
+            .map(|o| self.uart().read(o))
             .unwrap_or(0xff);
         data.fill(0);
         if let Some(first) = data.first_mut() {
@@ -64,10 +57,10 @@ impl BusDevice for SerialDevice {
         }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest> {
+    fn write(&self, offset: u64, data: &[u8]) -> Option<VmRequest> {
         if let (Ok(offset), Some(&value)) = (u8::try_from(offset), data.first()) {
-            if let Err(e) = self.uart.write(offset, value) {
-                // A closed stdout must not stop the guest; say so once per failure kind.
+            if let Err(e) = self.uart().write(offset, value) {
+                // A closed stdout must not stop the guest.
                 log::debug!("serial output failed: {e:?}");
             }
         }
@@ -78,7 +71,7 @@ impl BusDevice for SerialDevice {
 /// Feeds `input` to the UART until it ends. The receive FIFO is small (64 bytes): when it
 /// is full the thread waits for the guest to drain it rather than dropping input.
 pub fn spawn_input_thread<R: Read + Send + 'static>(
-    serial: Arc<Mutex<SerialDevice>>,
+    serial: Arc<SerialDevice>,
     mut input: R,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -92,10 +85,7 @@ pub fn spawn_input_thread<R: Read + Send + 'static>(
                 };
                 let mut pending = &buffer[..n];
                 while !pending.is_empty() {
-                    let taken = serial
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .enqueue_input(pending);
+                    let taken = serial.enqueue_input(pending);
                     pending = &pending[taken..];
                     if taken == 0 {
                         std::thread::sleep(Duration::from_millis(1));
@@ -108,6 +98,7 @@ pub fn spawn_input_thread<R: Read + Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[derive(Clone, Default)]
     struct Shared(Arc<Mutex<Vec<u8>>>);
@@ -124,7 +115,10 @@ mod tests {
     #[test]
     fn output_and_input() {
         let out = Shared::default();
-        let mut uart = SerialDevice::new(EventFd::new(0).unwrap(), Box::new(out.clone()));
+        let uart = SerialDevice::new(
+            EventFd::new(0).unwrap(),
+            Console::new(Box::new(out.clone())),
+        );
         for b in b"hi" {
             uart.write(0, &[*b]);
         }

@@ -1,8 +1,9 @@
 //! The guest's CPUID: what KVM supports, with per-vCPU APIC IDs and Popek's hypervisor
 //! signature at 0x40000000 (which the bundled guest uses to detect Popek).
 
+use kvm_bindings::kvm_cpuid_entry2;
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
-use popek_abi::{CPUID_SIGNATURE, CPUID_SIGNATURE_LEAF};
+use popek_abi::{hypercall, ports, CPUID_FEATURES_LEAF, CPUID_SIGNATURE, CPUID_SIGNATURE_LEAF};
 
 /// CPUID errors.
 #[derive(Debug, thiserror::Error)]
@@ -43,12 +44,51 @@ pub fn for_vcpu(base: &CpuId, id: u32, count: u32) -> CpuId {
             }
             0xb | 0x1f => entry.edx = id, // x2APIC ID
             CPUID_SIGNATURE_LEAF => {
-                entry.eax = CPUID_SIGNATURE_LEAF;
+                entry.eax = CPUID_FEATURES_LEAF;
                 entry.ebx = signature(0);
                 entry.ecx = signature(1);
                 entry.edx = signature(2);
             }
             _ => {}
+        }
+    }
+    // Popek's features leaf replaces KVM's paravirt features leaf (0x40000001): the guest
+    // sees Popek, not KVM, at 0x40000000.
+    let features = kvm_cpuid_entry2 {
+        function: CPUID_FEATURES_LEAF,
+        eax: crate::devices::hypercall::FEATURES as u32,
+        ebx: u32::from(ports::HYPERCALL),
+        ecx: hypercall::VERSION_1 as u32,
+        edx: u32::from(ports::DOORBELL),
+        ..Default::default()
+    };
+    match cpuid
+        .as_mut_slice()
+        .iter_mut()
+        .find(|e| e.function == CPUID_FEATURES_LEAF)
+    {
+        Some(entry) => *entry = features,
+        None => {
+            if cpuid.push(features).is_err() {
+                log::warn!("no room for Popek's CPUID features leaf");
+            }
+        }
+    }
+    if !cpuid
+        .as_slice()
+        .iter()
+        .any(|e| e.function == CPUID_SIGNATURE_LEAF)
+    {
+        let signature_entry = kvm_cpuid_entry2 {
+            function: CPUID_SIGNATURE_LEAF,
+            eax: CPUID_FEATURES_LEAF,
+            ebx: signature(0),
+            ecx: signature(1),
+            edx: signature(2),
+            ..Default::default()
+        };
+        if cpuid.push(signature_entry).is_err() {
+            log::warn!("no room for Popek's CPUID signature leaf");
         }
     }
     cpuid
