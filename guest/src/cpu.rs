@@ -169,9 +169,49 @@ pub fn enter_user(entry: extern "C" fn() -> !) -> ! {
     }
 }
 
+/// An armed catch: the next exception is recorded and the faulting instruction skipped.
+struct Catch {
+    armed: bool,
+    skip: u64,
+    vector: Option<u64>,
+}
+
+static mut CATCH: Catch = Catch {
+    armed: false,
+    skip: 0,
+    vector: None,
+};
+
+/// Runs `f`, which must execute exactly one possibly-faulting instruction of `len` bytes
+/// (and nothing else that can fault), and returns the exception vector it raised, if any.
+/// Works from ring 0 and ring 3: the handler runs in ring 0 and returns to the same ring.
+pub fn catch(len: u64, f: impl FnOnce()) -> Option<u64> {
+    // SAFETY: single CPU runs test programs; the handler is the only other user.
+    unsafe {
+        let c = &mut *addr_of_mut!(CATCH);
+        c.armed = true;
+        c.skip = len;
+        c.vector = None;
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+        f();
+        core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+        let c = &mut *addr_of_mut!(CATCH);
+        c.armed = false;
+        c.vector
+    }
+}
+
 /// Called by `isr_common` with the saved state; returning resumes the interrupted code.
 #[no_mangle]
 extern "C" fn trap_handler(frame: &mut TrapFrame) {
+    // SAFETY: see `catch`.
+    let c = unsafe { &mut *addr_of_mut!(CATCH) };
+    if c.armed {
+        c.armed = false;
+        c.vector = Some(frame.vector);
+        frame.rip += c.skip;
+        return;
+    }
     crate::println!(
         "guest: exception {} ({}) at rip={:#x} cs={:#x} rflags={:#x} error={:#x}",
         frame.vector,

@@ -95,6 +95,18 @@ const PROGRAMS: &[Program] = &[
         run: crate::hyper_tests::hyperbench,
     },
     Program {
+        name: "msr",
+        ring: Ring::Kernel,
+        about: "Popek's emulated MSR block and an unknown MSR",
+        run: crate::trap_tests::msr_test,
+    },
+    Program {
+        name: "cpuid",
+        ring: Ring::Kernel,
+        about: "the hypervisor CPUID leaves from ring 0 and ring 3",
+        run: crate::trap_tests::cpuid_test,
+    },
+    Program {
         name: "smp",
         ring: Ring::Kernel,
         about: "start every CPU of the MP table",

@@ -62,6 +62,10 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     pub boot: BootMode,
     pub kvm_device: PathBuf,
+    /// What unknown MSRs do.
+    pub msr_policy: crate::trap::msr::UnknownMsrPolicy,
+    /// Record each exit as a JSON line in this file, at most this many lines.
+    pub trace_exits: Option<(PathBuf, u64)>,
 }
 
 impl VmConfig {
@@ -150,6 +154,8 @@ mod tests {
             initrd: None,
             boot: BootMode::Direct,
             kvm_device: "/dev/kvm".into(),
+            msr_policy: Default::default(),
+            trace_exits: None,
         }
     }
 

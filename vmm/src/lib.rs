@@ -10,5 +10,6 @@ pub mod bundled;
 pub mod config;
 pub mod devices;
 pub mod memory;
+pub mod trap;
 pub mod vcpu;
 pub mod vm;

@@ -4,6 +4,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use popek::config::{self, BootMode, Kernel, VmConfig};
+use popek::trap::msr::UnknownMsrPolicy;
 use popek::vcpu::{FaultKind, VmExit};
 use popek::vm::{self, Vm};
 use std::path::PathBuf;
@@ -86,6 +87,29 @@ struct RunArgs {
     /// Do not feed standard input to the guest's serial console.
     #[arg(long)]
     no_stdin: bool,
+    /// Print a table of VM exits (per kind and vCPU, busiest ports/addresses/MSRs) to
+    /// stderr when the VM ends.
+    #[arg(long)]
+    stats: bool,
+    /// Write the exit statistics as JSON to FILE when the VM ends.
+    #[arg(long, value_name = "FILE")]
+    stats_json: Option<PathBuf>,
+    /// Record every VM exit as a JSON line in FILE (at most --trace-limit lines).
+    #[arg(long, value_name = "FILE")]
+    trace_exits: Option<PathBuf>,
+    /// Most lines --trace-exits writes; later exits are only counted.
+    #[arg(long, default_value_t = 1_000_000, value_name = "N")]
+    trace_limit: u64,
+    /// What MSRs unknown to KVM and Popek do: `gp` injects #GP (as hardware does), `zero`
+    /// reads as zero and ignores writes.
+    #[arg(long, value_enum, default_value = "gp")]
+    msr_policy: MsrPolicyArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MsrPolicyArg {
+    Gp,
+    Zero,
 }
 
 fn main() -> ExitCode {
@@ -126,6 +150,14 @@ fn run(args: RunArgs) -> ExitCode {
             BootArg::Firmware => BootMode::Firmware,
         },
         kvm_device: args.kvm_device,
+        msr_policy: match args.msr_policy {
+            MsrPolicyArg::Gp => UnknownMsrPolicy::Gp,
+            MsrPolicyArg::Zero => UnknownMsrPolicy::Zero,
+        },
+        trace_exits: args
+            .trace_exits
+            .clone()
+            .map(|path| (path, args.trace_limit)),
     };
     if let Err(e) = config.validate() {
         return fail(status::BAD_INPUT, &e.to_string());
@@ -140,7 +172,48 @@ fn run(args: RunArgs) -> ExitCode {
         Ok(exit) => exit,
         Err(e) => return fail(status::VMM_ERROR, &chain(&e)),
     };
+    if let Err(message) = report_stats(&vm, &exit, args.stats, args.stats_json.as_deref()) {
+        eprintln!("popek: error: {message}");
+    }
     finish(exit)
+}
+
+/// Prints and/or writes the exit statistics.
+fn report_stats(
+    vm: &Vm,
+    exit: &VmExit,
+    table: bool,
+    json: Option<&std::path::Path>,
+) -> Result<(), String> {
+    if !table && json.is_none() {
+        return Ok(());
+    }
+    let exits = vm.exit_report();
+    if table {
+        eprint!("\n{}", exits.table());
+    }
+    if let Some(path) = json {
+        let (pio, mmio) = vm.unclaimed();
+        let hex =
+            |m: std::collections::HashMap<u64, u64>| -> std::collections::BTreeMap<String, u64> {
+                m.into_iter().map(|(k, v)| (format!("{k:#x}"), v)).collect()
+            };
+        let hypercalls = vm.hypercalls();
+        let value = serde_json::json!({
+            "end": format!("{exit:?}"),
+            "exits": exits,
+            "unclaimed": { "pio": hex(pio), "mmio": hex(mmio) },
+            "hypercalls": {
+                "calls": hypercalls.call_counts().into_iter().map(|(nr, n)| (nr.to_string(), n)).collect::<std::collections::BTreeMap<_, _>>(),
+                "bad_requests": hypercalls.bad_calls(),
+                "free_pages": hypercalls.free_page_count(),
+            },
+            "rom_writes_dropped": vm.rom_writes_dropped(),
+        });
+        let text = serde_json::to_string_pretty(&value).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Turns the VM's end into the process exit status. Uses `std::process::exit` so that vCPU

@@ -5,6 +5,8 @@
 use crate::arch::x86_64::{cpuid, regs};
 use crate::boot::Entry;
 use crate::devices::{Bus, VmRequest};
+use crate::trap::exits::{ExitKind, Recorder};
+use crate::trap::msr::MsrEmulation;
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use std::sync::mpsc::Sender;
@@ -39,10 +41,33 @@ pub enum Error {
     },
 }
 
-/// The buses a vCPU dispatches port I/O and MMIO exits to.
-pub struct Buses {
+/// What a vCPU hands its exits to: the two buses, the MSR emulation, and the recorder
+/// that counts every exit.
+pub struct Handlers {
     pub pio: Bus,
     pub mmio: Bus,
+    pub msrs: MsrEmulation,
+    pub recorder: Arc<Recorder>,
+}
+
+/// Kind, target (port, address, MSR) and access size of an exit, for the recorder.
+fn describe(exit: &VcpuExit) -> (ExitKind, Option<u64>, usize) {
+    match exit {
+        VcpuExit::IoIn(port, data) => (ExitKind::IoIn, Some(u64::from(*port)), data.len()),
+        VcpuExit::IoOut(port, data) => (ExitKind::IoOut, Some(u64::from(*port)), data.len()),
+        VcpuExit::MmioRead(addr, data) => (ExitKind::MmioRead, Some(*addr), data.len()),
+        VcpuExit::MmioWrite(addr, data) => (ExitKind::MmioWrite, Some(*addr), data.len()),
+        VcpuExit::X86Rdmsr(m) => (ExitKind::Rdmsr, Some(u64::from(m.index)), 8),
+        VcpuExit::X86Wrmsr(m) => (ExitKind::Wrmsr, Some(u64::from(m.index)), 8),
+        VcpuExit::Hlt => (ExitKind::Hlt, None, 0),
+        VcpuExit::Debug(_) => (ExitKind::Debug, None, 0),
+        VcpuExit::Shutdown => (ExitKind::Shutdown, None, 0),
+        VcpuExit::FailEntry(..) => (ExitKind::FailEntry, None, 0),
+        VcpuExit::InternalError => (ExitKind::InternalError, None, 0),
+        VcpuExit::SystemEvent(..) => (ExitKind::SystemEvent, None, 0),
+        VcpuExit::Intr => (ExitKind::Interrupted, None, 0),
+        _ => (ExitKind::Other, None, 0),
+    }
 }
 
 /// Why a VM stopped running (the first of these any vCPU reports ends the run).
@@ -119,7 +144,7 @@ impl Vcpu {
     /// Starts the KVM_RUN loop on a thread named `vcpu<N>`; it reports to `exits` when done.
     pub fn spawn(
         self,
-        buses: Arc<Buses>,
+        handlers: Arc<Handlers>,
         exits: Sender<VmExit>,
     ) -> Result<std::thread::JoinHandle<()>, Error> {
         let id = self.id;
@@ -127,16 +152,28 @@ impl Vcpu {
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 let mut vcpu = self;
-                let exit = vcpu.run(&buses);
+                let exit = vcpu.run(&handlers);
                 // The receiver is gone only when the VM is already ending.
                 let _ = exits.send(exit);
             })
             .map_err(|source| Error::Thread { id, source })
     }
 
-    fn run(&mut self, buses: &Buses) -> VmExit {
+    fn run(&mut self, handlers: &Handlers) -> VmExit {
+        let (buses, recorder) = (handlers, &handlers.recorder);
         loop {
-            let request = match self.fd.run() {
+            let exit = self.fd.run();
+            match &exit {
+                Ok(e) => {
+                    let (kind, target, size) = describe(e);
+                    recorder.record(self.id, kind, target, size);
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    recorder.record(self.id, ExitKind::Interrupted, None, 0);
+                }
+                Err(_) => {}
+            }
+            let request = match exit {
                 Ok(VcpuExit::IoOut(port, data)) => buses.pio.write(u64::from(port), data),
                 Ok(VcpuExit::IoIn(port, data)) => {
                     buses.pio.read(u64::from(port), data);
@@ -174,6 +211,19 @@ impl Vcpu {
                         FaultKind::Other,
                         "vCPU halted with no in-kernel APIC to wake it".into(),
                     )
+                }
+                Ok(VcpuExit::X86Rdmsr(m)) => {
+                    match handlers.msrs.read(m.index) {
+                        Ok(value) => *m.data = value,
+                        Err(_) => *m.error = 1,
+                    }
+                    None
+                }
+                Ok(VcpuExit::X86Wrmsr(m)) => {
+                    if handlers.msrs.write(m.index, m.data).is_err() {
+                        *m.error = 1;
+                    }
+                    None
                 }
                 Ok(VcpuExit::Intr) => None,
                 Ok(other) => {

@@ -14,7 +14,9 @@ use crate::devices::rom::{NullDevice, RomWrites};
 use crate::devices::serial::{self, SerialDevice};
 use crate::devices::{bus, Bus};
 use crate::memory::{self, GuestRam, Rom};
-use crate::vcpu::{self, Buses, Vcpu, VmExit};
+use crate::trap::exits::{ExitReport, Recorder};
+use crate::trap::msr::{self, MsrEmulation};
+use crate::vcpu::{self, Handlers, Vcpu, VmExit};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use popek_abi::{layout, ports};
@@ -90,7 +92,7 @@ pub struct Vm {
     ram: GuestRam,
     rom: Option<Rom>,
     vcpus: Vec<Vcpu>,
-    buses: Arc<Buses>,
+    handlers: Arc<Handlers>,
     serial: Arc<SerialDevice>,
     hypercalls: Arc<HypercallState>,
     rom_writes: Arc<RomWrites>,
@@ -163,7 +165,25 @@ impl Vm {
         let doorbell = Some(Doorbell::new(doorbell_fd, rings));
         let rom_writes = Arc::new(RomWrites::default());
         let with_rom = rom.is_some().then(|| rom_writes.clone());
-        let buses = Arc::new(wire_devices(serial.clone(), hypercall, with_rom)?);
+        let (pio, mmio) = wire_devices(serial.clone(), hypercall, with_rom)?;
+        let trace = config
+            .trace_exits
+            .as_ref()
+            .map(|(path, limit)| (path.as_path(), *limit));
+        let recorder = Recorder::new(config.vcpus, trace).map_err(|source| Error::Io {
+            what: "the exit trace file",
+            source,
+        })?;
+        if let Err(e) = msr::enable(&fd) {
+            log::warn!("MSR accesses cannot be sent to the VMM on this host (KVM_CAP_X86_USER_SPACE_MSR): {e}");
+        }
+        let msrs = MsrEmulation::new(config.msr_policy);
+        let handlers = Arc::new(Handlers {
+            pio,
+            mmio,
+            msrs,
+            recorder,
+        });
 
         let base_cpuid = cpuid::supported(&kvm)?;
         let vcpus = (0..config.vcpus)
@@ -178,7 +198,7 @@ impl Vm {
             ram,
             rom,
             vcpus,
-            buses,
+            handlers,
             serial,
             hypercalls,
             rom_writes,
@@ -205,6 +225,25 @@ impl Vm {
     /// Guest writes to the firmware ROM that were dropped.
     pub fn rom_writes_dropped(&self) -> u64 {
         self.rom_writes.dropped()
+    }
+
+    /// Exit counts so far (flushes the exit trace).
+    pub fn exit_report(&self) -> ExitReport {
+        self.handlers.recorder.flush();
+        self.handlers.recorder.report()
+    }
+
+    /// Port and MMIO accesses that hit no device, by address.
+    pub fn unclaimed(
+        &self,
+    ) -> (
+        std::collections::HashMap<u64, u64>,
+        std::collections::HashMap<u64, u64>,
+    ) {
+        (
+            self.handlers.pio.unclaimed_counts(),
+            self.handlers.mmio.unclaimed_counts(),
+        )
     }
 
     /// Guest memory.
@@ -234,7 +273,7 @@ impl Vm {
         }
         let (tx, rx) = mpsc::channel();
         for vcpu in self.vcpus.drain(..) {
-            vcpu.spawn(self.buses.clone(), tx.clone())?;
+            vcpu.spawn(self.handlers.clone(), tx.clone())?;
         }
         drop(tx);
         // Every vCPU thread sends exactly one exit before it ends, so this only fails if
@@ -299,7 +338,7 @@ fn wire_devices(
     serial: Arc<SerialDevice>,
     hypercall: Arc<HypercallDevice>,
     rom_writes: Option<Arc<RomWrites>>,
-) -> Result<Buses, bus::Error> {
+) -> Result<(Bus, Bus), bus::Error> {
     let mut pio = Bus::new("port I/O", 0xff);
     pio.insert(
         u64::from(ports::SERIAL_COM1),
@@ -315,5 +354,5 @@ fn wire_devices(
     if let Some(rom_writes) = rom_writes {
         mmio.insert(layout::FIRMWARE_BASE, layout::FIRMWARE_SIZE, rom_writes)?;
     }
-    Ok(Buses { pio, mmio })
+    Ok((pio, mmio))
 }
