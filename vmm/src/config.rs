@@ -66,6 +66,8 @@ pub struct VmConfig {
     pub msr_policy: crate::trap::msr::UnknownMsrPolicy,
     /// Record each exit as a JSON line in this file, at most this many lines.
     pub trace_exits: Option<(PathBuf, u64)>,
+    /// Single-step audit of the boot vCPU, stepping at most this many instructions.
+    pub audit: Option<u64>,
 }
 
 impl VmConfig {
@@ -156,6 +158,7 @@ mod tests {
             kvm_device: "/dev/kvm".into(),
             msr_policy: Default::default(),
             trace_exits: None,
+            audit: None,
         }
     }
 

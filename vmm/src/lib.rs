@@ -7,6 +7,7 @@
 pub mod arch;
 pub mod boot;
 pub mod bundled;
+pub mod classify;
 pub mod config;
 pub mod devices;
 pub mod memory;

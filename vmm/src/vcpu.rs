@@ -48,6 +48,10 @@ pub struct Handlers {
     pub mmio: Bus,
     pub msrs: MsrEmulation,
     pub recorder: Arc<Recorder>,
+    /// Single-step audit of vCPU 0, when asked for.
+    pub audit: Option<crate::trap::audit::Audit>,
+    /// The host has KVM_CAP_SYNC_REGS (registers delivered in `kvm_run`).
+    pub sync_regs: bool,
 }
 
 /// Kind, target (port, address, MSR) and access size of an exit, for the recorder.
@@ -161,8 +165,18 @@ impl Vcpu {
 
     fn run(&mut self, handlers: &Handlers) -> VmExit {
         let (buses, recorder) = (handlers, &handlers.recorder);
+        let audit = handlers.audit.as_ref().filter(|_| self.id == 0);
+        if let Some(audit) = audit {
+            if let Err(e) = audit.start(&mut self.fd, handlers.sync_regs) {
+                return self.fault(
+                    FaultKind::Other,
+                    format!("cannot single-step for the audit: {e}"),
+                );
+            }
+        }
         loop {
             let exit = self.fd.run();
+            let is_debug = matches!(exit, Ok(VcpuExit::Debug(_)));
             match &exit {
                 Ok(e) => {
                     let (kind, target, size) = describe(e);
@@ -225,6 +239,12 @@ impl Vcpu {
                     }
                     None
                 }
+                Ok(VcpuExit::Debug(_)) => {
+                    if let Some(audit) = audit {
+                        audit.step(&self.fd);
+                    }
+                    None
+                }
                 Ok(VcpuExit::Intr) => None,
                 Ok(other) => {
                     let detail = format!("unhandled VM exit {other:?}");
@@ -233,6 +253,9 @@ impl Vcpu {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
                 Err(e) => return self.fault(FaultKind::Other, format!("KVM_RUN failed: {e}")),
             };
+            if let (Some(audit), false) = (audit, is_debug) {
+                audit.maybe_resume(&self.fd);
+            }
             match request {
                 None => {}
                 Some(VmRequest::Exit(status)) => return VmExit::Guest(status),

@@ -14,6 +14,7 @@ use crate::devices::rom::{NullDevice, RomWrites};
 use crate::devices::serial::{self, SerialDevice};
 use crate::devices::{bus, Bus};
 use crate::memory::{self, GuestRam, Rom};
+use crate::trap::audit::{Audit, AuditReport};
 use crate::trap::exits::{ExitReport, Recorder};
 use crate::trap::msr::{self, MsrEmulation};
 use crate::vcpu::{self, Handlers, Vcpu, VmExit};
@@ -178,11 +179,20 @@ impl Vm {
             log::warn!("MSR accesses cannot be sent to the VMM on this host (KVM_CAP_X86_USER_SPACE_MSR): {e}");
         }
         let msrs = MsrEmulation::new(config.msr_policy);
+        let audit = config.audit.map(|limit| {
+            let rom_copy = rom
+                .as_ref()
+                .map(|r| (layout::FIRMWARE_BASE, r.bytes().to_vec()));
+            Audit::new(ram.clone(), rom_copy, limit)
+        });
+        let sync_regs = kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
         let handlers = Arc::new(Handlers {
             pio,
             mmio,
             msrs,
             recorder,
+            audit,
+            sync_regs,
         });
 
         let base_cpuid = cpuid::supported(&kvm)?;
@@ -231,6 +241,11 @@ impl Vm {
     pub fn exit_report(&self) -> ExitReport {
         self.handlers.recorder.flush();
         self.handlers.recorder.report()
+    }
+
+    /// The single-step audit's findings, if the VM is audited.
+    pub fn audit_report(&self) -> Option<AuditReport> {
+        self.handlers.audit.as_ref().map(Audit::report)
     }
 
     /// Port and MMIO accesses that hit no device, by address.

@@ -3,5 +3,7 @@
 //! classes of x86 instructions (`classes`), used statically by `popek classify` and at run
 //! time by the single-step audit (`audit`).
 
+pub mod audit;
+pub mod classes;
 pub mod exits;
 pub mod msr;
