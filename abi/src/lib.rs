@@ -147,8 +147,11 @@ pub mod hypercall {
     pub const REGISTER_GENERATION: u64 = 12;
     /// -> doorbell writes the VMM has seen (they are counted asynchronously).
     pub const DOORBELL_COUNT: u64 = 13;
+    /// -> exits to the VMM so far, all vCPUs, this call's own included: a guest learns
+    /// whether an instruction reached the VMM from the difference around it, minus one.
+    pub const EXIT_COUNT: u64 = 14;
     /// Highest call number.
-    pub const LAST: u64 = DOORBELL_COUNT;
+    pub const LAST: u64 = EXIT_COUNT;
 
     // Feature bits returned by FEATURES.
     pub const FEATURE_CONSOLE: u64 = 1 << 0;

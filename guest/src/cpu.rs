@@ -212,6 +212,13 @@ extern "C" fn trap_handler(frame: &mut TrapFrame) {
         frame.rip += c.skip;
         return;
     }
+    // SAFETY: the trap suite's ring-3 phase asks for its next phase with an int3.
+    if frame.vector == 3
+        && unsafe { core::ptr::replace(addr_of_mut!(crate::trap_suite::PHASE_SWITCH), false) }
+    {
+        crate::trap_suite::enable_phase2();
+        return;
+    }
     crate::println!(
         "guest: exception {} ({}) at rip={:#x} cs={:#x} rflags={:#x} error={:#x}",
         frame.vector,

@@ -13,6 +13,7 @@ mod io;
 mod programs;
 mod smp;
 mod start_info;
+mod trap_suite;
 mod trap_tests;
 
 use start_info::StartInfo;

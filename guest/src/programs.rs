@@ -107,6 +107,12 @@ const PROGRAMS: &[Program] = &[
         run: crate::trap_tests::cpuid_test,
     },
     Program {
+        name: "traps",
+        ring: Ring::Kernel,
+        about: "the trap suite: sensitive and privileged instructions in ring 0 and 3",
+        run: crate::trap_suite::trap_suite,
+    },
+    Program {
         name: "smp",
         ring: Ring::Kernel,
         about: "start every CPU of the MP table",

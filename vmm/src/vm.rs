@@ -147,7 +147,15 @@ impl Vm {
             })?;
         let serial = Arc::new(SerialDevice::new(interrupt, console.clone()));
         let rings = Arc::new(AtomicU64::new(0));
-        let hypercalls = Arc::new(HypercallState::new(&ram, rings.clone()));
+        let trace = config
+            .trace_exits
+            .as_ref()
+            .map(|(path, limit)| (path.as_path(), *limit));
+        let recorder = Recorder::new(config.vcpus, trace).map_err(|source| Error::Io {
+            what: "the exit trace file",
+            source,
+        })?;
+        let hypercalls = Arc::new(HypercallState::new(&ram, rings.clone(), recorder.clone()));
         let hypercall = Arc::new(HypercallDevice::new(
             ram.clone(),
             console,
@@ -167,14 +175,6 @@ impl Vm {
         let rom_writes = Arc::new(RomWrites::default());
         let with_rom = rom.is_some().then(|| rom_writes.clone());
         let (pio, mmio) = wire_devices(serial.clone(), hypercall, with_rom)?;
-        let trace = config
-            .trace_exits
-            .as_ref()
-            .map(|(path, limit)| (path.as_path(), *limit));
-        let recorder = Recorder::new(config.vcpus, trace).map_err(|source| Error::Io {
-            what: "the exit trace file",
-            source,
-        })?;
         if let Err(e) = msr::enable(&fd) {
             log::warn!("MSR accesses cannot be sent to the VMM on this host (KVM_CAP_X86_USER_SPACE_MSR): {e}");
         }

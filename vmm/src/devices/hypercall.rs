@@ -37,6 +37,7 @@ pub struct HypercallState {
     generation: AtomicU64,
     generation_gpa: Mutex<Option<u64>>,
     doorbell_rings: Arc<AtomicU64>,
+    exits: Arc<crate::trap::exits::Recorder>,
     free_pages: Mutex<FreePages>,
     calls: [AtomicU64; hc::LAST as usize + 1],
     bad_calls: AtomicU64,
@@ -44,11 +45,16 @@ pub struct HypercallState {
 
 impl HypercallState {
     /// Fresh state for a VM with `ram`; `doorbell_rings` is counted by the doorbell.
-    pub fn new(ram: &GuestRam, doorbell_rings: Arc<AtomicU64>) -> Self {
+    pub fn new(
+        ram: &GuestRam,
+        doorbell_rings: Arc<AtomicU64>,
+        exits: Arc<crate::trap::exits::Recorder>,
+    ) -> Self {
         HypercallState {
             generation: AtomicU64::new(0),
             generation_gpa: Mutex::new(None),
             doorbell_rings,
+            exits,
             free_pages: Mutex::new(FreePages::new(ram)),
             calls: std::array::from_fn(|_| AtomicU64::new(0)),
             bad_calls: AtomicU64::new(0),
@@ -190,6 +196,7 @@ impl HypercallDevice {
                 self.state.doorbell_rings.load(Ordering::SeqCst) as i64,
                 None,
             ),
+            hc::EXIT_COUNT => (self.state.exits.total() as i64, None),
             _ => errno(hc::ENOSYS),
         }
     }
@@ -361,7 +368,12 @@ mod tests {
 
     fn device() -> (HypercallDevice, GuestRam) {
         let ram = memory::create_ram(16 << 20).unwrap();
-        let state = Arc::new(HypercallState::new(&ram, Arc::new(AtomicU64::new(0))));
+        let recorder = crate::trap::exits::Recorder::new(1, None).unwrap();
+        let state = Arc::new(HypercallState::new(
+            &ram,
+            Arc::new(AtomicU64::new(0)),
+            recorder,
+        ));
         (
             HypercallDevice::new(ram.clone(), Console::new(Box::new(std::io::sink())), state),
             ram,

@@ -163,6 +163,14 @@ impl Recorder {
         }
     }
 
+    /// Exits recorded so far, all vCPUs.
+    pub fn total(&self) -> u64 {
+        self.vcpus
+            .iter()
+            .map(|c| lock(c).by_kind.iter().sum::<u64>())
+            .sum()
+    }
+
     /// Flushes the trace file.
     pub fn flush(&self) {
         if let Some(trace) = &self.trace {
