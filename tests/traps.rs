@@ -371,3 +371,70 @@ fn trap_suite_matches_the_expected_table_for_this_host() {
         run.stdout
     );
 }
+
+/// Runs popek with output to files and returns (exit status, stdout, max RSS in KiB).
+// The child is reaped by wait4 (for its rusage), not by Child::wait.
+#[allow(clippy::zombie_processes)]
+fn popek_max_rss(args: &[&str], scratch: &Scratch, tag: &str) -> (i32, String, i64) {
+    let out_path = scratch.0.join(format!("{tag}.out"));
+    let child = std::process::Command::new(popek_bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid out-parameter for wait4.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; status and usage are valid out-parameters.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    (
+        code,
+        std::fs::read_to_string(out_path).unwrap(),
+        usage.ru_maxrss,
+    )
+}
+
+#[test]
+fn hostile_guest_leaves_the_vmm_up_and_bounded() {
+    require_kvm();
+    let scratch = Scratch::new("hostile");
+    let (small_status, small_out, small_rss) = popek_max_rss(
+        &["run", "--cmdline", "test=hostile iterations=2000"],
+        &scratch,
+        "small",
+    );
+    let (big_status, big_out, big_rss) = popek_max_rss(
+        &["run", "--cmdline", "test=hostile iterations=40000"],
+        &scratch,
+        "big",
+    );
+    assert_eq!(small_status, 1, "{small_out}");
+    assert_eq!(big_status, 1, "{big_out}");
+    for out in [&small_out, &big_out] {
+        assert!(out.contains("vmm-alive=true"), "{out}");
+        let line = out.lines().find(|l| l.starts_with("hostile:")).unwrap();
+        for key in ["ports=", "mmio=", "msrs=", "privileged="] {
+            let n: u64 = line
+                .split(key)
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap();
+            assert!(n > 0, "{key} {line}");
+        }
+    }
+    // 20 times the rounds, thousands of distinct ports and addresses: memory stays put
+    // (exit and unclaimed-address tables are bounded).
+    assert!(
+        big_rss < small_rss + 8 * 1024,
+        "max RSS grew from {small_rss} KiB to {big_rss} KiB"
+    );
+}

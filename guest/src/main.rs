@@ -7,6 +7,7 @@
 
 mod boot;
 mod cpu;
+mod hostile;
 mod hyper_tests;
 mod hypercall;
 mod io;

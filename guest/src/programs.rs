@@ -113,6 +113,18 @@ const PROGRAMS: &[Program] = &[
         run: crate::trap_suite::trap_suite,
     },
     Program {
+        name: "hostile",
+        ring: Ring::Kernel,
+        about: "random ports, MMIO, MSRs, privileged instructions (iterations=N)",
+        run: crate::hostile::hostile,
+    },
+    Program {
+        name: "exitloop",
+        ring: Ring::Kernel,
+        about: "time port-I/O exits to the null device (iterations=N)",
+        run: crate::trap_tests::exit_loop,
+    },
+    Program {
         name: "smp",
         ring: Ring::Kernel,
         about: "start every CPU of the MP table",

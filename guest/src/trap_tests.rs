@@ -105,3 +105,23 @@ extern "C" fn cpuid_user() -> ! {
     print_cpuid(3);
     exit(SUCCESS)
 }
+
+/// Ring 0: `iterations=N` port-I/O exits to Popek's null device in a tight loop, timed with
+/// the host clock; the counterpart of tools/exit-bench's bare KVM_RUN loop.
+pub fn exit_loop(context: &Context) -> u8 {
+    let n = crate::start_info::arg(context.cmdline, "iterations")
+        .and_then(crate::start_info::parse_number)
+        .unwrap_or(100_000);
+    let start = crate::hypercall::monotonic_ns();
+    for _ in 0..n {
+        crate::io::outb(popek_abi::ports::NULL, 0);
+    }
+    let ns = crate::hypercall::monotonic_ns() - start;
+    println!(
+        "exitloop: {} exits in {} ns, ns_per_exit={}",
+        n,
+        ns,
+        ns / n.max(1)
+    );
+    SUCCESS
+}

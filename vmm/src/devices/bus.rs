@@ -31,11 +31,17 @@ struct Entry {
     device: Arc<dyn BusDevice>,
 }
 
-/// Accesses that hit no device, per address: counted and logged once each.
+/// Accesses that hit no device, per address: counted and logged once each. At most
+/// [`MAX_UNCLAIMED`] addresses are kept, so a guest probing random addresses cannot grow
+/// the VMM; the rest are counted together.
 #[derive(Default)]
 struct Unclaimed {
     counts: HashMap<u64, u64>,
+    overflow: u64,
 }
+
+/// Distinct unclaimed addresses a bus remembers.
+pub const MAX_UNCLAIMED: usize = 4096;
 
 /// One address space of devices.
 pub struct Bus {
@@ -102,6 +108,10 @@ impl Bus {
 
     fn note_unclaimed(&self, addr: u64, what: &str) {
         let mut unclaimed = self.unclaimed.lock().unwrap_or_else(|p| p.into_inner());
+        if !unclaimed.counts.contains_key(&addr) && unclaimed.counts.len() >= MAX_UNCLAIMED {
+            unclaimed.overflow += 1;
+            return;
+        }
         let count = unclaimed.counts.entry(addr).or_insert(0);
         *count += 1;
         if *count == 1 {
@@ -119,6 +129,14 @@ impl Bus {
             .unwrap_or_else(|p| p.into_inner())
             .counts
             .clone()
+    }
+
+    /// Unclaimed accesses to addresses beyond the first [`MAX_UNCLAIMED`].
+    pub fn unclaimed_overflow(&self) -> u64 {
+        self.unclaimed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .overflow
     }
 }
 
@@ -156,5 +174,10 @@ mod tests {
         let counts = bus.unclaimed_counts();
         assert_eq!(counts.get(&0x18), Some(&2));
         assert_eq!(counts.get(&0x40), Some(&1));
+        for addr in 0..(MAX_UNCLAIMED as u64 + 5) {
+            bus.read(0x1000 + addr, &mut data);
+        }
+        assert_eq!(bus.unclaimed_counts().len(), MAX_UNCLAIMED);
+        assert_eq!(bus.unclaimed_overflow(), 5 + 2);
     }
 }
