@@ -110,6 +110,11 @@ impl Vm {
             what: "create a VM",
             source,
         })?;
+        // The MSR filter goes first of all: installed after the irqchip or after memory
+        // slots, it waits up to ~18 ms for an SRCU grace period (seen on PVM).
+        if let Err(e) = msr::enable(&fd) {
+            log::warn!("MSR accesses cannot be sent to the VMM on this host (KVM_CAP_X86_USER_SPACE_MSR): {e}");
+        }
         // Memory slots (the ROM's too) go in before the irqchip: on some hosts (seen on PVM) the first slot
         // added after KVM_CREATE_IRQCHIP waits ~5 ms for an SRCU grace period, which would
         // be half of Popek's time to first guest byte.
@@ -175,9 +180,6 @@ impl Vm {
         let rom_writes = Arc::new(RomWrites::default());
         let with_rom = rom.is_some().then(|| rom_writes.clone());
         let (pio, mmio) = wire_devices(serial.clone(), hypercall, with_rom)?;
-        if let Err(e) = msr::enable(&fd) {
-            log::warn!("MSR accesses cannot be sent to the VMM on this host (KVM_CAP_X86_USER_SPACE_MSR): {e}");
-        }
         let msrs = MsrEmulation::new(config.msr_policy);
         let audit = config.audit.map(|limit| {
             let rom_copy = rom
