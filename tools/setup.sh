@@ -16,11 +16,15 @@ for component in rustfmt clippy; do
     fi
 done
 
-# setpriv (util-linux) runs the no-permission test without CAP_DAC_OVERRIDE.
+# setpriv (util-linux) runs the no-permission test without CAP_DAC_OVERRIDE; QEMU boots
+# the same guest ELF in the compatibility test and the benchmarks.
 missing=()
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}" >&2
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
