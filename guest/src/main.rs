@@ -11,6 +11,7 @@ mod hostile;
 mod hyper_tests;
 mod hypercall;
 mod io;
+mod migrate_workload;
 mod programs;
 mod smp;
 mod start_info;

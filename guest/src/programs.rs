@@ -125,6 +125,12 @@ const PROGRAMS: &[Program] = &[
         run: crate::trap_tests::exit_loop,
     },
     Program {
+        name: "migrate",
+        ring: Ring::User,
+        about: "stamp and verify pages until migrated (pages=N seconds=S)",
+        run: crate::migrate_workload::migrate_workload,
+    },
+    Program {
         name: "smp",
         ring: Ring::Kernel,
         about: "start every CPU of the MP table",

@@ -4,6 +4,7 @@
 //! irqchip, devices) -> [`boot::load`] (image into memory, entry state) -> vCPUs configured
 //! -> [`vm::Vm::run`]. See docs/architecture.md.
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod bundled;
@@ -11,6 +12,7 @@ pub mod classify;
 pub mod config;
 pub mod devices;
 pub mod memory;
+pub mod migration;
 pub mod trap;
 pub mod vcpu;
 pub mod vm;

@@ -21,6 +21,7 @@ mod status {
     pub const EMULATION: u8 = 12;
     pub const SYSTEM_EVENT: u8 = 14;
     pub const VMM_ERROR: u8 = 16;
+    pub const MIGRATION: u8 = 18;
 }
 
 #[derive(Parser)]
@@ -33,7 +34,7 @@ mod status {
     after_help = "Exit status: the guest's exit-port value v gives (v << 1) | 1 (odd), as QEMU's \
 isa-debug-exit does; popek's own: 0 guest asked for reset, 2 usage, 4 bad input (image, size, file), \
 6 KVM unavailable, 8 triple fault, 10 VM entry failed, 12 emulation failure, 14 KVM system event, \
-16 other VMM error."
+16 other VMM error, 18 migration failed (the VM keeps running where it was)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -61,6 +62,37 @@ enum Command {
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
+    },
+    /// Move a running VM (started with --api-socket) to a destination started with
+    /// `popek run --incoming ADDR`; prints the report.
+    Migrate {
+        /// The source VM's control socket.
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
+        /// Destination: tcp:HOST:PORT or unix:PATH.
+        #[arg(long, value_name = "ADDR")]
+        to: String,
+        /// How to move it (stop-copy: pause, copy everything, resume there).
+        #[arg(long, default_value = "stop-copy")]
+        mode: String,
+        /// Write the report as JSON to FILE too.
+        #[arg(long, value_name = "FILE")]
+        report_json: Option<PathBuf>,
+    },
+    /// Ask a running VM (started with --api-socket) for its status.
+    Status {
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
+    },
+    /// Pause a running VM's vCPUs.
+    Pause {
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
+    },
+    /// Resume a paused VM's vCPUs.
+    Resume {
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
     },
     /// Write the bundled test guest ELF to a file (to boot it elsewhere, e.g. under QEMU).
     ExportGuest {
@@ -105,6 +137,12 @@ struct RunArgs {
     /// Do not feed standard input to the guest's serial console.
     #[arg(long)]
     no_stdin: bool,
+    /// Serve control requests (status, pause, resume, migrate) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Do not boot: wait for a migrating VM on tcp:HOST:PORT or unix:PATH and run it.
+    #[arg(long, value_name = "ADDR")]
+    incoming: Option<String>,
     /// Print a table of VM exits (per kind and vCPU, busiest ports/addresses/MSRs) to
     /// stderr when the VM ends.
     #[arg(long)]
@@ -155,6 +193,24 @@ fn main() -> ExitCode {
             base,
             json,
         } => classify(&image, popek::classify::Options { flat, bits, base }, json),
+        Command::Migrate {
+            api_socket,
+            to,
+            mode,
+            report_json,
+        } => {
+            let request = serde_json::json!({"cmd": "migrate", "to": to, "mode": mode});
+            api_call(&api_socket, &request, report_json.as_deref())
+        }
+        Command::Status { api_socket } => {
+            api_call(&api_socket, &serde_json::json!({"cmd": "status"}), None)
+        }
+        Command::Pause { api_socket } => {
+            api_call(&api_socket, &serde_json::json!({"cmd": "pause"}), None)
+        }
+        Command::Resume { api_socket } => {
+            api_call(&api_socket, &serde_json::json!({"cmd": "resume"}), None)
+        }
         Command::ExportGuest { output } => match std::fs::write(&output, popek::bundled::GUEST_ELF)
         {
             Ok(()) => ExitCode::SUCCESS,
@@ -163,6 +219,102 @@ fn main() -> ExitCode {
                 &format!("cannot write {}: {e}", output.display()),
             ),
         },
+    }
+}
+
+/// The destination side of a migration: receive, run, confirm.
+fn run_incoming(
+    address: &str,
+    config: &VmConfig,
+    requests: Option<std::sync::mpsc::Receiver<popek::api::Call>>,
+    stdin: bool,
+) -> ExitCode {
+    let address: popek::migration::transport::Address = match address.parse() {
+        Ok(a) => a,
+        Err(e) => return fail(status::BAD_INPUT, &e.to_string()),
+    };
+    let incoming = match popek::migration::destination::receive(
+        &address,
+        config.kvm_device.clone(),
+        Box::new(std::io::stdout()),
+    ) {
+        Ok(incoming) => incoming,
+        Err(e) => {
+            return fail(
+                status::MIGRATION,
+                &format!("incoming migration failed: {e}"),
+            )
+        }
+    };
+    let popek::migration::destination::Incoming {
+        mut vm,
+        mut stream,
+        state_arrived,
+    } = incoming;
+    let confirm = move |_: &mut Vm| {
+        let running = popek::migration::protocol::Running {
+            restore_us: state_arrived.elapsed().as_micros() as u64,
+        };
+        if let Err(e) = popek::migration::protocol::write_json(
+            &mut stream,
+            popek::migration::protocol::Kind::Running,
+            &running,
+        ) {
+            log::warn!("could not confirm to the source: {e}");
+        }
+    };
+    let input = stdin.then(std::io::stdin);
+    match vm.run_with(input, requests, confirm) {
+        Ok(exit) => finish(exit),
+        Err(e) => fail(status::VMM_ERROR, &chain(&e)),
+    }
+}
+
+/// Sends one request to a VM's control socket and prints the reply.
+fn api_call(
+    socket: &std::path::Path,
+    request: &serde_json::Value,
+    report_json: Option<&std::path::Path>,
+) -> ExitCode {
+    use std::io::{BufRead, Write};
+    let stream = match std::os::unix::net::UnixStream::connect(socket) {
+        Ok(s) => s,
+        Err(e) => {
+            return fail(
+                status::BAD_INPUT,
+                &format!("cannot reach the VM at {}: {e}", socket.display()),
+            )
+        }
+    };
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(e) => return fail(status::VMM_ERROR, &e.to_string()),
+    };
+    if let Err(e) = writeln!(writer, "{request}") {
+        return fail(status::VMM_ERROR, &format!("cannot send the request: {e}"));
+    }
+    let mut line = String::new();
+    if let Err(e) = std::io::BufReader::new(stream).read_line(&mut line) {
+        return fail(status::VMM_ERROR, &format!("no reply: {e}"));
+    }
+    let reply: serde_json::Value = serde_json::from_str(&line).unwrap_or(serde_json::Value::Null);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&reply).unwrap_or(line.clone())
+    );
+    if let (Some(path), Some(report)) = (report_json, reply.get("report")) {
+        if let Err(e) = std::fs::write(path, report.to_string()) {
+            eprintln!("popek: cannot write {}: {e}", path.display());
+        }
+    }
+    if reply.get("ok") == Some(&serde_json::Value::Bool(true)) {
+        ExitCode::SUCCESS
+    } else {
+        let error = reply
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("the VM refused");
+        fail(status::MIGRATION, error)
     }
 }
 
@@ -237,13 +389,30 @@ fn run(args: RunArgs) -> ExitCode {
     if let Err(e) = config.validate() {
         return fail(status::BAD_INPUT, &e.to_string());
     }
+    let requests = match args
+        .api_socket
+        .as_deref()
+        .map(popek::api::spawn_server)
+        .transpose()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return fail(
+                status::BAD_INPUT,
+                &format!("cannot serve the API socket: {e}"),
+            )
+        }
+    };
+    if let Some(address) = &args.incoming {
+        return run_incoming(address, &config, requests, !args.no_stdin);
+    }
     let mut vm = match Vm::new(&config, Box::new(std::io::stdout())) {
         Ok(vm) => vm,
         Err(e) => return fail(creation_status(&e), &chain(&e)),
     };
     log::info!("booting {} kernel", vm.protocol());
     let input = (!args.no_stdin).then(std::io::stdin);
-    let exit = match vm.run(input) {
+    let exit = match vm.run_with(input, requests, |_| {}) {
         Ok(exit) => exit,
         Err(e) => return fail(status::VMM_ERROR, &chain(&e)),
     };
@@ -306,6 +475,11 @@ fn finish(exit: VmExit) -> ExitCode {
             eprintln!("popek: the guest requested a reset; stopping (popek does not reboot)");
             i32::from(status::RESET)
         }
+        VmExit::Migrated(report) => {
+            eprintln!("popek: the VM moved away; report: {report}");
+            0
+        }
+        VmExit::Stopped => i32::from(status::VMM_ERROR),
         VmExit::Fault(fault) => {
             eprintln!("popek: error: vCPU {}: {}", fault.vcpu, fault.detail);
             eprint!("{}", fault.dump);

@@ -10,7 +10,7 @@ use crate::trap::msr::MsrEmulation;
 use kvm_bindings::CpuId;
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 /// vCPU set-up errors.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +52,10 @@ pub struct Handlers {
     pub audit: Option<crate::trap::audit::Audit>,
     /// The host has KVM_CAP_SYNC_REGS (registers delivered in `kvm_run`).
     pub sync_regs: bool,
+    /// KVM's list of MSRs to save (read once, used by every pause).
+    pub msr_indexes: Vec<u32>,
+    /// Where paused vCPUs report their state.
+    pub paused: Mutex<Sender<PausedReport>>,
 }
 
 /// Kind, target (port, address, MSR) and access size of an exit, for the recorder.
@@ -83,7 +87,58 @@ pub enum VmExit {
     Reset,
     /// The guest ended in a way the VMM must report, with a register dump.
     Fault(Fault),
+    /// The vCPU thread was told to stop (the VM moved to another host).
+    Stopped,
+    /// The VM now runs on another host; the report, as JSON.
+    Migrated(String),
 }
+
+/// What the VM wants a vCPU thread to do; checked before every KVM_RUN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    Run,
+    /// Complete in-flight I/O, save the state, report it, and wait.
+    Pause,
+    /// End the thread (after a migration).
+    Stop,
+}
+
+/// How the VM steers one vCPU thread from outside.
+pub struct VcpuControl {
+    wanted: Mutex<Wanted>,
+    changed: Condvar,
+}
+
+impl Default for VcpuControl {
+    fn default() -> Self {
+        VcpuControl {
+            wanted: Mutex::new(Wanted::Run),
+            changed: Condvar::new(),
+        }
+    }
+}
+
+impl VcpuControl {
+    pub fn set(&self, wanted: Wanted) {
+        *self.wanted.lock().unwrap_or_else(|p| p.into_inner()) = wanted;
+        self.changed.notify_all();
+    }
+
+    pub fn get(&self) -> Wanted {
+        *self.wanted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait_while_paused(&self) -> Wanted {
+        let mut wanted = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
+        while *wanted == Wanted::Pause {
+            wanted = self.changed.wait(wanted).unwrap_or_else(|p| p.into_inner());
+        }
+        *wanted
+    }
+}
+
+/// What a paused vCPU reports: its id and its saved state.
+pub type PausedReport = (u32, Result<crate::migration::state::VcpuState, String>);
 
 /// A VM ending the guest did not ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +204,7 @@ impl Vcpu {
     pub fn spawn(
         self,
         handlers: Arc<Handlers>,
+        control: Arc<VcpuControl>,
         exits: Sender<VmExit>,
     ) -> Result<std::thread::JoinHandle<()>, Error> {
         let id = self.id;
@@ -156,14 +212,46 @@ impl Vcpu {
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 let mut vcpu = self;
-                let exit = vcpu.run(&handlers);
+                let exit = vcpu.run(&handlers, &control);
                 // The receiver is gone only when the VM is already ending.
                 let _ = exits.send(exit);
             })
             .map_err(|source| Error::Thread { id, source })
     }
 
-    fn run(&mut self, handlers: &Handlers) -> VmExit {
+    /// The vCPU's id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Restores a migrated vCPU's state (before its thread starts).
+    pub fn restore(
+        &self,
+        state: &crate::migration::state::VcpuState,
+    ) -> Result<(), crate::migration::state::Error> {
+        state.restore(&self.fd)
+    }
+
+    /// Pauses here: completes in-flight I/O (a KVM_RUN with `immediate_exit` finishes a
+    /// pending port or MMIO read without entering the guest), saves the state, reports
+    /// it, and waits. Returns false when the thread must end.
+    fn park(&mut self, handlers: &Handlers, control: &VcpuControl) -> bool {
+        self.fd.set_kvm_immediate_exit(1);
+        let _ = self.fd.run();
+        self.fd.set_kvm_immediate_exit(0);
+        let state =
+            crate::migration::state::VcpuState::save(&handlers.msr_indexes, &self.fd, self.id)
+                .map_err(|e| e.to_string());
+        let sender = handlers
+            .paused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let _ = sender.send((self.id, state));
+        control.wait_while_paused() == Wanted::Run
+    }
+
+    fn run(&mut self, handlers: &Handlers, control: &VcpuControl) -> VmExit {
         let (buses, recorder) = (handlers, &handlers.recorder);
         let audit = handlers.audit.as_ref().filter(|_| self.id == 0);
         if let Some(audit) = audit {
@@ -175,6 +263,9 @@ impl Vcpu {
             }
         }
         loop {
+            if control.get() != Wanted::Run && !self.park(handlers, control) {
+                return VmExit::Stopped;
+            }
             let exit = self.fd.run();
             let is_debug = matches!(exit, Ok(VcpuExit::Debug(_)));
             match &exit {

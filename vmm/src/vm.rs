@@ -17,7 +17,7 @@ use crate::memory::{self, GuestRam, Rom};
 use crate::trap::audit::{Audit, AuditReport};
 use crate::trap::exits::{ExitReport, Recorder};
 use crate::trap::msr::{self, MsrEmulation};
-use crate::vcpu::{self, Handlers, Vcpu, VmExit};
+use crate::vcpu::{self, Handlers, Vcpu, VcpuControl, VmExit, Wanted};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VmFd};
 use popek_abi::{layout, ports};
@@ -66,6 +66,9 @@ pub enum Error {
     /// CPUID.
     #[error(transparent)]
     Cpuid(#[from] cpuid::Error),
+    /// Saving or restoring machine state.
+    #[error("Machine state: {0}")]
+    State(String),
     /// Device wiring.
     #[error("Cannot wire the devices")]
     Bus(#[from] bus::Error),
@@ -99,12 +102,30 @@ pub struct Vm {
     rom_writes: Arc<RomWrites>,
     doorbell: Option<Doorbell>,
     plan: BootPlan,
+    /// Per-vCPU steering and threads, once running.
+    controls: Vec<Arc<VcpuControl>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    paused_rx: mpsc::Receiver<crate::vcpu::PausedReport>,
+    config: VmConfig,
 }
 
 impl Vm {
     /// Builds the VM: KVM objects, memory, devices, the loaded kernel, configured vCPUs.
     /// Guest console output goes to `console`.
     pub fn new(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Self, Error> {
+        Self::build(config, console, true)
+    }
+
+    /// Builds an empty VM for a migration to fill: same devices and vCPUs, no kernel.
+    pub fn new_incoming(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Self, Error> {
+        Self::build(config, console, false)
+    }
+
+    fn build(
+        config: &VmConfig,
+        console: Box<dyn Write + Send>,
+        load_kernel: bool,
+    ) -> Result<Self, Error> {
         let kvm = open_kvm(&config.kvm_device)?;
         let fd = kvm.create_vm().map_err(|source| Error::Kvm {
             what: "create a VM",
@@ -120,7 +141,17 @@ impl Vm {
         // be half of Popek's time to first guest byte.
         let ram = memory::create_ram(config.memory_bytes)?;
         let slots = memory::register_ram(&fd, &ram)?;
-        let plan = boot::load(config, &ram)?;
+        let plan = if load_kernel {
+            boot::load(config, &ram)?
+        } else {
+            let rom = (config.boot == crate::config::BootMode::Firmware)
+                .then_some(crate::bundled::FIRMWARE_ROM);
+            BootPlan {
+                entry: boot::Entry::ResetVector,
+                rom,
+                protocol: "migrated",
+            }
+        };
         let rom = plan
             .rom
             .map(|image| Rom::map(&fd, &kvm, slots, image))
@@ -188,6 +219,9 @@ impl Vm {
             Audit::new(ram.clone(), rom_copy, limit)
         });
         let sync_regs = kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
+        let msr_indexes =
+            crate::migration::state::msr_indexes(&kvm).map_err(|e| Error::State(e.to_string()))?;
+        let (paused_tx, paused_rx) = mpsc::channel();
         let handlers = Arc::new(Handlers {
             pio,
             mmio,
@@ -195,15 +229,18 @@ impl Vm {
             recorder,
             audit,
             sync_regs,
+            msr_indexes,
+            paused: Mutex::new(paused_tx),
         });
 
         let base_cpuid = cpuid::supported(&kvm)?;
         let vcpus = (0..config.vcpus)
             .map(|id| Vcpu::new(&fd, id, config.vcpus, &base_cpuid))
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some(boot_vcpu) = vcpus.first() {
+        if let (Some(boot_vcpu), true) = (vcpus.first(), load_kernel) {
             boot_vcpu.set_entry(&plan.entry)?;
         }
+        install_kick_handler()?;
         Ok(Vm {
             _kvm: kvm,
             fd,
@@ -216,6 +253,10 @@ impl Vm {
             rom_writes,
             doorbell,
             plan,
+            controls: Vec::new(),
+            threads: Vec::new(),
+            paused_rx,
+            config: config.clone(),
         })
     }
 
@@ -279,6 +320,17 @@ impl Vm {
         &mut self,
         input: Option<R>,
     ) -> Result<VmExit, Error> {
+        self.run_with(input, None, |_| {})
+    }
+
+    /// Like `run`, also serving control requests from `requests`; `started` is called once
+    /// every vCPU thread runs (a migration destination confirms then).
+    pub fn run_with<R: std::io::Read + Send + 'static>(
+        &mut self,
+        input: Option<R>,
+        requests: Option<mpsc::Receiver<crate::api::Call>>,
+        started: impl FnOnce(&mut Vm),
+    ) -> Result<VmExit, Error> {
         if let Some(input) = input {
             serial::spawn_input_thread(self.serial.clone(), input).map_err(|source| Error::Io {
                 what: "the serial input thread",
@@ -290,16 +342,175 @@ impl Vm {
         }
         let (tx, rx) = mpsc::channel();
         for vcpu in self.vcpus.drain(..) {
-            vcpu.spawn(self.handlers.clone(), tx.clone())?;
+            let control = Arc::new(VcpuControl::default());
+            self.controls.push(control.clone());
+            self.threads
+                .push(vcpu.spawn(self.handlers.clone(), control, tx.clone())?);
         }
         drop(tx);
-        // Every vCPU thread sends exactly one exit before it ends, so this only fails if
-        // there were no vCPUs at all, which config validation rules out.
-        rx.recv().map_err(|_| Error::Io {
-            what: "a vCPU (all vCPU threads ended without a result)",
-            source: std::io::Error::other("no vCPU reported"),
-        })
+        started(self);
+        loop {
+            if let Some(requests) = &requests {
+                while let Ok(call) = requests.try_recv() {
+                    if let Some(exit) = crate::api::serve(self, call) {
+                        return Ok(exit);
+                    }
+                }
+            }
+            let timeout = if requests.is_some() {
+                std::time::Duration::from_millis(2)
+            } else {
+                std::time::Duration::from_secs(3600)
+            };
+            match rx.recv_timeout(timeout) {
+                Ok(VmExit::Stopped) => {}
+                Ok(exit) => return Ok(exit),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(Error::Io {
+                        what: "a vCPU (all vCPU threads ended without a result)",
+                        source: std::io::Error::other("no vCPU reported"),
+                    })
+                }
+            }
+        }
     }
+
+    /// The configuration the VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Pauses every vCPU: each completes its in-flight I/O, saves its state and waits.
+    /// A vCPU blocked in KVM_RUN is kicked out with a signal, again every 2 ms in case
+    /// the first one landed just before it entered KVM_RUN.
+    pub fn pause_all(&mut self) -> Result<Vec<crate::migration::state::VcpuState>, String> {
+        while self.paused_rx.try_recv().is_ok() {}
+        for c in &self.controls {
+            c.set(Wanted::Pause);
+        }
+        let mut states: Vec<Option<crate::migration::state::VcpuState>> =
+            (0..self.controls.len()).map(|_| None).collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut failure = None;
+        while states.iter().any(Option::is_none) && failure.is_none() {
+            if std::time::Instant::now() > deadline {
+                failure = Some("a vCPU did not pause within 5 s".to_string());
+                break;
+            }
+            for (i, thread) in self.threads.iter().enumerate() {
+                if states[i].is_none() {
+                    kick(thread);
+                }
+            }
+            if let Ok((id, state)) = self
+                .paused_rx
+                .recv_timeout(std::time::Duration::from_millis(2))
+            {
+                match state {
+                    Ok(state) => {
+                        if let Some(slot) = states.get_mut(id as usize) {
+                            *slot = Some(state);
+                        }
+                    }
+                    Err(e) => failure = Some(format!("vCPU {id}: {e}")),
+                }
+            }
+        }
+        if let Some(failure) = failure {
+            self.resume_all();
+            return Err(failure);
+        }
+        Ok(states.into_iter().flatten().collect())
+    }
+
+    /// Lets every paused vCPU run again.
+    pub fn resume_all(&self) {
+        for c in &self.controls {
+            c.set(Wanted::Run);
+        }
+    }
+
+    /// Ends every vCPU thread (after the VM moved away).
+    pub fn stop_all(&self) {
+        for c in &self.controls {
+            c.set(Wanted::Stop);
+        }
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.controls
+            .first()
+            .is_some_and(|c| c.get() == Wanted::Pause)
+    }
+
+    /// The VM-level and device state (vCPUs must be paused).
+    pub fn save_machine(
+        &self,
+        vcpus: Vec<crate::migration::state::VcpuState>,
+    ) -> Result<crate::migration::state::MachineState, Error> {
+        let vm = crate::migration::state::VmState::save(&self.fd)
+            .map_err(|e| Error::State(e.to_string()))?;
+        let mut devices = self.hypercalls.export();
+        devices.serial = self.serial.registers();
+        devices.msr_scratch = self.handlers.msrs.scratch();
+        Ok(crate::migration::state::MachineState { vm, vcpus, devices })
+    }
+
+    /// Restores a migrated machine into this freshly built VM (before `run`).
+    pub fn restore_machine(
+        &mut self,
+        machine: &crate::migration::state::MachineState,
+    ) -> Result<(), Error> {
+        if machine.vcpus.len() != self.vcpus.len() {
+            return Err(Error::State(format!(
+                "{} vCPU states for {} vCPUs",
+                machine.vcpus.len(),
+                self.vcpus.len()
+            )));
+        }
+        machine
+            .vm
+            .restore(&self.fd)
+            .map_err(|e| Error::State(e.to_string()))?;
+        for (vcpu, state) in self.vcpus.iter().zip(&machine.vcpus) {
+            if vcpu.id() != state.id {
+                return Err(Error::State(format!(
+                    "vCPU state {} for vCPU {}",
+                    state.id,
+                    vcpu.id()
+                )));
+            }
+            vcpu.restore(state)
+                .map_err(|e| Error::State(e.to_string()))?;
+        }
+        self.serial.restore_registers(&machine.devices.serial);
+        self.handlers.msrs.set_scratch(&machine.devices.msr_scratch);
+        self.hypercalls.import(&machine.devices, &self.ram);
+        Ok(())
+    }
+}
+
+/// Kicks a vCPU thread out of KVM_RUN.
+fn kick(thread: &std::thread::JoinHandle<()>) {
+    use std::os::unix::thread::JoinHandleExt;
+    // SAFETY: the thread is alive (its JoinHandle is held) and the kick signal has a
+    // handler that does nothing, so delivery only interrupts KVM_RUN with EINTR.
+    unsafe { libc::pthread_kill(thread.as_pthread_t(), vmm_sys_util::signal::SIGRTMIN()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// The kick signal's handler, installed once per process.
+fn install_kick_handler() -> Result<(), Error> {
+    static ONCE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), on_kick)
+            .map_err(|e| e.to_string())
+    })
+    .clone()
+    .map_err(|e| Error::State(format!("cannot install the vCPU kick signal handler: {e}")))
 }
 
 fn open_kvm(path: &Path) -> Result<Kvm, Error> {

@@ -86,6 +86,37 @@ impl HypercallState {
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
     }
+
+    /// The state that travels with a migration.
+    pub fn export(&self) -> crate::migration::state::DeviceState {
+        crate::migration::state::DeviceState {
+            generation: self.generation(),
+            generation_gpa: *lock(&self.generation_gpa),
+            doorbell_rings: self.doorbell_rings.load(Ordering::SeqCst),
+            free_pages: lock(&self.free_pages).bits.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// Takes over a migrated state: the generation goes up by one, and the guest's
+    /// registered generation word is updated so it sees the move with a plain load.
+    pub fn import(&self, devices: &crate::migration::state::DeviceState, ram: &GuestRam) {
+        let generation = devices.generation + 1;
+        self.generation.store(generation, Ordering::SeqCst);
+        *lock(&self.generation_gpa) = devices.generation_gpa;
+        self.doorbell_rings
+            .store(devices.doorbell_rings, Ordering::SeqCst);
+        let mut free = lock(&self.free_pages);
+        if free.bits.len() == devices.free_pages.len() {
+            free.bits.copy_from_slice(&devices.free_pages);
+            free.count = free.bits.iter().map(|w| u64::from(w.count_ones())).sum();
+        }
+        if let Some(gpa) = devices.generation_gpa {
+            if ram.write_obj(generation, GuestAddress(gpa)).is_err() {
+                log::warn!("cannot update the guest's generation word at {gpa:#x}");
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

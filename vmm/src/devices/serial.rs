@@ -40,6 +40,49 @@ impl SerialDevice {
         self.uart.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The UART's registers, for migration.
+    pub fn registers(&self) -> crate::migration::state::SerialRegisters {
+        let st = self.uart().state();
+        crate::migration::state::SerialRegisters {
+            baud_divisor_low: st.baud_divisor_low,
+            baud_divisor_high: st.baud_divisor_high,
+            interrupt_enable: st.interrupt_enable,
+            interrupt_identification: st.interrupt_identification,
+            line_control: st.line_control,
+            line_status: st.line_status,
+            modem_control: st.modem_control,
+            modem_status: st.modem_status,
+            scratch: st.scratch,
+            in_buffer: st.in_buffer,
+        }
+    }
+
+    /// Takes over migrated UART registers (same interrupt line and console).
+    pub fn restore_registers(&self, r: &crate::migration::state::SerialRegisters) {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: r.baud_divisor_low,
+            baud_divisor_high: r.baud_divisor_high,
+            interrupt_enable: r.interrupt_enable,
+            interrupt_identification: r.interrupt_identification,
+            line_control: r.line_control,
+            line_status: r.line_status,
+            modem_control: r.modem_control,
+            modem_status: r.modem_status,
+            scratch: r.scratch,
+            in_buffer: r.in_buffer.clone(),
+        };
+        let mut uart = self.uart();
+        let Ok(trigger) = uart.interrupt_evt().0.try_clone() else {
+            log::warn!("cannot restore the UART: its eventfd cannot be duplicated");
+            return;
+        };
+        let console = uart.writer().clone();
+        match Serial::from_state(&state, EventFdTrigger(trigger), NoEvents, console) {
+            Ok(restored) => *uart = restored,
+            Err(e) => log::warn!("cannot restore the UART: {e:?}"),
+        }
+    }
+
     /// Queues input bytes for the guest; returns how many fit in the receive FIFO.
     pub fn enqueue_input(&self, bytes: &[u8]) -> usize {
         self.uart().enqueue_raw_bytes(bytes).unwrap_or(0)

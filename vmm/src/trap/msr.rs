@@ -54,6 +54,22 @@ impl MsrEmulation {
             .map(|i| i as usize)
     }
 
+    /// The scratch registers, for migration.
+    pub fn scratch(&self) -> Vec<u64> {
+        self.scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .to_vec()
+    }
+
+    /// Takes over migrated scratch registers.
+    pub fn set_scratch(&self, values: &[u64]) {
+        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        for (slot, v) in scratch.iter_mut().zip(values) {
+            *slot = *v;
+        }
+    }
+
     /// Emulates RDMSR.
     pub fn read(&self, index: u32) -> MsrResult<u64> {
         match Self::block_index(index) {

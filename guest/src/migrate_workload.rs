@@ -1,0 +1,129 @@
+//! The migration workload (ring 3): stamps a working set of pages pass after pass, checks
+//! every stamp of the previous pass before writing the next, watches the generation word
+//! the VMM updates after a migration, and measures the longest gap in its own progress
+//! against the host clock (the guest-observed blackout). After the move it verifies the
+//! whole working set once more and exits.
+
+use crate::hypercall::{call, monotonic_ns};
+use crate::println;
+use crate::programs::Context;
+use crate::start_info::{arg, parse_number};
+use core::ptr::{addr_of_mut, read_volatile, write_volatile};
+use popek_abi::exit_status::{FAILURE, SUCCESS};
+use popek_abi::hypercall as hc;
+
+/// The working set starts at 16 MiB, above the kernel and its tables.
+const WORKING_SET: u64 = 16 << 20;
+const PAGE: u64 = 4096;
+
+static mut GENERATION: u64 = 0;
+
+fn stamp(round: u64, page: u64) -> u64 {
+    (round << 32) | page
+}
+
+/// Checks that every page holds the stamp of `round`; returns the first bad page.
+fn verify(pages: u64, round: u64) -> Result<(), (u64, u64)> {
+    for page in 0..pages {
+        let addr = WORKING_SET + page * PAGE;
+        // SAFETY: identity-mapped guest RAM reserved for the workload.
+        let (head, tail) = unsafe {
+            (
+                read_volatile(addr as *const u64),
+                read_volatile((addr + PAGE - 8) as *const u64),
+            )
+        };
+        if head != stamp(round, page) || tail != !stamp(round, page) {
+            return Err((page, head));
+        }
+    }
+    Ok(())
+}
+
+fn write(pages: u64, round: u64) {
+    for page in 0..pages {
+        let addr = WORKING_SET + page * PAGE;
+        // SAFETY: as in `verify`.
+        unsafe {
+            write_volatile(addr as *mut u64, stamp(round, page));
+            write_volatile((addr + PAGE - 8) as *mut u64, !stamp(round, page));
+        }
+    }
+}
+
+pub fn migrate_workload(context: &Context) -> u8 {
+    let pages = arg(context.cmdline, "pages")
+        .and_then(parse_number)
+        .unwrap_or(4096);
+    let seconds = arg(context.cmdline, "seconds")
+        .and_then(parse_number)
+        .unwrap_or(60);
+    let ram = context.info.map_or(0, |i| i.ram_bytes());
+    if WORKING_SET + pages * PAGE > ram {
+        println!(
+            "migrate: {} pages do not fit in {} bytes of RAM",
+            pages, ram
+        );
+        return FAILURE;
+    }
+    let generation = addr_of_mut!(GENERATION) as u64;
+    if call(hc::REGISTER_GENERATION, [generation, 0, 0, 0]) != 0 {
+        println!("migrate: cannot register the generation word");
+        return FAILURE;
+    }
+    // SAFETY: the VMM writes this word; read volatile.
+    let start_generation = unsafe { read_volatile(generation as *const u64) };
+    write(pages, 0);
+    let start = monotonic_ns();
+    let mut last = start;
+    let mut longest_gap = 0;
+    let mut round = 0;
+    println!(
+        "migrate: ready, {} pages stamped, generation {}",
+        pages, start_generation
+    );
+    loop {
+        if let Err((page, found)) = verify(pages, round) {
+            println!(
+                "migrate: CORRUPT page {} of round {}: found {:#x}",
+                page, round, found
+            );
+            return FAILURE;
+        }
+        round += 1;
+        write(pages, round);
+        let now = monotonic_ns();
+        longest_gap = longest_gap.max(now - last);
+        last = now;
+        // SAFETY: as above.
+        let generation_now = unsafe { read_volatile(generation as *const u64) };
+        if generation_now != start_generation {
+            // The pause may have fallen after this pass's clock reading: measure once more,
+            // then keep working for a while on the new host before the final check.
+            for _ in 0..100 {
+                if verify(pages, round).is_err() {
+                    break;
+                }
+                round += 1;
+                write(pages, round);
+                let now = monotonic_ns();
+                longest_gap = longest_gap.max(now - last);
+                last = now;
+            }
+            let verified = verify(pages, round);
+            println!(
+                "migrate: moved (generation {}) after {} rounds; {} pages verified: {}; longest pause {} us",
+                generation_now,
+                round,
+                pages,
+                if verified.is_ok() { "ok" } else { "CORRUPT" },
+                longest_gap / 1000
+            );
+            return if verified.is_ok() { SUCCESS } else { FAILURE };
+        }
+        if now - start > seconds * 1_000_000_000 {
+            println!("migrate: not moved within {} s ({} rounds)", seconds, round);
+            return FAILURE;
+        }
+    }
+}

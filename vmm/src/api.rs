@@ -1,0 +1,178 @@
+//! The control socket (`popek run --api-socket PATH`): one JSON request per line, one JSON
+//! reply per line. Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`,
+//! `{"cmd":"migrate","to":"tcp:HOST:PORT"|"unix:PATH","mode":"stop-copy"}`. Requests are
+//! served by the VM's own thread between vCPU events, so they never race a vCPU.
+
+use crate::migration::transport::Address;
+use crate::vcpu::VmExit;
+use crate::vm::Vm;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::Duration;
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// One request, where its reply goes, and how the VM learns the reply was written
+/// (after a migration the process ends: the client must have its report first).
+pub struct Call {
+    pub request: Request,
+    pub reply: Sender<Value>,
+    pub written: Receiver<()>,
+}
+
+/// The requests.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Pause,
+    Resume,
+    Migrate { to: String, mode: Option<String> },
+}
+
+/// Parses one request line.
+pub fn parse(line: &str) -> Result<Request, String> {
+    serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))
+}
+
+/// Listens on `path` and forwards requests to the returned receiver.
+pub fn spawn_server(path: &Path) -> std::io::Result<Receiver<Call>> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let tx = tx.clone();
+                let _ = std::thread::Builder::new()
+                    .name("api-client".into())
+                    .spawn(move || serve_client(stream, tx));
+            }
+        })?;
+    Ok(rx)
+}
+
+fn serve_client(stream: UnixStream, tx: Sender<Call>) {
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream).take(MAX_REQUEST as u64);
+    let mut line = String::new();
+    while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+        let reply = match parse(line.trim()) {
+            Ok(request) => {
+                let (reply_tx, reply_rx) = mpsc::channel();
+                let (written_tx, written_rx) = mpsc::channel();
+                if tx
+                    .send(Call {
+                        request,
+                        reply: reply_tx,
+                        written: written_rx,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+                let reply = reply_rx
+                    .recv_timeout(Duration::from_secs(600))
+                    .unwrap_or_else(|_| json!({"ok": false, "error": "the VM did not answer"}));
+                let ok = writeln!(out, "{reply}").and_then(|()| out.flush()).is_ok();
+                let _ = written_tx.send(());
+                if !ok {
+                    return;
+                }
+                line.clear();
+                reader.set_limit(MAX_REQUEST as u64);
+                continue;
+            }
+            Err(e) => json!({"ok": false, "error": e}),
+        };
+        if writeln!(out, "{reply}").is_err() {
+            return;
+        }
+        line.clear();
+        reader.set_limit(MAX_REQUEST as u64);
+    }
+}
+
+/// Serves one request on the VM's thread; returns an exit when the VM has moved away.
+pub fn serve(vm: &mut Vm, call: Call) -> Option<VmExit> {
+    let (reply, exit) = match call.request {
+        Request::Status => (
+            json!({"ok": true, "state": if vm.is_paused() { "paused" } else { "running" }, "vcpus": vm.config().vcpus, "memory_bytes": vm.config().memory_bytes}),
+            None,
+        ),
+        Request::Pause => match vm.pause_all() {
+            Ok(_) => (json!({"ok": true, "state": "paused"}), None),
+            Err(e) => (json!({"ok": false, "error": e}), None),
+        },
+        Request::Resume => {
+            vm.resume_all();
+            (json!({"ok": true, "state": "running"}), None)
+        }
+        Request::Migrate { to, mode } => migrate(vm, &to, mode.as_deref()),
+    };
+    let _ = call.reply.send(reply);
+    if exit.is_some() {
+        // The process ends next: let the client get its report first.
+        let _ = call.written.recv_timeout(Duration::from_secs(2));
+    }
+    exit
+}
+
+fn migrate(vm: &mut Vm, to: &str, mode: Option<&str>) -> (Value, Option<VmExit>) {
+    if !matches!(mode, None | Some("stop-copy")) {
+        return (
+            json!({"ok": false, "error": format!("migration mode {mode:?} is not supported yet (stop-copy is)")}),
+            None,
+        );
+    }
+    let address: Address = match to.parse() {
+        Ok(a) => a,
+        Err(e) => return (json!({"ok": false, "error": e.to_string()}), None),
+    };
+    match crate::migration::source::migrate(vm, &address) {
+        Ok(report) => {
+            vm.stop_all();
+            let report = serde_json::to_value(&report).unwrap_or(Value::Null);
+            (
+                json!({"ok": true, "report": report}),
+                Some(VmExit::Migrated(report.to_string())),
+            )
+        }
+        Err(e) => (json!({"ok": false, "error": e, "state": "running"}), None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests() {
+        assert_eq!(parse(r#"{"cmd":"status"}"#), Ok(Request::Status));
+        assert_eq!(
+            parse(r#"{"cmd":"migrate","to":"unix:/x"}"#),
+            Ok(Request::Migrate {
+                to: "unix:/x".into(),
+                mode: None
+            })
+        );
+        for bad in [
+            "",
+            "{}",
+            r#"{"cmd":"reboot"}"#,
+            r#"{"cmd":"status","x":1}"#,
+            "[1,2]",
+            "\u{0}",
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The receiving side: accept one source, check the VM fits here, build an empty VM,
+//! fill it with the machine state and memory, and hand it back ready to run. Nothing is
+//! run from partial state: any failure before the VM starts discards it.
+
+use super::memory;
+use super::protocol::{self, Answer, Hello, Kind};
+use super::source::chain;
+use super::state::MachineState;
+use super::transport::{self, Address, Stream};
+use crate::config::{BootMode, Kernel, VmConfig};
+use crate::trap::msr::UnknownMsrPolicy;
+use crate::vm::Vm;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// A received VM, not yet running, and the connection to confirm on.
+pub struct Incoming {
+    pub vm: Vm,
+    pub stream: Box<dyn Stream>,
+    /// When the first state byte arrived (the destination's share of the downtime starts).
+    pub state_arrived: Instant,
+}
+
+fn refuse(stream: &mut dyn Stream, reason: &str) {
+    let _ = protocol::write_json(
+        &mut WriteAdapter(stream),
+        Kind::Refuse,
+        &Answer {
+            reason: reason.into(),
+        },
+    );
+}
+
+/// `&mut dyn Stream` as an `impl Write` (the protocol functions are generic).
+struct WriteAdapter<'a>(&'a mut dyn Stream);
+
+impl Write for WriteAdapter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// Waits for a source on `address` and receives its VM.
+pub fn receive(
+    address: &Address,
+    kvm_device: PathBuf,
+    console: Box<dyn Write + Send>,
+) -> Result<Incoming, String> {
+    let mut stream = transport::accept_one(address).map_err(|e| chain(&e))?;
+    stream
+        .set_timeout(Duration::from_secs(30))
+        .map_err(|e| e.to_string())?;
+    let hello: Hello = protocol::read_json(&mut stream, Kind::Hello).map_err(|e| chain(&e))?;
+    let config = VmConfig {
+        memory_bytes: hello.memory_bytes,
+        vcpus: hello.vcpus,
+        kernel: Kernel::Bundled,
+        cmdline: String::new(),
+        initrd: None,
+        boot: if hello.firmware {
+            BootMode::Firmware
+        } else {
+            BootMode::Direct
+        },
+        kvm_device,
+        msr_policy: if hello.msr_policy_zero {
+            UnknownMsrPolicy::Zero
+        } else {
+            UnknownMsrPolicy::Gp
+        },
+        trace_exits: None,
+        audit: None,
+    };
+    if let Err(e) = config.validate() {
+        let reason = format!("this destination cannot host the VM: {e}");
+        refuse(stream.as_mut(), &reason);
+        return Err(reason);
+    }
+    let mut vm = match Vm::new_incoming(&config, console) {
+        Ok(vm) => vm,
+        Err(e) => {
+            let reason = format!("this destination cannot build the VM: {}", chain(&e));
+            refuse(stream.as_mut(), &reason);
+            return Err(reason);
+        }
+    };
+    protocol::write_json(
+        &mut stream,
+        Kind::Accept,
+        &Answer {
+            reason: String::new(),
+        },
+    )
+    .map_err(|e| chain(&e))?;
+    let machine: MachineState =
+        protocol::read_json(&mut stream, Kind::State).map_err(|e| chain(&e))?;
+    let state_arrived = Instant::now();
+    memory::receive_all(vm.ram(), &mut stream).map_err(|e| chain(&e))?;
+    if let Err(e) = vm.restore_machine(&machine) {
+        let reason = format!("restoring the VM failed: {}", chain(&e));
+        refuse(stream.as_mut(), &reason);
+        return Err(reason);
+    }
+    Ok(Incoming {
+        vm,
+        stream,
+        state_arrived,
+    })
+}

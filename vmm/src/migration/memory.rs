@@ -1,0 +1,275 @@
+//! Guest memory on the wire: `Memory` frames of page records,
+//! `gpa u64 | npages u32 | flags u32` followed, unless flag ZERO is set, by the pages'
+//! bytes. Pages the host never made resident (`mincore`) and pages that read as zero go as
+//! ZERO records without data. A CRC32 over every Memory payload is checked at Complete.
+
+use super::protocol::{self, Kind};
+use crate::memory::{self, GuestRam};
+use std::io::{Read, Write};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+pub const PAGE: u64 = 4096;
+const ZERO: u32 = 1;
+const RECORD_HEADER: usize = 16;
+/// Payload size at which a frame is sent.
+const FRAME_TARGET: usize = 4 << 20;
+
+/// What was sent or received.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Transfer {
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub bytes_on_wire: u64,
+    pub crc32: u32,
+}
+
+/// Memory errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Protocol(#[from] protocol::Error),
+    #[error("Malformed memory record: {0}")]
+    Record(String),
+    #[error("Memory record {gpa:#x}+{pages} pages lies outside guest RAM")]
+    OutsideRam { gpa: u64, pages: u64 },
+    #[error("Memory checksum mismatch: received {received:#x}, the source sent {sent:#x}")]
+    Checksum { received: u32, sent: u32 },
+    #[error("Guest memory access failed")]
+    Guest(#[from] vm_memory::GuestMemoryError),
+}
+
+/// Which pages of `[host, host + len)` are resident, one bool per page.
+fn residency(host: *mut u8, len: usize) -> Vec<bool> {
+    let pages = len.div_ceil(PAGE as usize);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: `host` is the start of a live, page-aligned guest RAM mapping of `len` bytes,
+    // and `vec` has one byte per page as mincore requires.
+    let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
+    if rc != 0 {
+        // Unknown residency: treat every page as resident (correct, only slower).
+        return vec![true; pages];
+    }
+    vec.iter().map(|b| b & 1 != 0).collect()
+}
+
+struct Sender<'a, W: Write> {
+    out: &'a mut W,
+    frame: Vec<u8>,
+    crc: crc32fast::Hasher,
+    stats: Transfer,
+    zero_run: Option<(u64, u32)>,
+}
+
+impl<W: Write> Sender<'_, W> {
+    fn flush_zero_run(&mut self) {
+        if let Some((gpa, n)) = self.zero_run.take() {
+            self.frame.extend_from_slice(&gpa.to_le_bytes());
+            self.frame.extend_from_slice(&n.to_le_bytes());
+            self.frame.extend_from_slice(&ZERO.to_le_bytes());
+        }
+    }
+
+    fn zero_page(&mut self, gpa: u64) {
+        self.stats.zero_pages += 1;
+        match &mut self.zero_run {
+            Some((start, n)) if *start + u64::from(*n) * PAGE == gpa && *n < u32::MAX => *n += 1,
+            _ => {
+                self.flush_zero_run();
+                self.zero_run = Some((gpa, 1));
+            }
+        }
+    }
+
+    fn data_page(&mut self, gpa: u64, page: &[u8]) {
+        self.flush_zero_run();
+        self.frame.extend_from_slice(&gpa.to_le_bytes());
+        self.frame.extend_from_slice(&1u32.to_le_bytes());
+        self.frame.extend_from_slice(&0u32.to_le_bytes());
+        self.frame.extend_from_slice(page);
+    }
+
+    fn maybe_send(&mut self, force: bool) -> Result<(), Error> {
+        if force {
+            self.flush_zero_run();
+        }
+        if self.frame.len() >= FRAME_TARGET || (force && !self.frame.is_empty()) {
+            self.crc.update(&self.frame);
+            protocol::write_frame(self.out, Kind::Memory, &self.frame)?;
+            self.stats.bytes_on_wire += self.frame.len() as u64 + 16;
+            self.frame.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Sends every page of guest RAM.
+pub fn send_all<W: Write>(ram: &GuestRam, out: &mut W) -> Result<Transfer, Error> {
+    let mut s = Sender {
+        out,
+        frame: Vec::with_capacity(FRAME_TARGET + PAGE as usize * 2),
+        crc: crc32fast::Hasher::new(),
+        stats: Transfer::default(),
+        zero_run: None,
+    };
+    let mut page = vec![0u8; PAGE as usize];
+    for region in ram.iter() {
+        let base = region.start_addr().0;
+        let len = region.len() as usize;
+        let resident = residency(region.as_ptr(), len);
+        for (i, present) in resident.iter().enumerate() {
+            let gpa = base + i as u64 * PAGE;
+            s.stats.pages += 1;
+            if !present {
+                s.zero_page(gpa);
+                continue;
+            }
+            ram.read_slice(&mut page, GuestAddress(gpa))?;
+            if page.iter().all(|&b| b == 0) {
+                s.zero_page(gpa);
+            } else {
+                s.data_page(gpa, &page);
+            }
+            s.maybe_send(false)?;
+        }
+    }
+    s.maybe_send(true)?;
+    s.stats.crc32 = s.crc.clone().finalize();
+    s.out.flush().map_err(protocol::Error::from)?;
+    Ok(s.stats)
+}
+
+/// Applies one Memory payload to guest RAM, checking every record against RAM.
+pub fn apply(ram: &GuestRam, payload: &[u8], stats: &mut Transfer) -> Result<(), Error> {
+    let mut rest = payload;
+    while !rest.is_empty() {
+        if rest.len() < RECORD_HEADER {
+            return Err(Error::Record("truncated record header".into()));
+        }
+        let gpa = u64::from_le_bytes(rest[..8].try_into().unwrap_or([0; 8]));
+        let pages = u64::from(u32::from_le_bytes(rest[8..12].try_into().unwrap_or([0; 4])));
+        let flags = u32::from_le_bytes(rest[12..16].try_into().unwrap_or([0; 4]));
+        rest = &rest[RECORD_HEADER..];
+        let len = pages
+            .checked_mul(PAGE)
+            .ok_or(Error::OutsideRam { gpa, pages })?;
+        if gpa % PAGE != 0 || pages == 0 || !memory::is_ram(ram, gpa, len) {
+            return Err(Error::OutsideRam { gpa, pages });
+        }
+        stats.pages += pages;
+        if flags & ZERO != 0 {
+            // The destination's RAM is fresh and zero: nothing to write.
+            stats.zero_pages += pages;
+            continue;
+        }
+        if flags != 0 {
+            return Err(Error::Record(format!("unknown flags {flags:#x}")));
+        }
+        let data = rest
+            .get(..len as usize)
+            .ok_or_else(|| Error::Record("record data past the frame".into()))?;
+        ram.write_slice(data, GuestAddress(gpa))?;
+        rest = &rest[len as usize..];
+    }
+    Ok(())
+}
+
+/// Receives Memory frames until Complete, then checks the checksum.
+pub fn receive_all<R: Read>(ram: &GuestRam, input: &mut R) -> Result<Transfer, Error> {
+    let mut stats = Transfer::default();
+    let mut crc = crc32fast::Hasher::new();
+    loop {
+        let (kind, payload) = protocol::read_frame(input)?;
+        match kind {
+            Kind::Memory => {
+                crc.update(&payload);
+                stats.bytes_on_wire += payload.len() as u64 + 16;
+                apply(ram, &payload, &mut stats)?;
+            }
+            Kind::Complete => {
+                let complete: protocol::Complete = serde_json::from_slice(&payload)
+                    .map_err(|e| protocol::Error::Malformed(Kind::Complete, e.to_string()))?;
+                stats.crc32 = crc.finalize();
+                if complete.memory_crc32 != stats.crc32 {
+                    return Err(Error::Checksum {
+                        received: stats.crc32,
+                        sent: complete.memory_crc32,
+                    });
+                }
+                return Ok(stats);
+            }
+            Kind::Refuse => {
+                let answer: protocol::Answer = serde_json::from_slice(&payload)
+                    .unwrap_or(protocol::Answer { reason: "?".into() });
+                return Err(protocol::Error::Refused(answer.reason).into());
+            }
+            other => {
+                return Err(protocol::Error::Unexpected {
+                    expected: Kind::Memory,
+                    got: other,
+                }
+                .into())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_hostile_records() {
+        let src = memory::create_ram(16 << 20).unwrap();
+        src.write_slice(b"hello", GuestAddress(0x5000)).unwrap();
+        src.write_slice(&[7u8; 4096], GuestAddress(0x80_0000))
+            .unwrap();
+        let mut wire = Vec::new();
+        let sent = send_all(&src, &mut wire).unwrap();
+        protocol::write_json(
+            &mut wire,
+            Kind::Complete,
+            &protocol::Complete {
+                memory_crc32: sent.crc32,
+                pages_sent: sent.pages,
+                zero_pages: sent.zero_pages,
+            },
+        )
+        .unwrap();
+        assert_eq!(sent.pages, 4096);
+        assert_eq!(sent.zero_pages, 4094);
+        let dst = memory::create_ram(16 << 20).unwrap();
+        let got = receive_all(&dst, &mut wire.as_slice()).unwrap();
+        assert_eq!(got.pages, 4096);
+        let mut buf = [0u8; 5];
+        dst.read_slice(&mut buf, GuestAddress(0x5000)).unwrap();
+        assert_eq!(&buf, b"hello");
+        // Records pointing outside RAM, truncated, or unaligned are refused.
+        let mut stats = Transfer::default();
+        let mut rec = Vec::new();
+        rec.extend_from_slice(&(64u64 << 20).to_le_bytes());
+        rec.extend_from_slice(&1u32.to_le_bytes());
+        rec.extend_from_slice(&ZERO.to_le_bytes());
+        assert!(matches!(
+            apply(&dst, &rec, &mut stats),
+            Err(Error::OutsideRam { .. })
+        ));
+        assert!(matches!(
+            apply(&dst, &rec[..10], &mut stats),
+            Err(Error::Record(_))
+        ));
+        let mut rec = Vec::new();
+        rec.extend_from_slice(&0x1000u64.to_le_bytes());
+        rec.extend_from_slice(&2u32.to_le_bytes());
+        rec.extend_from_slice(&0u32.to_le_bytes());
+        rec.extend_from_slice(&[1u8; 4096]);
+        assert!(
+            matches!(apply(&dst, &rec, &mut stats), Err(Error::Record(_))),
+            "data shorter than announced"
+        );
+        // A corrupted stream fails the checksum.
+        let mut bad = wire.clone();
+        let at = bad.len() / 2;
+        bad[at] ^= 0xff;
+        assert!(receive_all(&memory::create_ram(16 << 20).unwrap(), &mut bad.as_slice()).is_err());
+    }
+}

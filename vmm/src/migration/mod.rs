@@ -1,0 +1,9 @@
+//! Live migration of a VM between two popek processes (docs/migration.md): the wire
+//! protocol, transports, the complete machine state, and memory transfer.
+
+pub mod destination;
+pub mod memory;
+pub mod protocol;
+pub mod source;
+pub mod state;
+pub mod transport;

@@ -1,0 +1,223 @@
+//! The migration wire protocol (docs/migration.md): length-framed, versioned messages.
+//!
+//! Every frame is a 16-byte header, `magic u32 | version u16 | kind u16 | length u64`
+//! (little endian), then `length` bytes of payload, at most [`MAX_PAYLOAD`]. Control
+//! messages carry JSON; memory frames carry page records (see `memory`).
+
+use serde::{de::DeserializeOwned, Serialize};
+use std::io::{Read, Write};
+
+/// "PPKM".
+pub const MAGIC: u32 = u32::from_le_bytes(*b"PPKM");
+/// Protocol version; a peer with another version is refused in the handshake.
+pub const VERSION: u16 = 1;
+/// Largest payload accepted: a peer cannot make us allocate more for one frame.
+pub const MAX_PAYLOAD: u64 = 64 << 20;
+
+/// Protocol errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Connection failed")]
+    Io(#[from] std::io::Error),
+    #[error("Not a Popek migration stream (bad magic {0:#x})")]
+    Magic(u32),
+    #[error("Peer speaks migration protocol version {0}, this popek speaks {VERSION}")]
+    Version(u16),
+    #[error("Frame of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
+    TooLarge(u64),
+    #[error("Unknown message kind {0}")]
+    UnknownKind(u16),
+    #[error("Expected a {expected:?} message, got {got:?}")]
+    Unexpected { expected: Kind, got: Kind },
+    #[error("Malformed {0:?} message: {1}")]
+    Malformed(Kind, String),
+    #[error("The peer refused: {0}")]
+    Refused(String),
+}
+
+/// Message kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Kind {
+    /// Source -> destination: who I am and what the VM needs (JSON `Hello`).
+    Hello = 1,
+    /// Destination -> source: accepted (JSON `Answer`).
+    Accept = 2,
+    /// Either way: refused or aborted, with a reason (JSON `Answer`).
+    Refuse = 3,
+    /// Source -> destination: vCPU, VM and device state (JSON).
+    State = 4,
+    /// Source -> destination: page records.
+    Memory = 5,
+    /// Source -> destination: all sent; CRC32 of every memory payload (JSON `Complete`).
+    Complete = 6,
+    /// Destination -> source: the VM runs here now (JSON `Running`).
+    Running = 7,
+}
+
+impl Kind {
+    fn from_u16(v: u16) -> Result<Kind, Error> {
+        Ok(match v {
+            1 => Kind::Hello,
+            2 => Kind::Accept,
+            3 => Kind::Refuse,
+            4 => Kind::State,
+            5 => Kind::Memory,
+            6 => Kind::Complete,
+            7 => Kind::Running,
+            other => return Err(Error::UnknownKind(other)),
+        })
+    }
+}
+
+/// Writes one frame.
+pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), Error> {
+    let mut header = [0u8; 16];
+    header[..4].copy_from_slice(&MAGIC.to_le_bytes());
+    header[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    header[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
+    header[8..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    w.write_all(&header)?;
+    w.write_all(payload)?;
+    Ok(())
+}
+
+/// Writes a JSON message.
+pub fn write_json<T: Serialize>(w: &mut impl Write, kind: Kind, value: &T) -> Result<(), Error> {
+    let payload = serde_json::to_vec(value).map_err(|e| Error::Malformed(kind, e.to_string()))?;
+    write_frame(w, kind, &payload)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads one frame, checking magic, version and size before allocating.
+pub fn read_frame(r: &mut impl Read) -> Result<(Kind, Vec<u8>), Error> {
+    let mut header = [0u8; 16];
+    r.read_exact(&mut header)?;
+    let magic = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    if magic != MAGIC {
+        return Err(Error::Magic(magic));
+    }
+    let version = u16::from_le_bytes([header[4], header[5]]);
+    if version != VERSION {
+        return Err(Error::Version(version));
+    }
+    let kind = Kind::from_u16(u16::from_le_bytes([header[6], header[7]]))?;
+    let mut len_bytes = [0u8; 8];
+    len_bytes.copy_from_slice(&header[8..]);
+    let len = u64::from_le_bytes(len_bytes);
+    if len > MAX_PAYLOAD {
+        return Err(Error::TooLarge(len));
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload)?;
+    Ok((kind, payload))
+}
+
+/// Reads a frame of the `expected` kind as JSON; a Refuse frame becomes `Error::Refused`.
+pub fn read_json<T: DeserializeOwned>(r: &mut impl Read, expected: Kind) -> Result<T, Error> {
+    let (kind, payload) = read_frame(r)?;
+    if kind == Kind::Refuse && expected != Kind::Refuse {
+        let answer: Answer = serde_json::from_slice(&payload).unwrap_or(Answer {
+            reason: "no reason given".into(),
+        });
+        return Err(Error::Refused(answer.reason));
+    }
+    if kind != expected {
+        return Err(Error::Unexpected {
+            expected,
+            got: kind,
+        });
+    }
+    serde_json::from_slice(&payload).map_err(|e| Error::Malformed(kind, e.to_string()))
+}
+
+/// Accept/Refuse payload.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Answer {
+    pub reason: String,
+}
+
+/// What the source says before anything else.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Hello {
+    pub popek_version: String,
+    pub memory_bytes: u64,
+    pub vcpus: u32,
+    pub firmware: bool,
+    pub msr_policy_zero: bool,
+    pub tsc_khz: Option<u32>,
+}
+
+/// End of the stream.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Complete {
+    pub memory_crc32: u32,
+    pub pages_sent: u64,
+    pub zero_pages: u64,
+}
+
+/// The destination's confirmation.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Running {
+    /// Destination-side time from the first State byte to vCPUs running, in microseconds.
+    pub restore_us: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_bad_ones_are_refused() {
+        let mut buf = Vec::new();
+        write_json(
+            &mut buf,
+            Kind::Complete,
+            &Complete {
+                memory_crc32: 7,
+                pages_sent: 1,
+                zero_pages: 2,
+            },
+        )
+        .unwrap();
+        let c: Complete = read_json(&mut buf.as_slice(), Kind::Complete).unwrap();
+        assert_eq!(c.memory_crc32, 7);
+        assert!(matches!(
+            read_json::<Complete>(&mut buf.as_slice(), Kind::State),
+            Err(Error::Unexpected { .. })
+        ));
+        let mut bad = buf.clone();
+        bad[0] ^= 1;
+        assert!(matches!(
+            read_frame(&mut bad.as_slice()),
+            Err(Error::Magic(_))
+        ));
+        let mut bad = buf.clone();
+        bad[4] = 9;
+        assert!(matches!(
+            read_frame(&mut bad.as_slice()),
+            Err(Error::Version(9))
+        ));
+        let mut bad = buf.clone();
+        bad[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            read_frame(&mut bad.as_slice()),
+            Err(Error::TooLarge(_))
+        ));
+        let truncated = &buf[..buf.len() - 1];
+        assert!(matches!(read_frame(&mut &truncated[..]), Err(Error::Io(_))));
+        let mut refuse = Vec::new();
+        write_json(
+            &mut refuse,
+            Kind::Refuse,
+            &Answer {
+                reason: "no room".into(),
+            },
+        )
+        .unwrap();
+        assert!(
+            matches!(read_json::<Complete>(&mut refuse.as_slice(), Kind::Complete), Err(Error::Refused(r)) if r == "no room")
+        );
+    }
+}

@@ -1,0 +1,233 @@
+//! The complete state of a VM, minus its memory: every vCPU (registers, special
+//! registers, XSAVE and XCRs, debug registers, MSRs from KVM's index list, local APIC, vCPU
+//! events, MP state), the VM (PIC, IOAPIC, PIT, KVM clock), and the devices. Saved and
+//! restored in the order KVM needs (Firecracker's notes): MP state first and vCPU events
+//! last when saving; CPUID, registers before events, special registers before the LAPIC,
+//! the LAPIC before MSRs (TSC deadline) when restoring.
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
+    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+
+/// State errors: which piece failed and the KVM error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Cannot {what}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {id}: KVM restored {restored} of {total} MSRs (first refused: {index:#x})")]
+    Msrs {
+        id: u32,
+        restored: usize,
+        total: usize,
+        index: u32,
+    },
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+/// One vCPU.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub id: u32,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    pub msrs: Vec<(u32, u64)>,
+    pub events: kvm_vcpu_events,
+}
+
+/// The MSRs KVM says it can save, read in batches; an index KVM refuses to read is
+/// skipped (KVM_GET_MSRS stops at the first failure and returns how many it read).
+fn save_msrs(list: &[u32], vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>, Error> {
+    let mut indexes: &[u32] = list;
+    let mut saved = Vec::with_capacity(indexes.len());
+    while !indexes.is_empty() {
+        let entries: Vec<kvm_msr_entry> = indexes
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| Error::Kvm {
+            what: "build an MSR list",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        let read = vcpu.get_msrs(&mut msrs).map_err(kvm("read MSRs"))?;
+        saved.extend(msrs.as_slice()[..read].iter().map(|e| (e.index, e.data)));
+        indexes = &indexes[(read + 1).min(indexes.len())..];
+    }
+    Ok(saved)
+}
+
+/// KVM's list of MSRs a VMM should save and restore.
+pub fn msr_indexes(k: &Kvm) -> Result<Vec<u32>, Error> {
+    Ok(k.get_msr_index_list()
+        .map_err(kvm("read KVM's MSR index list"))?
+        .as_slice()
+        .to_vec())
+}
+
+impl VcpuState {
+    /// Saves vCPU `id`, which must not be running.
+    pub fn save(msr_indexes: &[u32], vcpu: &VcpuFd, id: u32) -> Result<VcpuState, Error> {
+        let mp_state = vcpu.get_mp_state().map_err(kvm("read the MP state"))?;
+        let regs = vcpu.get_regs().map_err(kvm("read registers"))?;
+        let sregs = vcpu.get_sregs().map_err(kvm("read special registers"))?;
+        let xsave = vcpu.get_xsave().map_err(kvm("read XSAVE state"))?;
+        let xcrs = vcpu.get_xcrs().map_err(kvm("read XCRs"))?;
+        let debugregs = vcpu.get_debug_regs().map_err(kvm("read debug registers"))?;
+        let lapic = vcpu.get_lapic().map_err(kvm("read the local APIC"))?;
+        let msrs = save_msrs(msr_indexes, vcpu)?;
+        let events = vcpu.get_vcpu_events().map_err(kvm("read vCPU events"))?;
+        Ok(VcpuState {
+            id,
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debugregs,
+            lapic,
+            msrs,
+            events,
+        })
+    }
+
+    /// Restores into a vCPU created with the same CPUID.
+    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), Error> {
+        vcpu.set_mp_state(self.mp_state)
+            .map_err(kvm("restore the MP state"))?;
+        vcpu.set_regs(&self.regs)
+            .map_err(kvm("restore registers"))?;
+        vcpu.set_sregs(&self.sregs)
+            .map_err(kvm("restore special registers"))?;
+        // SAFETY: restores a kvm_xsave saved by `save` with the same size.
+        unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm("restore XSAVE state"))?;
+        vcpu.set_xcrs(&self.xcrs).map_err(kvm("restore XCRs"))?;
+        vcpu.set_debug_regs(&self.debugregs)
+            .map_err(kvm("restore debug registers"))?;
+        vcpu.set_lapic(&self.lapic)
+            .map_err(kvm("restore the local APIC"))?;
+        let entries: Vec<kvm_msr_entry> = self
+            .msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        for chunk in entries.chunks(64) {
+            let msrs = Msrs::from_entries(chunk).map_err(|_| Error::Kvm {
+                what: "build an MSR list",
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            })?;
+            let set = vcpu.set_msrs(&msrs).map_err(kvm("restore MSRs"))?;
+            if set != chunk.len() {
+                return Err(Error::Msrs {
+                    id: self.id,
+                    restored: set,
+                    total: chunk.len(),
+                    index: chunk[set].index,
+                });
+            }
+        }
+        vcpu.set_vcpu_events(&self.events)
+            .map_err(kvm("restore vCPU events"))?;
+        Ok(())
+    }
+}
+
+/// The VM-level in-kernel devices and clock.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, Error> {
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut chip).map_err(kvm("read the irqchip"))?;
+    Ok(chip)
+}
+
+impl VmState {
+    pub fn save(vm: &VmFd) -> Result<VmState, Error> {
+        Ok(VmState {
+            pic_master: irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: irqchip(vm, KVM_IRQCHIP_IOAPIC)?,
+            pit: vm.get_pit2().map_err(kvm("read the PIT"))?,
+            clock: vm.get_clock().map_err(kvm("read the KVM clock"))?,
+        })
+    }
+
+    pub fn restore(&self, vm: &VmFd) -> Result<(), Error> {
+        for chip in [&self.pic_master, &self.pic_slave, &self.ioapic] {
+            vm.set_irqchip(chip).map_err(kvm("restore the irqchip"))?;
+        }
+        vm.set_pit2(&self.pit).map_err(kvm("restore the PIT"))?;
+        // Only the clock value travels; flags describing the source host's TSC do not apply.
+        let clock = kvm_clock_data {
+            clock: self.clock.clock,
+            ..Default::default()
+        };
+        vm.set_clock(&clock).map_err(kvm("restore the KVM clock"))?;
+        Ok(())
+    }
+}
+
+/// Popek's own devices.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub serial: SerialRegisters,
+    pub msr_scratch: Vec<u64>,
+    pub generation: u64,
+    pub generation_gpa: Option<u64>,
+    pub doorbell_rings: u64,
+    pub free_pages: Vec<u64>,
+}
+
+/// The UART's registers (vm-superio's `SerialState`, which has no serde).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SerialRegisters {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+/// Everything but memory.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MachineState {
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub devices: DeviceState,
+}

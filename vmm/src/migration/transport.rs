@@ -1,0 +1,131 @@
+//! Where migration streams go: `tcp:HOST:PORT` or `unix:PATH`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+/// Transport errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("'{0}' is not a migration address (tcp:HOST:PORT or unix:PATH)")]
+    Address(String),
+    #[error("Cannot connect to {0}")]
+    Connect(String, #[source] std::io::Error),
+    #[error("Cannot listen on {0}")]
+    Listen(String, #[source] std::io::Error),
+    #[error("Accepting a connection on {0} failed")]
+    Accept(String, #[source] std::io::Error),
+}
+
+/// A parsed migration address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Tcp(String),
+    Unix(std::path::PathBuf),
+}
+
+impl std::str::FromStr for Address {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        if let Some(rest) = s.strip_prefix("tcp:") {
+            if rest
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+            {
+                return Ok(Address::Tcp(rest.to_string()));
+            }
+        } else if let Some(path) = s.strip_prefix("unix:") {
+            if !path.is_empty() {
+                return Ok(Address::Unix(path.into()));
+            }
+        }
+        Err(Error::Address(s.to_string()))
+    }
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Tcp(a) => write!(f, "tcp:{a}"),
+            Address::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// A connected byte stream.
+pub trait Stream: Read + Write + Send {
+    /// Gives up on a peer that says nothing for this long (a dead peer must not hang us).
+    fn set_timeout(&self, timeout: Duration) -> std::io::Result<()>;
+}
+
+impl Stream for TcpStream {
+    fn set_timeout(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+}
+
+impl Stream for UnixStream {
+    fn set_timeout(&self, t: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+}
+
+/// Connects to a listening destination.
+pub fn connect(address: &Address) -> Result<Box<dyn Stream>, Error> {
+    let err = |e| Error::Connect(address.to_string(), e);
+    Ok(match address {
+        Address::Tcp(a) => {
+            let s = TcpStream::connect(a).map_err(err)?;
+            let _ = s.set_nodelay(true);
+            Box::new(s)
+        }
+        Address::Unix(p) => Box::new(UnixStream::connect(p).map_err(err)?),
+    })
+}
+
+/// Listens and accepts exactly one source; says on stderr when it listens (scripts and
+/// tests wait for that line before starting a migration).
+pub fn accept_one(address: &Address) -> Result<Box<dyn Stream>, Error> {
+    let listening = || eprintln!("popek: waiting for a migration on {address}");
+    let listen_err = |e| Error::Listen(address.to_string(), e);
+    let accept_err = |e| Error::Accept(address.to_string(), e);
+    Ok(match address {
+        Address::Tcp(a) => {
+            let l = TcpListener::bind(a).map_err(listen_err)?;
+            listening();
+            let (s, _) = l.accept().map_err(accept_err)?;
+            let _ = s.set_nodelay(true);
+            Box::new(s)
+        }
+        Address::Unix(p) => {
+            let _ = std::fs::remove_file(p);
+            let l = UnixListener::bind(p).map_err(listen_err)?;
+            listening();
+            let (s, _) = l.accept().map_err(accept_err)?;
+            Box::new(s)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            "tcp:127.0.0.1:4444".parse::<Address>().unwrap(),
+            Address::Tcp("127.0.0.1:4444".into())
+        );
+        assert_eq!(
+            "unix:/tmp/x".parse::<Address>().unwrap(),
+            Address::Unix("/tmp/x".into())
+        );
+        for bad in ["", "tcp:", "tcp:host", "tcp::1", "udp:1.2.3.4:5", "unix:"] {
+            assert!(bad.parse::<Address>().is_err(), "{bad}");
+        }
+    }
+}
