@@ -40,7 +40,10 @@ pub fn parse(line: &str) -> Result<Request, String> {
     let value: Value = serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))?;
     let object = value.as_object().ok_or("bad request: not a JSON object")?;
     // serde does not refuse extra fields next to a unit variant's tag: check by hand.
-    if let Some(key) = object.keys().find(|k| !matches!(k.as_str(), "cmd" | "to" | "mode")) {
+    if let Some(key) = object
+        .keys()
+        .find(|k| !matches!(k.as_str(), "cmd" | "to" | "mode"))
+    {
         return Err(format!("bad request: unknown field '{key}'"));
     }
     serde_json::from_value(value).map_err(|e| format!("bad request: {e}"))
