@@ -7,24 +7,14 @@ const BAD_INPUT: i32 = 4;
 const NO_KVM: i32 = 6;
 
 fn expect_clean_failure(run: &Run, status: i32, message: &str) {
-    run.expect_status(status)
-        .expect_stderr("popek: error: ")
-        .expect_stderr(message);
-    assert!(
-        !run.stderr.contains("panicked"),
-        "popek panicked:\n{}",
-        run.stderr
-    );
+    run.expect_status(status).expect_stderr("popek: error: ").expect_stderr(message);
+    assert!(!run.stderr.contains("panicked"), "popek panicked:\n{}", run.stderr);
 }
 
 #[test]
 fn missing_kernel_file() {
     let run = popek(&["run", "--kernel", "/nonexistent/kernel.elf"], None);
-    expect_clean_failure(
-        &run,
-        BAD_INPUT,
-        "Cannot read kernel image /nonexistent/kernel.elf: No such file",
-    );
+    expect_clean_failure(&run, BAD_INPUT, "Cannot read kernel image /nonexistent/kernel.elf: No such file");
 }
 
 #[test]
@@ -32,17 +22,9 @@ fn not_an_elf() {
     require_kvm();
     let scratch = Scratch::new("notelf");
     let kernel = scratch.file("kernel.txt", b"this is plainly not a kernel\n");
-    expect_clean_failure(
-        &popek(&["run", "--kernel", &kernel], None),
-        BAD_INPUT,
-        "not an ELF image",
-    );
+    expect_clean_failure(&popek(&["run", "--kernel", &kernel], None), BAD_INPUT, "not an ELF image");
     let empty = scratch.file("empty", b"");
-    expect_clean_failure(
-        &popek(&["run", "--kernel", &empty], None),
-        BAD_INPUT,
-        "not an ELF image",
-    );
+    expect_clean_failure(&popek(&["run", "--kernel", &empty], None), BAD_INPUT, "not an ELF image");
 }
 
 #[test]
@@ -54,11 +36,7 @@ fn truncated_elf() {
     let bytes = std::fs::read(&guest).unwrap();
     for cut in [20, 64, 100, bytes.len() / 2, bytes.len() - 1] {
         let kernel = scratch.file(&format!("cut{cut}"), &bytes[..cut]);
-        expect_clean_failure(
-            &popek(&["run", "--kernel", &kernel], None),
-            BAD_INPUT,
-            "truncated or malformed ELF",
-        );
+        expect_clean_failure(&popek(&["run", "--kernel", &kernel], None), BAD_INPUT, "truncated or malformed ELF");
     }
 }
 
@@ -73,17 +51,9 @@ fn segment_outside_guest_ram() {
         "segment at 0x40000000..0x40000040 lies outside guest RAM",
     );
     let high32 = scratch.file("high32.elf", &multiboot_kernel(0x2000_0000));
-    expect_clean_failure(
-        &popek(&["run", "-m", "64M", "--kernel", &high32], None),
-        BAD_INPUT,
-        "lies outside guest RAM",
-    );
+    expect_clean_failure(&popek(&["run", "-m", "64M", "--kernel", &high32], None), BAD_INPUT, "lies outside guest RAM");
     let low = scratch.file("low.elf", &multiboot_kernel(0x6000));
-    expect_clean_failure(
-        &popek(&["run", "--kernel", &low], None),
-        BAD_INPUT,
-        "overlaps Popek's boot data",
-    );
+    expect_clean_failure(&popek(&["run", "--kernel", &low], None), BAD_INPUT, "overlaps Popek's boot data");
 }
 
 #[test]
@@ -91,17 +61,9 @@ fn elf_without_a_boot_protocol() {
     require_kvm();
     let scratch = Scratch::new("noproto");
     let plain64 = scratch.file("plain64.elf", &elf64(0x10_0000, &[0xf4; 16]));
-    expect_clean_failure(
-        &popek(&["run", "--kernel", &plain64], None),
-        BAD_INPUT,
-        "without a PVH entry note",
-    );
+    expect_clean_failure(&popek(&["run", "--kernel", &plain64], None), BAD_INPUT, "without a PVH entry note");
     let plain32 = scratch.file("plain32.elf", &elf32(0x10_0000, 0x10_0000, &[0xf4; 16]));
-    expect_clean_failure(
-        &popek(&["run", "--kernel", &plain32], None),
-        BAD_INPUT,
-        "without a Multiboot header",
-    );
+    expect_clean_failure(&popek(&["run", "--kernel", &plain32], None), BAD_INPUT, "without a Multiboot header");
     let multiboot = scratch.file("mb.elf", &multiboot_kernel(0x10_0000));
     expect_clean_failure(
         &popek(&["run", "--boot", "firmware", "--kernel", &multiboot], None),
@@ -112,26 +74,10 @@ fn elf_without_a_boot_protocol() {
 
 #[test]
 fn memory_sizes() {
-    expect_clean_failure(
-        &popek(&["run", "--memory", "1M"], None),
-        BAD_INPUT,
-        "is too small: the minimum is 8 MiB",
-    );
-    expect_clean_failure(
-        &popek(&["run", "--memory", "lots"], None),
-        BAD_INPUT,
-        "'lots' is not a memory size",
-    );
-    expect_clean_failure(
-        &popek(&["run", "--memory", "12X"], None),
-        BAD_INPUT,
-        "'12X' is not a memory size",
-    );
-    expect_clean_failure(
-        &popek(&["run", "--memory", "1000G"], None),
-        BAD_INPUT,
-        "too large",
-    );
+    expect_clean_failure(&popek(&["run", "--memory", "1M"], None), BAD_INPUT, "is too small: the minimum is 8 MiB");
+    expect_clean_failure(&popek(&["run", "--memory", "lots"], None), BAD_INPUT, "'lots' is not a memory size");
+    expect_clean_failure(&popek(&["run", "--memory", "12X"], None), BAD_INPUT, "'12X' is not a memory size");
+    expect_clean_failure(&popek(&["run", "--memory", "1000G"], None), BAD_INPUT, "too large");
 }
 
 #[test]
@@ -141,17 +87,9 @@ fn missing_initrd_and_bad_vcpus() {
         BAD_INPUT,
         "Cannot read initrd /nonexistent/initrd",
     );
-    expect_clean_failure(
-        &popek(&["run", "--vcpus", "0"], None),
-        BAD_INPUT,
-        "--vcpus must be between 1 and 32",
-    );
+    expect_clean_failure(&popek(&["run", "--vcpus", "0"], None), BAD_INPUT, "--vcpus must be between 1 and 32");
     let long = "x".repeat(5000);
-    expect_clean_failure(
-        &popek(&["run", "--cmdline", &long], None),
-        BAD_INPUT,
-        "command line is 5000 bytes",
-    );
+    expect_clean_failure(&popek(&["run", "--cmdline", &long], None), BAD_INPUT, "command line is 5000 bytes");
 }
 
 #[test]
@@ -173,11 +111,7 @@ fn no_kvm_device() {
         NO_KVM,
         "/nonexistent/kvm does not exist: KVM is not available",
     );
-    expect_clean_failure(
-        &popek(&["run", "--kvm-device", "/dev/null"], None),
-        NO_KVM,
-        "/dev/null is not a KVM device",
-    );
+    expect_clean_failure(&popek(&["run", "--kvm-device", "/dev/null"], None), NO_KVM, "/dev/null is not a KVM device");
 }
 
 /// A KVM device node the caller may not open. As root (CI here): a copy of /dev/kvm's node
@@ -216,15 +150,7 @@ fn no_permission_for_kvm() {
 
 #[test]
 fn usage_errors_exit_2_and_help_explains_exit_codes() {
-    popek(&["run", "--no-such-flag"], None)
-        .expect_status(2)
-        .expect_stderr("--no-such-flag");
-    popek(&["--help"], None)
-        .expect_status(0)
-        .expect_stdout("Exit status")
-        .expect_stdout("run");
-    popek(&["run", "--help"], None)
-        .expect_status(0)
-        .expect_stdout("--kernel")
-        .expect_stdout("--boot");
+    popek(&["run", "--no-such-flag"], None).expect_status(2).expect_stderr("--no-such-flag");
+    popek(&["--help"], None).expect_status(0).expect_stdout("Exit status").expect_stdout("run");
+    popek(&["run", "--help"], None).expect_status(0).expect_stdout("--kernel").expect_stdout("--boot");
 }

@@ -51,36 +51,27 @@ fn initrd_reaches_a_pvh_guest_as_module_0() {
     require_kvm();
     let scratch = Scratch::new("initrd");
     let initrd = scratch.file("initrd.txt", b"popek initrd payload\n");
-    popek(
-        &["run", "--initrd", &initrd, "--cmdline", "test=initrd"],
-        None,
-    )
-    .expect_status(guest_status(0))
-    .expect_stdout("initrd: 1 module(s), 21 bytes: popek initrd payload");
+    popek(&["run", "--initrd", &initrd, "--cmdline", "test=initrd"], None)
+        .expect_status(guest_status(0))
+        .expect_stdout("initrd: 1 module(s), 21 bytes: popek initrd payload");
 }
 
 #[test]
 fn guest_reads_its_console_from_stdin() {
     require_kvm();
-    popek(
-        &["run", "--cmdline", "test=echo"],
-        Some(b"typed at the console\n"),
-    )
-    .expect_status(guest_status(0))
-    .expect_stdout("echo: typed at the console\n");
+    popek(&["run", "--cmdline", "test=echo"], Some(b"typed at the console\n"))
+        .expect_status(guest_status(0))
+        .expect_stdout("echo: typed at the console\n");
 }
 
 #[test]
 fn firmware_rom_survives_guest_writes() {
     require_kvm();
-    popek(
-        &["run", "--boot", "firmware", "--cmdline", "test=rom"],
-        None,
-    )
-    .expect_status(guest_status(0))
-    // The reset vector's first bytes: a near jump (0xe9) into the firmware.
-    .expect_stdout("rom: intact (0x")
-    .expect_stdout("e9)");
+    popek(&["run", "--boot", "firmware", "--cmdline", "test=rom"], None)
+        .expect_status(guest_status(0))
+        // The reset vector's first bytes: a near jump (0xe9) into the firmware.
+        .expect_stdout("rom: intact (0x")
+        .expect_stdout("e9)");
 }
 
 #[test]
@@ -110,9 +101,7 @@ fn second_vcpu_starts_through_init_sipi() {
 #[test]
 fn reset_request_stops_the_vm() {
     require_kvm();
-    popek(&["run", "--cmdline", "test=reset"], None)
-        .expect_status(0)
-        .expect_stderr("requested a reset");
+    popek(&["run", "--cmdline", "test=reset"], None).expect_status(0).expect_stderr("requested a reset");
 }
 
 #[test]
@@ -137,24 +126,12 @@ fn multiboot_kernel_gets_cmdline_and_module() {
     let scratch = Scratch::new("multiboot");
     let kernel = scratch.file("mb.elf", &multiboot_kernel(0x10_0000));
     let module = scratch.file("module.txt", b"MODULE-BYTES");
-    popek(
-        &[
-            "run",
-            "--kernel",
-            &kernel,
-            "--cmdline",
-            "hello multiboot",
-            "--initrd",
-            &module,
-        ],
-        None,
-    )
-    .expect_status(guest_status(0x21))
-    .expect_stdout("multiboot: hello multiboot module=MODULE-BYTES\n");
+    popek(&["run", "--kernel", &kernel, "--cmdline", "hello multiboot", "--initrd", &module], None)
+        .expect_status(guest_status(0x21))
+        .expect_stdout("multiboot: hello multiboot module=MODULE-BYTES\n");
     // Without a module the kernel still boots and says nothing about one.
     let run = popek(&["run", "--kernel", &kernel, "--cmdline", "bare"], None);
-    run.expect_status(guest_status(0x21))
-        .expect_stdout("multiboot: bare\n");
+    run.expect_status(guest_status(0x21)).expect_stdout("multiboot: bare\n");
     assert!(!run.stdout.contains("module="), "no module was given");
 }
 

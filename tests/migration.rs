@@ -36,18 +36,11 @@ impl Proc {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!(
-                    "process did not end:\n{}",
-                    std::fs::read_to_string(&self.out).unwrap_or_default()
-                );
+                panic!("process did not end:\n{}", std::fs::read_to_string(&self.out).unwrap_or_default());
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        (
-            status,
-            std::fs::read_to_string(&self.out).unwrap(),
-            std::fs::read_to_string(&self.err).unwrap(),
-        )
+        (status, std::fs::read_to_string(&self.out).unwrap(), std::fs::read_to_string(&self.err).unwrap())
     }
 
     fn stdout(&self) -> String {
@@ -57,9 +50,7 @@ impl Proc {
     /// Waits until a destination listens.
     fn listening(&self) {
         wait_for("the destination to listen", || {
-            std::fs::read_to_string(&self.err)
-                .unwrap_or_default()
-                .contains("waiting for a migration on")
+            std::fs::read_to_string(&self.err).unwrap_or_default().contains("waiting for a migration on")
         });
     }
 }
@@ -80,6 +71,10 @@ fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
 }
 
 fn source(scratch: &Scratch, vcpus: &str) -> (Proc, String) {
+    source_moving(scratch, vcpus, 1)
+}
+
+fn source_moving(scratch: &Scratch, vcpus: &str, moves: u32) -> (Proc, String) {
     let api = scratch.0.join("src.sock").display().to_string();
     let src = Proc::spawn(
         scratch,
@@ -92,57 +87,42 @@ fn source(scratch: &Scratch, vcpus: &str) -> (Proc, String) {
             "--api-socket",
             &api,
             "--cmdline",
-            "test=migrate pages=2048 seconds=40",
+            &format!("test=migrate pages=2048 seconds=60 moves={moves}"),
         ],
     );
-    wait_for("the source workload", || {
-        src.stdout().contains("migrate: ready")
-    });
+    wait_for("the source workload", || src.stdout().contains("migrate: ready"));
     (src, api)
 }
 
 fn migrate_to(api: &str, to: &str, report: &Path) -> Run {
+    popek(&["migrate", "--api-socket", api, "--to", to, "--report-json", report.to_str().unwrap()], None)
+}
+
+fn precopy_to(api: &str, to: &str, report: &Path) -> Run {
     popek(
-        &[
-            "migrate",
-            "--api-socket",
-            api,
-            "--to",
-            to,
-            "--report-json",
-            report.to_str().unwrap(),
-        ],
+        &["migrate", "--api-socket", api, "--to", to, "--mode", "precopy", "--report-json", report.to_str().unwrap()],
         None,
     )
 }
 
 fn check_moved(scratch: &Scratch, src: Proc, dst: Proc, run: &Run, vcpus: u64) {
+    check_moved_as(scratch, src, dst, run, vcpus, "stop-copy")
+}
+
+fn check_moved_as(scratch: &Scratch, src: Proc, dst: Proc, run: &Run, vcpus: u64, mode: &str) {
     run.expect_status(0).expect_stdout("\"downtime_ms\"");
     let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(scratch.0.join("report.json")).unwrap())
-            .unwrap();
-    assert_eq!(report["mode"], "stop-copy");
+        serde_json::from_str(&std::fs::read_to_string(scratch.0.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["mode"], mode);
     assert_eq!(report["vcpus"], vcpus);
     assert!(report["downtime_ms"].as_f64().unwrap() > 0.0);
-    assert!(
-        report["memory"]["zero_pages"].as_u64().unwrap() > 0,
-        "zero pages are skipped"
-    );
+    assert!(report["memory"]["zero_pages"].as_u64().unwrap() > 0, "zero pages are skipped");
     let (src_status, _, src_err) = src.wait();
-    assert_eq!(
-        src_status, 0,
-        "the source ends once the destination runs: {src_err}"
-    );
+    assert_eq!(src_status, 0, "the source ends once the destination runs: {src_err}");
     assert!(src_err.contains("the VM moved away"));
     let (dst_status, dst_out, dst_err) = dst.wait();
-    assert_eq!(
-        dst_status, 1,
-        "the guest's own success status on the destination:\n{dst_out}\n{dst_err}"
-    );
-    assert!(
-        dst_out.contains("migrate: moved (generation 1)"),
-        "{dst_out}"
-    );
+    assert_eq!(dst_status, 1, "the guest's own success status on the destination:\n{dst_out}\n{dst_err}");
+    assert!(dst_out.contains("migrate: moved (generation 1)"), "{dst_out}");
     assert!(dst_out.contains("2048 pages verified: ok"), "{dst_out}");
 }
 
@@ -151,11 +131,7 @@ fn stop_copy_over_a_unix_socket_one_vcpu() {
     require_kvm();
     let scratch = Scratch::new("mig-unix");
     let dst_addr = format!("unix:{}", scratch.0.join("dst.sock").display());
-    let dst = Proc::spawn(
-        &scratch,
-        "dst",
-        &["run", "--no-stdin", "--incoming", &dst_addr],
-    );
+    let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &dst_addr]);
     let (src, api) = source(&scratch, "1");
     dst.listening();
     let run = migrate_to(&api, &dst_addr, &scratch.0.join("report.json"));
@@ -168,11 +144,7 @@ fn stop_copy_over_tcp_two_vcpus() {
     let scratch = Scratch::new("mig-tcp");
     let port = 20000 + (std::process::id() % 20000) as u16;
     let dst_addr = format!("tcp:127.0.0.1:{port}");
-    let dst = Proc::spawn(
-        &scratch,
-        "dst",
-        &["run", "--no-stdin", "--incoming", &dst_addr],
-    );
+    let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &dst_addr]);
     let (src, api) = source(&scratch, "2");
     dst.listening();
     let run = migrate_to(&api, &dst_addr, &scratch.0.join("report.json"));
@@ -186,67 +158,26 @@ fn failed_migrations_leave_the_source_running() {
     let (src, api) = source(&scratch, "1");
     // Nobody listening: refused at connect.
     let nowhere = format!("unix:{}", scratch.0.join("nobody.sock").display());
-    migrate_to(&api, &nowhere, &scratch.0.join("r0.json"))
-        .expect_status(18)
-        .expect_stderr("Cannot connect");
+    migrate_to(&api, &nowhere, &scratch.0.join("r0.json")).expect_status(18).expect_stderr("Cannot connect");
     // A destination that cannot host the VM refuses in the handshake: here, one whose KVM
     // device is missing.
     let bad_addr = format!("unix:{}", scratch.0.join("bad.sock").display());
     let bad = Proc::spawn(
         &scratch,
         "bad",
-        &[
-            "run",
-            "--no-stdin",
-            "--incoming",
-            &bad_addr,
-            "--kvm-device",
-            "/nonexistent/kvm",
-        ],
+        &["run", "--no-stdin", "--incoming", &bad_addr, "--kvm-device", "/nonexistent/kvm"],
     );
     bad.listening();
-    migrate_to(&api, &bad_addr, &scratch.0.join("r1.json"))
-        .expect_status(18)
-        .expect_stderr("cannot build the VM");
+    migrate_to(&api, &bad_addr, &scratch.0.join("r1.json")).expect_status(18).expect_stderr("cannot build the VM");
     let (bad_status, _, bad_err) = bad.wait();
     assert_eq!(bad_status, 18, "{bad_err}");
     // A bad mode or address is refused before anything happens.
-    popek(
-        &[
-            "migrate",
-            "--api-socket",
-            &api,
-            "--to",
-            "carrier-pigeon",
-            "--mode",
-            "stop-copy",
-        ],
-        None,
-    )
-    .expect_status(18);
-    popek(
-        &[
-            "migrate",
-            "--api-socket",
-            &api,
-            "--to",
-            &nowhere,
-            "--mode",
-            "teleport",
-        ],
-        None,
-    )
-    .expect_status(18);
+    popek(&["migrate", "--api-socket", &api, "--to", "carrier-pigeon", "--mode", "stop-copy"], None).expect_status(18);
+    popek(&["migrate", "--api-socket", &api, "--to", &nowhere, "--mode", "teleport"], None).expect_status(18);
     // Still running, and its memory intact: a real migration afterwards verifies it.
-    popek(&["status", "--api-socket", &api], None)
-        .expect_status(0)
-        .expect_stdout("\"running\"");
+    popek(&["status", "--api-socket", &api], None).expect_status(0).expect_stdout("\"running\"");
     let dst_addr = format!("unix:{}", scratch.0.join("dst.sock").display());
-    let dst = Proc::spawn(
-        &scratch,
-        "dst",
-        &["run", "--no-stdin", "--incoming", &dst_addr],
-    );
+    let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &dst_addr]);
     dst.listening();
     let run = migrate_to(&api, &dst_addr, &scratch.0.join("report.json"));
     check_moved(&scratch, src, dst, &run, 1);
@@ -267,11 +198,7 @@ fn forged_streams_are_refused_and_nothing_runs() {
     {
         let path = scratch.0.join(format!("dst{i}.sock"));
         let addr = format!("unix:{}", path.display());
-        let dst = Proc::spawn(
-            &scratch,
-            &format!("dst{i}"),
-            &["run", "--no-stdin", "--incoming", &addr],
-        );
+        let dst = Proc::spawn(&scratch, &format!("dst{i}"), &["run", "--no-stdin", "--incoming", &addr]);
         dst.listening();
         let mut stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
         let _ = stream.write_all(garbage);
@@ -282,4 +209,79 @@ fn forged_streams_are_refused_and_nothing_runs() {
         assert!(out.is_empty(), "no guest ran: {out}");
         assert!(!err.contains("panicked"), "{err}");
     }
+}
+
+#[test]
+fn precopy_with_the_guest_dirtying_memory_one_and_two_vcpus() {
+    require_kvm();
+    for vcpus in ["1", "2"] {
+        let scratch = Scratch::new(&format!("mig-pre{vcpus}"));
+        let dst_addr = format!("unix:{}", scratch.0.join("dst.sock").display());
+        let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &dst_addr]);
+        let (src, api) = source(&scratch, vcpus);
+        dst.listening();
+        let run = precopy_to(&api, &dst_addr, &scratch.0.join("report.json"));
+        // Progress: one line per round on stderr.
+        run.expect_stderr("popek: migration {").expect_stderr("\"round\":0");
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(scratch.0.join("report.json")).unwrap()).unwrap();
+        assert!(!report["rounds"].as_array().unwrap().is_empty(), "{report:#}");
+        check_moved_as(&scratch, src, dst, &run, vcpus.parse().unwrap(), "precopy");
+    }
+}
+
+#[test]
+fn back_and_forth_ten_times() {
+    require_kvm();
+    let scratch = Scratch::new("mig-10");
+    let (mut current, api0) = source_moving(&scratch, "1", 10);
+    let mut api = api0;
+    for hop in 0..10 {
+        let dst_sock = scratch.0.join(format!("dst{hop}.sock"));
+        let dst_api = scratch.0.join(format!("api{hop}.sock")).display().to_string();
+        let dst_addr = format!("unix:{}", dst_sock.display());
+        let dst = Proc::spawn(
+            &scratch,
+            &format!("hop{hop}"),
+            &["run", "--no-stdin", "--incoming", &dst_addr, "--api-socket", &dst_api],
+        );
+        dst.listening();
+        let mode = if hop % 2 == 0 { "precopy" } else { "stop-copy" };
+        popek(&["migrate", "--api-socket", &api, "--to", &dst_addr, "--mode", mode], None).expect_status(0);
+        let (status, _, err) = current.wait();
+        assert_eq!(status, 0, "hop {hop}: the previous host ends: {err}");
+        current = dst;
+        api = dst_api;
+    }
+    // Ten moves later the guest has verified its memory after each and ends successfully;
+    // its console output continued on every host.
+    let (status, out, err) = current.wait();
+    assert_eq!(status, 1, "{out}\n{err}");
+    assert!(out.contains("migrate: moved (generation 10)") && out.contains("pages verified: ok"), "{out}");
+}
+
+#[test]
+fn a_killed_destination_leaves_the_source_running() {
+    require_kvm();
+    let scratch = Scratch::new("mig-kill");
+    let (src, api) = source(&scratch, "1");
+    // A destination that accepts and then dies mid-transfer: a listener we close.
+    let path = scratch.0.join("dying.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let killer = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut header = [0u8; 64];
+        let _ = std::io::Read::read(&mut stream, &mut header);
+        drop(stream);
+    });
+    let to = format!("unix:{}", path.display());
+    migrate_to(&api, &to, &scratch.0.join("r.json")).expect_status(18);
+    killer.join().unwrap();
+    popek(&["status", "--api-socket", &api], None).expect_status(0).expect_stdout("\"running\"");
+    // And it still moves, intact, to a real destination.
+    let dst_addr = format!("unix:{}", scratch.0.join("dst.sock").display());
+    let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &dst_addr]);
+    dst.listening();
+    let run = migrate_to(&api, &dst_addr, &scratch.0.join("report.json"));
+    check_moved(&scratch, src, dst, &run, 1);
 }

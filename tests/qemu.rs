@@ -8,30 +8,9 @@ use common::*;
 fn qemu(machine: &str, guest: &str, cmdline: &str) -> Run {
     let qemu = "qemu-system-x86_64";
     let mut command = std::process::Command::new(qemu);
-    command.args([
-        "-M",
-        machine,
-        "-m",
-        "128M",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-nodefaults",
-    ]);
-    command.args([
-        "-chardev",
-        "stdio,id=s0",
-        "-device",
-        "isa-serial,chardev=s0",
-    ]);
-    command.args([
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=0x04",
-        "-kernel",
-        guest,
-        "-append",
-        cmdline,
-    ]);
+    command.args(["-M", machine, "-m", "128M", "-display", "none", "-no-reboot", "-nodefaults"]);
+    command.args(["-chardev", "stdio,id=s0", "-device", "isa-serial,chardev=s0"]);
+    command.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-kernel", guest, "-append", cmdline]);
     if std::path::Path::new("/dev/kvm").exists() {
         command.arg("-enable-kvm");
     }
@@ -52,7 +31,5 @@ fn bundled_guest_boots_under_qemu_microvm_and_pc() {
     }
     // The same exit statuses as under Popek, and no hypercall device.
     qemu("microvm", guest, "test=exit code=7").expect_status(15);
-    qemu("microvm", guest, "test=hypercall")
-        .expect_status(3)
-        .expect_stdout("no Popek hypercall device");
+    qemu("microvm", guest, "test=hypercall").expect_status(3).expect_stdout("no Popek hypercall device");
 }

@@ -24,13 +24,9 @@ fn stats_table_json_and_bounded_trace() {
         ],
         None,
     );
-    run.expect_status(1)
-        .expect_stderr("exit kind")
-        .expect_stderr("io-out")
-        .expect_stderr("io-in");
+    run.expect_status(1).expect_stderr("exit kind").expect_stderr("io-out").expect_stderr("io-in");
     // The probe reads the unclaimed port 0x510 once and writes it once.
-    let stats: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(stats["unclaimed"]["pio"]["0x510"], 2, "{stats:#}");
     let vcpu0 = &stats["exits"]["vcpus"][0];
     let serial_writes = vcpu0["by_target"]
@@ -41,16 +37,8 @@ fn stats_table_json_and_bounded_trace() {
         .expect("serial output counted per port");
     // Every console byte went through the UART (console=serial): one exit each.
     let bytes = run.stdout.len() as u64;
-    assert_eq!(
-        serial_writes["count"].as_u64().unwrap(),
-        bytes,
-        "one io-out exit per console byte"
-    );
-    let lines: Vec<String> = std::fs::read_to_string(&trace)
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
+    assert_eq!(serial_writes["count"].as_u64().unwrap(), bytes, "one io-out exit per console byte");
+    let lines: Vec<String> = std::fs::read_to_string(&trace).unwrap().lines().map(String::from).collect();
     assert_eq!(lines.len(), 6, "5 exits and a truncation marker");
     let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
     assert!(first["kind"].is_string() && first["t_ns"].is_u64() && first["vcpu"] == 0);
@@ -62,32 +50,15 @@ fn msr_block_and_unknown_msr_policies() {
     require_kvm();
     let scratch = Scratch::new("msr");
     let json = scratch.0.join("stats.json");
-    popek(
-        &[
-            "run",
-            "--cmdline",
-            "test=msr",
-            "--stats-json",
-            json.to_str().unwrap(),
-        ],
-        None,
-    )
-    .expect_status(1)
-    .expect_stdout(
-        "identity=0x4b45504f50 version=0x1 scratch=0x123456789abcdef0 readonly-write=#GP",
-    )
-    .expect_stdout("unknown-read=#GP unknown-write=#GP");
+    popek(&["run", "--cmdline", "test=msr", "--stats-json", json.to_str().unwrap()], None)
+        .expect_status(1)
+        .expect_stdout("identity=0x4b45504f50 version=0x1 scratch=0x123456789abcdef0 readonly-write=#GP")
+        .expect_stdout("unknown-read=#GP unknown-write=#GP");
     let stats = std::fs::read_to_string(&json).unwrap();
-    assert!(
-        stats.contains("\"rdmsr\"") && stats.contains("\"wrmsr\""),
-        "MSR exits counted: {stats}"
-    );
-    popek(
-        &["run", "--cmdline", "test=msr", "--msr-policy", "zero"],
-        None,
-    )
-    .expect_status(1)
-    .expect_stdout("readonly-write=#GP unknown-read=0x0 unknown-write=0x0");
+    assert!(stats.contains("\"rdmsr\"") && stats.contains("\"wrmsr\""), "MSR exits counted: {stats}");
+    popek(&["run", "--cmdline", "test=msr", "--msr-policy", "zero"], None)
+        .expect_status(1)
+        .expect_stdout("readonly-write=#GP unknown-read=0x0 unknown-write=0x0");
 }
 
 #[test]
@@ -119,12 +90,7 @@ fn known_mix() -> Vec<u8> {
 fn classify_a_flat_binary_exactly() {
     let scratch = Scratch::new("classify");
     let image = scratch.file("mix.bin", &known_mix());
-    let run = popek(
-        &[
-            "classify", &image, "--flat", "--bits", "64", "--base", "0x4000", "--json",
-        ],
-        None,
-    );
+    let run = popek(&["classify", &image, "--flat", "--bits", "64", "--base", "0x4000", "--json"], None);
     run.expect_status(0);
     let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(report["instructions"], 9);
@@ -135,10 +101,7 @@ fn classify_a_flat_binary_exactly() {
     assert_eq!(sites.len(), 4);
     assert_eq!(sites[0]["address"], 0x4000);
     assert_eq!(sites[0]["bytes"], "0f 01 00");
-    assert!(sites[0]["instruction"]
-        .as_str()
-        .unwrap()
-        .starts_with("sgdt"));
+    assert!(sites[0]["instruction"].as_str().unwrap().starts_with("sgdt"));
     assert_eq!(report["robin_irvine"]["sgdt"], 1);
     // The table says the same.
     popek(&["classify", &image, "--flat", "--base", "0x4000"], None)
@@ -153,21 +116,14 @@ fn classify_the_bundled_guest_and_refuse_bad_input() {
     let guest = scratch.0.join("guest.elf");
     popek(&["export-guest", "-o", guest.to_str().unwrap()], None).expect_status(0);
     let run = popek(&["classify", guest.to_str().unwrap()], None);
-    run.expect_status(0)
-        .expect_stdout("64-bit code")
-        .expect_stdout(".text")
-        .expect_stdout("mov ds,ax");
+    run.expect_status(0).expect_stdout("64-bit code").expect_stdout(".text").expect_stdout("mov ds,ax");
     run.expect_stderr("popek: classified ");
     let junk = scratch.file("junk", b"not a kernel");
-    popek(&["classify", &junk], None)
-        .expect_status(4)
-        .expect_stderr("not an ELF image");
+    popek(&["classify", &junk], None).expect_status(4).expect_stderr("not an ELF image");
     popek(&["classify", &junk, "--flat", "--bits", "12"], None)
         .expect_status(4)
         .expect_stderr("--bits must be 16, 32 or 64");
-    popek(&["classify", "/nonexistent"], None)
-        .expect_status(4)
-        .expect_stderr("cannot read /nonexistent");
+    popek(&["classify", "/nonexistent"], None).expect_status(4).expect_stderr("cannot read /nonexistent");
 }
 
 #[test]
@@ -175,42 +131,23 @@ fn audit_steps_ring_0_and_never_crashes_the_guest() {
     require_kvm();
     let scratch = Scratch::new("audit");
     let json = scratch.0.join("stats.json");
-    let run = popek(
-        &["run", "--audit", "--stats-json", json.to_str().unwrap()],
-        None,
-    );
+    let run = popek(&["run", "--audit", "--stats-json", json.to_str().unwrap()], None);
     // The guest's program (ring 3) ran to its normal end: the audit did not disturb it.
-    run.expect_status(1)
-        .expect_stdout("hello from ring 3")
-        .expect_stderr("audit: host ");
-    let stats: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    run.expect_status(1).expect_stdout("hello from ring 3").expect_stderr("audit: host ");
+    let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let audit = &stats["audit"];
     assert!(audit["stepped"].as_u64().unwrap() > 100, "{audit:#}");
     assert!(audit["by_class"]["privileged"].as_u64().unwrap() > 0);
     // The boot path's segment loads are sensitive-unprivileged, executed at CPL 0.
-    let movs = audit["sensitive_unprivileged"]["mov"]
-        .as_array()
-        .expect("mov sites");
+    let movs = audit["sensitive_unprivileged"]["mov"].as_array().expect("mov sites");
     assert!(movs.iter().all(|s| s["cpl"] == 0));
     if audit["steps_user_mode"] == false {
-        assert!(
-            audit["user_mode_pauses"].as_u64().unwrap() >= 1,
-            "stepping paused before ring 3"
-        );
-        assert_eq!(
-            audit["by_cpl"]
-                .as_object()
-                .unwrap()
-                .keys()
-                .collect::<Vec<_>>(),
-            vec!["0"]
-        );
+        assert!(audit["user_mode_pauses"].as_u64().unwrap() >= 1, "stepping paused before ring 3");
+        assert_eq!(audit["by_cpl"].as_object().unwrap().keys().collect::<Vec<_>>(), vec!["0"]);
     }
     // A limit stops stepping and the guest still completes.
     let run = popek(&["run", "--audit", "--audit-limit", "50"], None);
-    run.expect_status(1)
-        .expect_stderr("50 instructions stepped (limit 50 reached)");
+    run.expect_status(1).expect_stderr("50 instructions stepped (limit 50 reached)");
 }
 
 #[test]
@@ -330,10 +267,7 @@ const EXPECTED_HARDWARE: &[(&str, &str, &str, &str)] = &[
 fn trap_suite_matches_the_expected_table_for_this_host() {
     require_kvm();
     let (expected, cmdline) = match host_kind() {
-        "pvm" => (
-            EXPECTED_PVM,
-            format!("test=traps ring0-skip={PVM_RING0_SKIP}"),
-        ),
+        "pvm" => (EXPECTED_PVM, format!("test=traps ring0-skip={PVM_RING0_SKIP}")),
         _ => (EXPECTED_HARDWARE, "test=traps".to_string()),
     };
     let run = popek(&["run", "--cmdline", &cmdline], None);
@@ -346,9 +280,7 @@ fn trap_suite_matches_the_expected_table_for_this_host() {
     }
     let mut mismatches = Vec::new();
     for (name, r0, r3, r3x) in expected {
-        let got = observed
-            .get(*name)
-            .unwrap_or_else(|| panic!("row {name} missing:\n{}", run.stdout));
+        let got = observed.get(*name).unwrap_or_else(|| panic!("row {name} missing:\n{}", run.stdout));
         for (column, (want, have)) in [r0, r3, r3x].iter().zip(got).enumerate() {
             let want = match **want {
                 "U" if umip => "#GP",
@@ -356,20 +288,12 @@ fn trap_suite_matches_the_expected_table_for_this_host() {
                 other => other,
             };
             if want != "*" && want != *have {
-                mismatches.push(format!(
-                    "{name} column {column}: expected {want}, got {have}"
-                ));
+                mismatches.push(format!("{name} column {column}: expected {want}, got {have}"));
             }
         }
     }
     assert_eq!(observed.len(), expected.len(), "rows:\n{}", run.stdout);
-    assert!(
-        mismatches.is_empty(),
-        "host {}: {:#?}\n{}",
-        host_kind(),
-        mismatches,
-        run.stdout
-    );
+    assert!(mismatches.is_empty(), "host {}: {:#?}\n{}", host_kind(), mismatches, run.stdout);
 }
 
 /// Runs popek with output to files and returns (exit status, stdout, max RSS in KiB).
@@ -390,51 +314,30 @@ fn popek_max_rss(args: &[&str], scratch: &Scratch, tag: &str) -> (i32, String, i
     // SAFETY: waits for our own child; status and usage are valid out-parameters.
     let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
     assert_eq!(pid, child.id() as i32);
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        -1
-    };
-    (
-        code,
-        std::fs::read_to_string(out_path).unwrap(),
-        usage.ru_maxrss,
-    )
+    let code = if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { -1 };
+    (code, std::fs::read_to_string(out_path).unwrap(), usage.ru_maxrss)
 }
 
 #[test]
 fn hostile_guest_leaves_the_vmm_up_and_bounded() {
     require_kvm();
     let scratch = Scratch::new("hostile");
-    let (small_status, small_out, small_rss) = popek_max_rss(
-        &["run", "--cmdline", "test=hostile iterations=2000"],
-        &scratch,
-        "small",
-    );
-    let (big_status, big_out, big_rss) = popek_max_rss(
-        &["run", "--cmdline", "test=hostile iterations=40000"],
-        &scratch,
-        "big",
-    );
+    let (small_status, small_out, small_rss) =
+        popek_max_rss(&["run", "--cmdline", "test=hostile iterations=2000"], &scratch, "small");
+    let (big_status, big_out, big_rss) =
+        popek_max_rss(&["run", "--cmdline", "test=hostile iterations=40000"], &scratch, "big");
     assert_eq!(small_status, 1, "{small_out}");
     assert_eq!(big_status, 1, "{big_out}");
     for out in [&small_out, &big_out] {
         assert!(out.contains("vmm-alive=true"), "{out}");
         let line = out.lines().find(|l| l.starts_with("hostile:")).unwrap();
         for key in ["ports=", "mmio=", "msrs=", "privileged="] {
-            let n: u64 = line
-                .split(key)
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap();
+            let n: u64 =
+                line.split(key).nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap();
             assert!(n > 0, "{key} {line}");
         }
     }
     // 20 times the rounds, thousands of distinct ports and addresses: memory stays put
     // (exit and unclaimed-address tables are bounded).
-    assert!(
-        big_rss < small_rss + 8 * 1024,
-        "max RSS grew from {small_rss} KiB to {big_rss} KiB"
-    );
+    assert!(big_rss < small_rss + 8 * 1024, "max RSS grew from {small_rss} KiB to {big_rss} KiB");
 }

@@ -45,10 +45,7 @@ fn main() {
         }
     }
     let status = command.status().expect("run the nested cargo build");
-    assert!(
-        status.success(),
-        "building the guest and firmware for {TARGET} failed"
-    );
+    assert!(status.success(), "building the guest and firmware for {TARGET} failed");
 
     let built = target_dir.join(TARGET).join("release");
     let guest = built.join("popek-guest");
@@ -65,16 +62,10 @@ fn ensure_target_installed() {
         .output()
         .expect("run rustc --print sysroot");
     let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_string();
-    if Path::new(&sysroot)
-        .join("lib/rustlib")
-        .join(TARGET)
-        .exists()
-    {
+    if Path::new(&sysroot).join("lib/rustlib").join(TARGET).exists() {
         return;
     }
-    let status = Command::new("rustup")
-        .args(["target", "add", TARGET])
-        .status();
+    let status = Command::new("rustup").args(["target", "add", TARGET]).status();
     assert!(
         matches!(status, Ok(s) if s.success()),
         "the {TARGET} Rust target is missing and `rustup target add {TARGET}` failed"
@@ -95,13 +86,8 @@ fn flatten_firmware(elf_path: &Path) -> Vec<u8> {
         }
         let paddr = segment.p_paddr(endian);
         let bytes = segment.data(endian, &*data).expect("firmware segment data");
-        let offset = paddr
-            .checked_sub(FIRMWARE_BASE)
-            .expect("firmware segment below the ROM base") as usize;
-        assert!(
-            offset + bytes.len() <= FIRMWARE_SIZE,
-            "firmware segment past 4 GiB"
-        );
+        let offset = paddr.checked_sub(FIRMWARE_BASE).expect("firmware segment below the ROM base") as usize;
+        assert!(offset + bytes.len() <= FIRMWARE_SIZE, "firmware segment past 4 GiB");
         rom[offset..offset + bytes.len()].copy_from_slice(bytes);
     }
     rom

@@ -99,10 +99,7 @@ pub fn init() {
         (*addr_of_mut!(TASK_STATE)).tss.rsp[0] = trap_stack_top;
         let gdt = &mut *addr_of_mut!(gdt64);
         let slot = usize::from(TSS / 8);
-        gdt[slot] = (TSS_SIZE as u64 - 1)
-            | ((tss & 0xff_ffff) << 16)
-            | (0x89 << 40)
-            | (((tss >> 24) & 0xff) << 56);
+        gdt[slot] = (TSS_SIZE as u64 - 1) | ((tss & 0xff_ffff) << 16) | (0x89 << 40) | (((tss >> 24) & 0xff) << 56);
         gdt[slot + 1] = tss >> 32;
         asm!("ltr ax", in("ax") TSS, options(nostack, preserves_flags));
 
@@ -118,10 +115,7 @@ pub fn init() {
                 | (((handler >> 16) & 0xffff) << 48);
             idt.0[vector * 2 + 1] = handler >> 32;
         }
-        let pointer = DescriptorPointer {
-            limit: (EXCEPTIONS * 16 - 1) as u16,
-            base: idt.0.as_ptr() as u64,
-        };
+        let pointer = DescriptorPointer { limit: (EXCEPTIONS * 16 - 1) as u16, base: idt.0.as_ptr() as u64 };
         asm!("lidt [{}]", in(reg) &pointer, options(readonly, nostack, preserves_flags));
     }
 }
@@ -176,11 +170,7 @@ struct Catch {
     vector: Option<u64>,
 }
 
-static mut CATCH: Catch = Catch {
-    armed: false,
-    skip: 0,
-    vector: None,
-};
+static mut CATCH: Catch = Catch { armed: false, skip: 0, vector: None };
 
 /// Runs `f`, which must execute exactly one possibly-faulting instruction of `len` bytes
 /// (and nothing else that can fault), and returns the exception vector it raised, if any.
@@ -213,9 +203,7 @@ extern "C" fn trap_handler(frame: &mut TrapFrame) {
         return;
     }
     // SAFETY: the trap suite's ring-3 phase asks for its next phase with an int3.
-    if frame.vector == 3
-        && unsafe { core::ptr::replace(addr_of_mut!(crate::trap_suite::PHASE_SWITCH), false) }
-    {
+    if frame.vector == 3 && unsafe { core::ptr::replace(addr_of_mut!(crate::trap_suite::PHASE_SWITCH), false) } {
         crate::trap_suite::enable_phase2();
         return;
     }
@@ -233,8 +221,8 @@ extern "C" fn trap_handler(frame: &mut TrapFrame) {
 
 fn exception_name(vector: u64) -> &'static str {
     const NAMES: [&str; 21] = [
-        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP", "#SS",
-        "#GP", "#PF", "reserved", "#MF", "#AC", "#MC", "#XM", "#VE",
+        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP", "#SS", "#GP", "#PF",
+        "reserved", "#MF", "#AC", "#MC", "#XM", "#VE",
     ];
     NAMES.get(vector as usize).copied().unwrap_or("exception")
 }

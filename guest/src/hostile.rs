@@ -27,15 +27,7 @@ impl Rng {
 fn safe_port(port: u16) -> bool {
     let com1 = ports::SERIAL_COM1..ports::SERIAL_COM1 + ports::SERIAL_LEN;
     // Exit port, i8042 reset, the console, the PICs, and the PCI reset control.
-    let reserved = [
-        ports::DEBUG_EXIT,
-        ports::I8042_COMMAND,
-        0x20,
-        0x21,
-        0xa0,
-        0xa1,
-        0xcf9,
-    ];
+    let reserved = [ports::DEBUG_EXIT, ports::I8042_COMMAND, 0x20, 0x21, 0xa0, 0xa1, 0xcf9];
     !(reserved.contains(&port) || com1.contains(&port))
 }
 
@@ -51,9 +43,7 @@ fn random_unknown_msr(rng: &mut Rng) -> u32 {
 }
 
 pub fn hostile(context: &Context) -> u8 {
-    let iterations = arg(context.cmdline, "iterations")
-        .and_then(parse_number)
-        .unwrap_or(2000);
+    let iterations = arg(context.cmdline, "iterations").and_then(parse_number).unwrap_or(2000);
     let mut seed = 0u64;
     call(hc::RANDOM, [&mut seed as *mut u64 as u64, 8, 0, 0]);
     let mut rng = Rng(seed | 1);
@@ -84,9 +74,7 @@ pub fn hostile(context: &Context) -> u8 {
             }
             1 => {
                 // Anywhere in the 32-bit MMIO hole, ROM included.
-                let addr = (layout::MMIO_HOLE_START
-                    + rng.next() % (layout::FOUR_GIB - layout::MMIO_HOLE_START))
-                    & !7;
+                let addr = (layout::MMIO_HOLE_START + rng.next() % (layout::FOUR_GIB - layout::MMIO_HOLE_START)) & !7;
                 if safe_mmio(addr) {
                     // SAFETY: identity-mapped MMIO hole; no RAM of the guest's lives there.
                     unsafe {
@@ -100,11 +88,8 @@ pub fn hostile(context: &Context) -> u8 {
                 }
             }
             2 => {
-                let (index, value) = if r >> 8 & 1 == 0 {
-                    (rng.next() as u32, 0)
-                } else {
-                    (random_unknown_msr(&mut rng), rng.next())
-                };
+                let (index, value) =
+                    if r >> 8 & 1 == 0 { (rng.next() as u32, 0) } else { (random_unknown_msr(&mut rng), rng.next()) };
                 let write = r >> 9 & 1 == 1 && index >= 0x6000_0000;
                 // SAFETY: a possibly-faulting RDMSR/WRMSR under `catch` (2 bytes each).
                 let fault = catch(2, || unsafe {
@@ -125,13 +110,9 @@ pub fn hostile(context: &Context) -> u8 {
                     0 => catch(2, || unsafe {
                         asm!("rdpmc", in("ecx") rng.next() as u32 & 0xff, out("eax") _, out("edx") _, options(nostack))
                     }),
-                    1 => catch(3, || unsafe {
-                        asm!("invlpg [rdi]", in("rdi") addr, options(nostack))
-                    }),
+                    1 => catch(3, || unsafe { asm!("invlpg [rdi]", in("rdi") addr, options(nostack)) }),
                     2 => catch(2, || unsafe { asm!("wbinvd", options(nostack)) }),
-                    _ => catch(3, || unsafe {
-                        asm!("mov rax, dr6", out("rax") _, options(nostack))
-                    }),
+                    _ => catch(3, || unsafe { asm!("mov rax, dr6", out("rax") _, options(nostack)) }),
                 };
                 priv_ops += 1;
                 priv_faults += u64::from(fault.is_some());

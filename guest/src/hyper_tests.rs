@@ -51,109 +51,46 @@ pub fn hypercall_test(_: &Context) -> u8 {
     let text = b"hypercall: console write ok\n";
     c.check(
         "CONSOLE_WRITE",
-        call(
-            hc::CONSOLE_WRITE,
-            [text.as_ptr() as u64, text.len() as u64, 0, 0],
-        ) == text.len() as i64,
+        call(hc::CONSOLE_WRITE, [text.as_ptr() as u64, text.len() as u64, 0, 0]) == text.len() as i64,
     );
-    c.check(
-        "CONSOLE_WRITE bad gpa",
-        call(hc::CONSOLE_WRITE, [u64::MAX - 4, 8, 0, 0]) == -hc::EFAULT,
-    );
-    c.check(
-        "CONSOLE_WRITE past RAM",
-        call(hc::CONSOLE_WRITE, [1 << 40, 8, 0, 0]) == -hc::EFAULT,
-    );
-    c.check(
-        "CONSOLE_WRITE too long",
-        call(hc::CONSOLE_WRITE, [page, hc::CONSOLE_WRITE_MAX + 1, 0, 0]) == -hc::EINVAL,
-    );
+    c.check("CONSOLE_WRITE bad gpa", call(hc::CONSOLE_WRITE, [u64::MAX - 4, 8, 0, 0]) == -hc::EFAULT);
+    c.check("CONSOLE_WRITE past RAM", call(hc::CONSOLE_WRITE, [1 << 40, 8, 0, 0]) == -hc::EFAULT);
+    c.check("CONSOLE_WRITE too long", call(hc::CONSOLE_WRITE, [page, hc::CONSOLE_WRITE_MAX + 1, 0, 0]) == -hc::EINVAL);
 
     let t0 = monotonic_ns();
-    c.check(
-        "CLOCK realtime",
-        call(hc::CLOCK, [hc::CLOCK_REALTIME, 0, 0, 0]) > 1_600_000_000_000_000_000,
-    );
+    c.check("CLOCK realtime", call(hc::CLOCK, [hc::CLOCK_REALTIME, 0, 0, 0]) > 1_600_000_000_000_000_000);
     c.check("CLOCK bad id", call(hc::CLOCK, [9, 0, 0, 0]) == -hc::EINVAL);
     c.check("SLEEP", call(hc::SLEEP, [20_000_000, 0, 0, 0]) == 0);
     let slept = monotonic_ns().wrapping_sub(t0);
-    c.check(
-        "SLEEP lasted 20 ms",
-        (20_000_000..5_000_000_000).contains(&slept),
-    );
-    c.check(
-        "SLEEP too long",
-        call(hc::SLEEP, [hc::SLEEP_MAX_NS + 1, 0, 0, 0]) == -hc::EINVAL,
-    );
+    c.check("SLEEP lasted 20 ms", (20_000_000..5_000_000_000).contains(&slept));
+    c.check("SLEEP too long", call(hc::SLEEP, [hc::SLEEP_MAX_NS + 1, 0, 0, 0]) == -hc::EINVAL);
     c.check("YIELD", call(hc::YIELD, [0; 4]) == 0);
 
     let buf = scratch();
     buf[..128].fill(0);
     c.check("RANDOM", call(hc::RANDOM, [page, 64, 0, 0]) == 64);
     c.check("RANDOM", call(hc::RANDOM, [page + 64, 64, 0, 0]) == 64);
-    c.check(
-        "RANDOM filled",
-        buf[..64].iter().any(|&b| b != 0) && buf[..64] != buf[64..128],
-    );
-    c.check(
-        "RANDOM bad gpa",
-        call(hc::RANDOM, [1 << 40, 64, 0, 0]) == -hc::EFAULT,
-    );
-    c.check(
-        "RANDOM too long",
-        call(hc::RANDOM, [page, hc::RANDOM_MAX + 1, 0, 0]) == -hc::EINVAL,
-    );
+    c.check("RANDOM filled", buf[..64].iter().any(|&b| b != 0) && buf[..64] != buf[64..128]);
+    c.check("RANDOM bad gpa", call(hc::RANDOM, [1 << 40, 64, 0, 0]) == -hc::EFAULT);
+    c.check("RANDOM too long", call(hc::RANDOM, [page, hc::RANDOM_MAX + 1, 0, 0]) == -hc::EINVAL);
 
-    c.check(
-        "FREE_PAGE_HINT",
-        call(hc::FREE_PAGE_HINT, [page, 4, 0, 0]) == 4,
-    );
-    c.check(
-        "FREE_PAGE_HINT again",
-        call(hc::FREE_PAGE_HINT, [page, 4, 0, 0]) == 0,
-    );
-    c.check(
-        "FREE_PAGE_UNHINT",
-        call(hc::FREE_PAGE_UNHINT, [page, 4, 0, 0]) == 4,
-    );
-    c.check(
-        "FREE_PAGE_HINT unaligned",
-        call(hc::FREE_PAGE_HINT, [page + 1, 1, 0, 0]) == -hc::EINVAL,
-    );
-    c.check(
-        "FREE_PAGE_HINT zero pages",
-        call(hc::FREE_PAGE_HINT, [page, 0, 0, 0]) == -hc::EINVAL,
-    );
-    c.check(
-        "FREE_PAGE_HINT overflow",
-        call(hc::FREE_PAGE_HINT, [page, u64::MAX / 2, 0, 0]) == -hc::EINVAL,
-    );
-    c.check(
-        "FREE_PAGE_HINT past RAM",
-        call(hc::FREE_PAGE_HINT, [1 << 40, 1, 0, 0]) == -hc::EFAULT,
-    );
+    c.check("FREE_PAGE_HINT", call(hc::FREE_PAGE_HINT, [page, 4, 0, 0]) == 4);
+    c.check("FREE_PAGE_HINT again", call(hc::FREE_PAGE_HINT, [page, 4, 0, 0]) == 0);
+    c.check("FREE_PAGE_UNHINT", call(hc::FREE_PAGE_UNHINT, [page, 4, 0, 0]) == 4);
+    c.check("FREE_PAGE_HINT unaligned", call(hc::FREE_PAGE_HINT, [page + 1, 1, 0, 0]) == -hc::EINVAL);
+    c.check("FREE_PAGE_HINT zero pages", call(hc::FREE_PAGE_HINT, [page, 0, 0, 0]) == -hc::EINVAL);
+    c.check("FREE_PAGE_HINT overflow", call(hc::FREE_PAGE_HINT, [page, u64::MAX / 2, 0, 0]) == -hc::EINVAL);
+    c.check("FREE_PAGE_HINT past RAM", call(hc::FREE_PAGE_HINT, [1 << 40, 1, 0, 0]) == -hc::EFAULT);
 
     c.check("GENERATION", call(hc::GENERATION, [0; 4]) == 0);
     let generation = page + 256;
     // SAFETY: scratch memory of this program.
     unsafe { core::ptr::write_volatile(generation as *mut u64, u64::MAX) };
-    c.check(
-        "REGISTER_GENERATION",
-        call(hc::REGISTER_GENERATION, [generation, 0, 0, 0]) == 0,
-    );
+    c.check("REGISTER_GENERATION", call(hc::REGISTER_GENERATION, [generation, 0, 0, 0]) == 0);
     // SAFETY: as above; the VMM wrote the generation there.
-    c.check(
-        "generation written",
-        unsafe { core::ptr::read_volatile(generation as *const u64) } == 0,
-    );
-    c.check(
-        "REGISTER_GENERATION unaligned",
-        call(hc::REGISTER_GENERATION, [generation + 4, 0, 0, 0]) == -hc::EINVAL,
-    );
-    c.check(
-        "REGISTER_GENERATION bad gpa",
-        call(hc::REGISTER_GENERATION, [1 << 40, 0, 0, 0]) == -hc::EFAULT,
-    );
+    c.check("generation written", unsafe { core::ptr::read_volatile(generation as *const u64) } == 0);
+    c.check("REGISTER_GENERATION unaligned", call(hc::REGISTER_GENERATION, [generation + 4, 0, 0, 0]) == -hc::EINVAL);
+    c.check("REGISTER_GENERATION bad gpa", call(hc::REGISTER_GENERATION, [1 << 40, 0, 0, 0]) == -hc::EFAULT);
 
     let before = call(hc::DOORBELL_COUNT, [0; 4]);
     for _ in 0..3 {
@@ -163,15 +100,9 @@ pub fn hypercall_test(_: &Context) -> u8 {
     while call(hc::DOORBELL_COUNT, [0; 4]) < before + 3 && monotonic_ns() - start < 2_000_000_000 {
         call(hc::YIELD, [0; 4]);
     }
-    c.check(
-        "DOORBELL counted",
-        call(hc::DOORBELL_COUNT, [0; 4]) == before + 3,
-    );
+    c.check("DOORBELL counted", call(hc::DOORBELL_COUNT, [0; 4]) == before + 3);
 
-    c.check(
-        "EXIT bad status",
-        call(hc::EXIT, [256, 0, 0, 0]) == -hc::EINVAL,
-    );
+    c.check("EXIT bad status", call(hc::EXIT, [256, 0, 0, 0]) == -hc::EINVAL);
     println!("hypercall: {} checks passed", c.passed);
     call(hc::EXIT, [SUCCESS as u64, 0, 0, 0]);
     println!("hypercall: FAILED: EXIT returned");
@@ -197,9 +128,7 @@ pub fn hyperfuzz(context: &Context) -> u8 {
         println!("hyperfuzz: no Popek hypercall device");
         return FAILURE;
     }
-    let iterations = arg(context.cmdline, "iterations")
-        .and_then(parse_number)
-        .unwrap_or(20_000);
+    let iterations = arg(context.cmdline, "iterations").and_then(parse_number).unwrap_or(20_000);
     let ram = context.info.map_or(0, |i| i.ram_bytes());
     let mut seed = 0u64;
     call(hc::RANDOM, [&mut seed as *mut u64 as u64, 8, 0, 0]);
@@ -226,9 +155,7 @@ pub fn hyperfuzz(context: &Context) -> u8 {
             hc::EXIT => args[0] = 256 + (args[0] >> 1),
             hc::SLEEP => args[0] %= 1000,
             // Addresses of any writing call stay outside RAM or unaligned.
-            hc::RANDOM | hc::REGISTER_GENERATION | hc::FREE_PAGE_HINT | hc::FREE_PAGE_UNHINT => {
-                args[0] |= 1 << 40
-            }
+            hc::RANDOM | hc::REGISTER_GENERATION | hc::FREE_PAGE_HINT | hc::FREE_PAGE_UNHINT => args[0] |= 1 << 40,
             _ => {}
         }
         let ret = call(nr, args);
@@ -295,9 +222,7 @@ pub fn hyperbench(context: &Context) -> u8 {
         println!("hyperbench: no Popek hypercall device");
         return FAILURE;
     }
-    let iterations = arg(context.cmdline, "iterations")
-        .and_then(parse_number)
-        .unwrap_or(20_000) as usize;
+    let iterations = arg(context.cmdline, "iterations").and_then(parse_number).unwrap_or(20_000) as usize;
     let iterations = iterations.min(MAX_SAMPLES);
     // SAFETY: written before ring 3 reads it.
     unsafe {
@@ -317,26 +242,13 @@ extern "C" fn hyperbench_user() -> ! {
     sample(4, iterations, ping);
     sample(5, iterations, hypercall::ring_doorbell);
     let ns_per_tick = (monotonic_ns() - ns0) as f64 / (rdtsc() - tsc0) as f64;
-    let names = [
-        "ring0 null-port",
-        "ring0 ping",
-        "ring0 doorbell",
-        "ring3 null-port",
-        "ring3 ping",
-        "ring3 doorbell",
-    ];
+    let names = ["ring0 null-port", "ring0 ping", "ring0 doorbell", "ring3 null-port", "ring3 ping", "ring3 doorbell"];
     for (row, name) in names.iter().enumerate() {
         // SAFETY: sampling is over; only this loop touches SAMPLES now.
         let samples = unsafe { &mut (&mut (*addr_of_mut!(SAMPLES))[row])[..iterations] };
         samples.sort_unstable();
         let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize] as f64 * ns_per_tick;
-        println!(
-            "bench latency {} n={} median_ns={} p99_ns={}",
-            name,
-            iterations,
-            at(0.5) as u64,
-            at(0.99) as u64
-        );
+        println!("bench latency {} n={} median_ns={} p99_ns={}", name, iterations, at(0.5) as u64, at(0.99) as u64);
     }
     console_throughput();
     exit(SUCCESS)
@@ -358,8 +270,5 @@ fn console_throughput() {
     }
     let hypercall_ns = monotonic_ns() - t0;
     println!("bench console uart bytes={} ns={}", BYTES, serial_ns);
-    println!(
-        "bench console hypercall bytes={} ns={}",
-        BYTES, hypercall_ns
-    );
+    println!("bench console hypercall bytes={} ns={}", BYTES, hypercall_ns);
 }

@@ -57,20 +57,14 @@ pub fn raw_out(block_gpa: u32) {
     let port = ports::HYPERCALL;
     // SAFETY: the VMM reads and writes guest memory during the `out`; no `nomem`, so the
     // compiler keeps memory consistent around it.
-    unsafe {
-        asm!("out dx, eax", in("dx") port, in("eax") block_gpa, options(nostack, preserves_flags))
-    }
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") block_gpa, options(nostack, preserves_flags)) }
 }
 
 /// Makes one hypercall; returns `ret` (negative errno on failure). Identity mapping makes
 /// the block's address its guest-physical address.
 #[inline(always)]
 pub fn call(nr: u64, args: [u64; 4]) -> i64 {
-    let mut request = Request {
-        nr,
-        args,
-        ret: i64::MIN,
-    };
+    let mut request = Request { nr, args, ret: i64::MIN };
     let gpa = &mut request as *mut Request as u64;
     raw_out(gpa as u32);
     // SAFETY: `request` is live; the VMM wrote `ret` during the out.
@@ -86,13 +80,7 @@ pub struct Prepared {
 
 impl Prepared {
     pub const fn new(nr: u64, args: [u64; 4]) -> Self {
-        Prepared {
-            request: Request {
-                nr,
-                args,
-                ret: i64::MIN,
-            },
-        }
+        Prepared { request: Request { nr, args, ret: i64::MIN } }
     }
 
     /// Makes the call; returns `ret`.
@@ -107,10 +95,7 @@ impl Prepared {
 /// Writes bytes to the console in one call per 64 KiB.
 pub fn console_write(bytes: &[u8]) {
     for chunk in bytes.chunks(hc::CONSOLE_WRITE_MAX as usize) {
-        call(
-            hc::CONSOLE_WRITE,
-            [chunk.as_ptr() as u64, chunk.len() as u64, 0, 0],
-        );
+        call(hc::CONSOLE_WRITE, [chunk.as_ptr() as u64, chunk.len() as u64, 0, 0]);
     }
 }
 

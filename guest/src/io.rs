@@ -8,18 +8,14 @@ use popek_abi::ports;
 #[inline(always)]
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O has no memory effects visible to Rust.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
 }
 
 /// Writes four bytes to an I/O port.
 #[inline(always)]
 pub fn outl(port: u16, value: u32) {
     // SAFETY: port I/O has no memory effects visible to Rust.
-    unsafe {
-        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
 }
 
 /// Reads one byte from an I/O port.
@@ -27,9 +23,7 @@ pub fn outl(port: u16, value: u32) {
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: port I/O has no memory effects visible to Rust.
-    unsafe {
-        asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags)) }
     value
 }
 

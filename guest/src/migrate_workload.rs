@@ -27,12 +27,8 @@ fn verify(pages: u64, round: u64) -> Result<(), (u64, u64)> {
     for page in 0..pages {
         let addr = WORKING_SET + page * PAGE;
         // SAFETY: identity-mapped guest RAM reserved for the workload.
-        let (head, tail) = unsafe {
-            (
-                read_volatile(addr as *const u64),
-                read_volatile((addr + PAGE - 8) as *const u64),
-            )
-        };
+        let (head, tail) =
+            unsafe { (read_volatile(addr as *const u64), read_volatile((addr + PAGE - 8) as *const u64)) };
         if head != stamp(round, page) || tail != !stamp(round, page) {
             return Err((page, head));
         }
@@ -52,18 +48,12 @@ fn write(pages: u64, round: u64) {
 }
 
 pub fn migrate_workload(context: &Context) -> u8 {
-    let pages = arg(context.cmdline, "pages")
-        .and_then(parse_number)
-        .unwrap_or(4096);
-    let seconds = arg(context.cmdline, "seconds")
-        .and_then(parse_number)
-        .unwrap_or(60);
+    let pages = arg(context.cmdline, "pages").and_then(parse_number).unwrap_or(4096);
+    let seconds = arg(context.cmdline, "seconds").and_then(parse_number).unwrap_or(60);
+    let moves = arg(context.cmdline, "moves").and_then(parse_number).unwrap_or(1);
     let ram = context.info.map_or(0, |i| i.ram_bytes());
     if WORKING_SET + pages * PAGE > ram {
-        println!(
-            "migrate: {} pages do not fit in {} bytes of RAM",
-            pages, ram
-        );
+        println!("migrate: {} pages do not fit in {} bytes of RAM", pages, ram);
         return FAILURE;
     }
     let generation = addr_of_mut!(GENERATION) as u64;
@@ -72,22 +62,17 @@ pub fn migrate_workload(context: &Context) -> u8 {
         return FAILURE;
     }
     // SAFETY: the VMM writes this word; read volatile.
-    let start_generation = unsafe { read_volatile(generation as *const u64) };
+    let mut start_generation = unsafe { read_volatile(generation as *const u64) };
+    let mut moved = 0;
     write(pages, 0);
     let start = monotonic_ns();
     let mut last = start;
     let mut longest_gap = 0;
     let mut round = 0;
-    println!(
-        "migrate: ready, {} pages stamped, generation {}",
-        pages, start_generation
-    );
+    println!("migrate: ready, {} pages stamped, generation {}", pages, start_generation);
     loop {
         if let Err((page, found)) = verify(pages, round) {
-            println!(
-                "migrate: CORRUPT page {} of round {}: found {:#x}",
-                page, round, found
-            );
+            println!("migrate: CORRUPT page {} of round {}: found {:#x}", page, round, found);
             return FAILURE;
         }
         round += 1;
@@ -119,7 +104,12 @@ pub fn migrate_workload(context: &Context) -> u8 {
                 if verified.is_ok() { "ok" } else { "CORRUPT" },
                 longest_gap / 1000
             );
-            return if verified.is_ok() { SUCCESS } else { FAILURE };
+            moved += 1;
+            if verified.is_err() || moved >= moves {
+                return if verified.is_ok() { SUCCESS } else { FAILURE };
+            }
+            start_generation = generation_now;
+            longest_gap = 0;
         }
         if now - start > seconds * 1_000_000_000 {
             println!("migrate: not moved within {} s ({} rounds)", seconds, round);

@@ -28,54 +28,14 @@ struct Program {
 }
 
 const PROGRAMS: &[Program] = &[
-    Program {
-        name: "hello",
-        ring: Ring::User,
-        about: "print a line from ring 3",
-        run: hello,
-    },
-    Program {
-        name: "exit",
-        ring: Ring::User,
-        about: "exit with code=N",
-        run: exit_with,
-    },
-    Program {
-        name: "echo",
-        ring: Ring::User,
-        about: "read a console line, print it",
-        run: echo,
-    },
-    Program {
-        name: "mem",
-        ring: Ring::User,
-        about: "print RAM size from the memory map",
-        run: mem,
-    },
-    Program {
-        name: "initrd",
-        ring: Ring::User,
-        about: "print boot module 0",
-        run: initrd,
-    },
-    Program {
-        name: "rom",
-        ring: Ring::User,
-        about: "write the firmware ROM, check it held",
-        run: rom,
-    },
-    Program {
-        name: "reset",
-        ring: Ring::User,
-        about: "ask the i8042 for a reset",
-        run: reset,
-    },
-    Program {
-        name: "probe",
-        ring: Ring::User,
-        about: "touch a port no device owns",
-        run: probe,
-    },
+    Program { name: "hello", ring: Ring::User, about: "print a line from ring 3", run: hello },
+    Program { name: "exit", ring: Ring::User, about: "exit with code=N", run: exit_with },
+    Program { name: "echo", ring: Ring::User, about: "read a console line, print it", run: echo },
+    Program { name: "mem", ring: Ring::User, about: "print RAM size from the memory map", run: mem },
+    Program { name: "initrd", ring: Ring::User, about: "print boot module 0", run: initrd },
+    Program { name: "rom", ring: Ring::User, about: "write the firmware ROM, check it held", run: rom },
+    Program { name: "reset", ring: Ring::User, about: "ask the i8042 for a reset", run: reset },
+    Program { name: "probe", ring: Ring::User, about: "touch a port no device owns", run: probe },
     Program {
         name: "hypercall",
         ring: Ring::User,
@@ -130,18 +90,8 @@ const PROGRAMS: &[Program] = &[
         about: "stamp and verify pages until migrated (pages=N seconds=S)",
         run: crate::migrate_workload::migrate_workload,
     },
-    Program {
-        name: "smp",
-        ring: Ring::Kernel,
-        about: "start every CPU of the MP table",
-        run: smp_test,
-    },
-    Program {
-        name: "triple-fault",
-        ring: Ring::Kernel,
-        about: "shut the CPU down",
-        run: triple,
-    },
+    Program { name: "smp", ring: Ring::Kernel, about: "start every CPU of the MP table", run: smp_test },
+    Program { name: "triple-fault", ring: Ring::Kernel, about: "shut the CPU down", run: triple },
 ];
 
 static mut SELECTED: Option<(&'static Program, Context)> = None;
@@ -173,10 +123,7 @@ extern "C" fn user_main() -> ! {
 }
 
 fn print_usage(name: &[u8]) {
-    println!(
-        "guest: unknown test '{}'; tests:",
-        core::str::from_utf8(name).unwrap_or("?")
-    );
+    println!("guest: unknown test '{}'; tests:", core::str::from_utf8(name).unwrap_or("?"));
     for p in PROGRAMS {
         println!("  {:<14} {}", p.name, p.about);
     }
@@ -210,10 +157,7 @@ fn echo(_: &Context) -> u8 {
             len += 1;
         }
     }
-    println!(
-        "echo: {}",
-        core::str::from_utf8(&line[..len]).unwrap_or("<not utf-8>")
-    );
+    println!("echo: {}", core::str::from_utf8(&line[..len]).unwrap_or("<not utf-8>"));
     SUCCESS
 }
 
@@ -238,12 +182,7 @@ fn initrd(context: &Context) -> u8 {
     let count = context.info.map_or(0, |i| i.module_count());
     let shown = &module[..module.len().min(64)];
     let text = core::str::from_utf8(shown).unwrap_or("<binary>");
-    println!(
-        "initrd: {} module(s), {} bytes: {}",
-        count,
-        module.len(),
-        text.trim_end()
-    );
+    println!("initrd: {} module(s), {} bytes: {}", count, module.len(), text.trim_end());
     SUCCESS
 }
 
@@ -268,10 +207,7 @@ fn rom(_: &Context) -> u8 {
 }
 
 fn reset(_: &Context) -> u8 {
-    io::outb(
-        popek_abi::ports::I8042_COMMAND,
-        popek_abi::ports::I8042_CMD_RESET,
-    );
+    io::outb(popek_abi::ports::I8042_COMMAND, popek_abi::ports::I8042_CMD_RESET);
     println!("reset: still running after the reset request");
     FAILURE
 }

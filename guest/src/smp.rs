@@ -69,12 +69,7 @@ fn read_u8(addr: u64) -> u8 {
 }
 
 fn read_u32(addr: u64) -> u32 {
-    u32::from_le_bytes([
-        read_u8(addr),
-        read_u8(addr + 1),
-        read_u8(addr + 2),
-        read_u8(addr + 3),
-    ])
+    u32::from_le_bytes([read_u8(addr), read_u8(addr + 1), read_u8(addr + 2), read_u8(addr + 3)])
 }
 
 fn checksum_ok(addr: u64, len: u64) -> bool {
@@ -109,11 +104,7 @@ pub fn discover() -> Option<Cpus> {
     if !checksum_ok(table, length) {
         return None;
     }
-    let mut cpus = Cpus {
-        count: 0,
-        apic_ids: [0; MAX_CPUS],
-        bsp: 0,
-    };
+    let mut cpus = Cpus { count: 0, apic_ids: [0; MAX_CPUS], bsp: 0 };
     let mut entry = table + 44;
     for _ in 0..entries {
         match read_u8(entry) {

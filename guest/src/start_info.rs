@@ -94,9 +94,7 @@ impl StartInfo {
         // SAFETY: the loader wrote `nr_modules` entries there.
         let module = unsafe { read_volatile(list.add(index as usize)) };
         // SAFETY: the loader placed the module in guest RAM, identity-mapped below 4 GiB.
-        Some(unsafe {
-            core::slice::from_raw_parts(module.paddr as *const u8, module.size as usize)
-        })
+        Some(unsafe { core::slice::from_raw_parts(module.paddr as *const u8, module.size as usize) })
     }
 
     /// Number of boot modules.

@@ -35,11 +35,7 @@ struct Row {
 const PHASES: usize = 3;
 const ROWS: usize = 39;
 static mut RESULTS: [[Cell; PHASES]; ROWS] = [[Cell::NotRun; PHASES]; ROWS];
-static mut SAVED: Saved = Saved {
-    gdtr: [0; 10],
-    idtr: [0; 10],
-    cr0: 0,
-};
+static mut SAVED: Saved = Saved { gdtr: [0; 10], idtr: [0; 10], cr0: 0 };
 static mut UMIP: bool = false;
 /// Set by ring 3 before `int3` to ask the kernel for phase 2 (CR4.TSD and UMIP on).
 pub static mut PHASE_SWITCH: bool = false;
@@ -61,13 +57,7 @@ fn buf() -> u64 {
 
 macro_rules! row {
     ($name:expr, $skip:expr, $compare:expr, $ring0:expr, $body:expr) => {
-        Row {
-            name: $name,
-            skip: $skip,
-            compare: $compare,
-            ring0: $ring0,
-            run: $body,
-        }
+        Row { name: $name, skip: $skip, compare: $compare, ring0: $ring0, run: $body }
     };
 }
 
@@ -104,9 +94,7 @@ const TABLE: [Row; ROWS] = [
     }),
     row!("popf", 1, true, true, || {
         let v: u64;
-        unsafe {
-            asm!("pushfq", "pop rax", "or rax, 0x200", "push rax", "popfq", "pushfq", "pop rax", out("rax") v)
-        };
+        unsafe { asm!("pushfq", "pop rax", "or rax, 0x200", "push rax", "popfq", "pushfq", "pop rax", out("rax") v) };
         v & 0x200
     }),
     row!("lar", 3, true, true, || {
@@ -254,15 +242,11 @@ const TABLE: [Row; ROWS] = [
     }),
     row!("rdmsr", 2, true, true, || {
         let (lo, hi): (u32, u32);
-        unsafe {
-            asm!("rdmsr", in("ecx") 0x5050_0000u32, out("eax") lo, out("edx") hi, options(nostack))
-        };
+        unsafe { asm!("rdmsr", in("ecx") 0x5050_0000u32, out("eax") lo, out("edx") hi, options(nostack)) };
         u64::from(hi) << 32 | u64::from(lo)
     }),
     row!("wrmsr", 2, true, true, || {
-        unsafe {
-            asm!("wrmsr", in("ecx") 0x5050_0002u32, in("eax") 1u32, in("edx") 0u32, options(nostack))
-        };
+        unsafe { asm!("wrmsr", in("ecx") 0x5050_0002u32, in("eax") 1u32, in("edx") 0u32, options(nostack)) };
         0
     }),
     row!("swapgs", 3, true, true, || {
@@ -295,8 +279,7 @@ static mut RING0_SKIP: &[u8] = &[];
 static mut RING3_SKIP: &[u8] = &[];
 
 fn listed(list: &[u8], name: &str) -> bool {
-    list.split(|&b| b == b',')
-        .any(|item| item == name.as_bytes())
+    list.split(|&b| b == b',').any(|item| item == name.as_bytes())
 }
 
 fn skipped(phase: usize, name: &str) -> bool {
@@ -347,10 +330,8 @@ fn umip_supported() -> bool {
 pub fn trap_suite(context: &Context) -> u8 {
     // SAFETY: ring 0, single CPU; fills the statics ring 3 later reads.
     unsafe {
-        *addr_of_mut!(RING0_SKIP) =
-            crate::start_info::arg(context.cmdline, "ring0-skip").unwrap_or(&[]);
-        *addr_of_mut!(RING3_SKIP) =
-            crate::start_info::arg(context.cmdline, "ring3-skip").unwrap_or(&[]);
+        *addr_of_mut!(RING0_SKIP) = crate::start_info::arg(context.cmdline, "ring0-skip").unwrap_or(&[]);
+        *addr_of_mut!(RING3_SKIP) = crate::start_info::arg(context.cmdline, "ring3-skip").unwrap_or(&[]);
         let saved = &mut *addr_of_mut!(SAVED);
         asm!("sgdt [rdi]", in("rdi") saved.gdtr.as_mut_ptr(), options(nostack));
         asm!("sidt [rdi]", in("rdi") saved.idtr.as_mut_ptr(), options(nostack));
@@ -406,11 +387,7 @@ fn print_cell(cell: Cell, ring0: Cell, row: &Row) {
         Cell::NotRun => print!(" -"),
         Cell::Ran { value, exits } => {
             let differs = row.compare && baseline.is_some_and(|v0| v0 != value);
-            print!(
-                " {}{}",
-                if differs { "differs" } else { "ok" },
-                exited(exits)
-            );
+            print!(" {}{}", if differs { "differs" } else { "ok" }, exited(exits));
         }
         Cell::Trapped { vector, exits } => print!(" {}{}", vector_name(vector), exited(exits)),
     }
@@ -431,10 +408,7 @@ fn vector_name(vector: u64) -> &'static str {
 fn print_table() {
     // SAFETY: read-only at the end.
     let umip = unsafe { *addr_of!(UMIP) };
-    println!(
-        "trap-suite umip={} columns=ring0,ring3,ring3-tsd-umip",
-        if umip { "yes" } else { "no" }
-    );
+    println!("trap-suite umip={} columns=ring0,ring3,ring3-tsd-umip", if umip { "yes" } else { "no" });
     for (i, row) in TABLE.iter().enumerate() {
         // SAFETY: all phases are done.
         let cells = unsafe { (*addr_of!(RESULTS))[i] };

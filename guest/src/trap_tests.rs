@@ -64,10 +64,8 @@ pub fn msr_test(_: &Context) -> u8 {
         Outcome(unknown_read),
         Outcome(unknown_write.map(|()| 0)),
     );
-    let block_ok = identity == Ok(IDENTITY)
-        && version == Ok(1)
-        && scratch == Ok(0x1234_5678_9abc_def0)
-        && readonly == Err(GP);
+    let block_ok =
+        identity == Ok(IDENTITY) && version == Ok(1) && scratch == Ok(0x1234_5678_9abc_def0) && readonly == Err(GP);
     if block_ok {
         SUCCESS
     } else {
@@ -117,11 +115,6 @@ pub fn exit_loop(context: &Context) -> u8 {
         crate::io::outb(popek_abi::ports::NULL, 0);
     }
     let ns = crate::hypercall::monotonic_ns() - start;
-    println!(
-        "exitloop: {} exits in {} ns, ns_per_exit={}",
-        n,
-        ns,
-        ns / n.max(1)
-    );
+    println!("exitloop: {} exits in {} ns, ns_per_exit={}", n, ns, ns / n.max(1));
     SUCCESS
 }

@@ -30,10 +30,7 @@ pub struct Run {
 impl Run {
     fn from_output(output: Output) -> Run {
         use std::os::unix::process::ExitStatusExt;
-        let status = output
-            .status
-            .code()
-            .unwrap_or_else(|| 128 + output.status.signal().unwrap_or(0));
+        let status = output.status.code().unwrap_or_else(|| 128 + output.status.signal().unwrap_or(0));
         Run {
             status,
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -43,11 +40,7 @@ impl Run {
 
     /// Asserts the exit status, showing both streams if it differs.
     pub fn expect_status(&self, status: i32) -> &Self {
-        assert_eq!(
-            self.status, status,
-            "unexpected exit status\nstdout:\n{}\nstderr:\n{}",
-            self.stdout, self.stderr
-        );
+        assert_eq!(self.status, status, "unexpected exit status\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
         self
     }
 
@@ -80,11 +73,7 @@ pub fn popek(args: &[&str], stdin: Option<&[u8]>) -> Run {
 /// Runs any command with the same time limit and capture as [`popek`].
 pub fn run_command(command: &mut Command, stdin: Option<&[u8]>) -> Run {
     let mut child = command
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -98,10 +87,7 @@ pub fn run_command(command: &mut Command, stdin: Option<&[u8]>) -> Run {
         if Instant::now() > deadline {
             let _ = child.kill();
             let run = Run::from_output(child.wait_with_output().expect("collect output"));
-            panic!(
-                "popek did not finish in 60 s\nstdout:\n{}\nstderr:\n{}",
-                run.stdout, run.stderr
-            );
+            panic!("popek did not finish in 60 s\nstdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
         }
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -137,12 +123,10 @@ pub fn elf32(paddr: u32, entry: u32, bytes: &[u8]) -> Vec<u8> {
     const SEGMENT_OFFSET: u32 = 0x100;
     let mut elf = vec![0u8; SEGMENT_OFFSET as usize];
     elf[..16].copy_from_slice(&[0x7f, b'E', b'L', b'F', 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-    let put16 =
-        |elf: &mut Vec<u8>, at: usize, v: u16| elf[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    let put16 = |elf: &mut Vec<u8>, at: usize, v: u16| elf[at..at + 2].copy_from_slice(&v.to_le_bytes());
     put16(&mut elf, 16, 2); // ET_EXEC
     put16(&mut elf, 18, 3); // EM_386
-    let put32 =
-        |elf: &mut Vec<u8>, at: usize, v: u32| elf[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    let put32 = |elf: &mut Vec<u8>, at: usize, v: u32| elf[at..at + 4].copy_from_slice(&v.to_le_bytes());
     put32(&mut elf, 20, 1);
     put32(&mut elf, 24, entry);
     put32(&mut elf, 28, 52); // e_phoff
@@ -268,10 +252,7 @@ pub fn multiboot_kernel(load: u32) -> Vec<u8> {
     segment.extend_from_slice(&FLAGS.to_le_bytes());
     segment.extend_from_slice(&0u32.wrapping_sub(MAGIC.wrapping_add(FLAGS)).to_le_bytes());
     segment.extend_from_slice(&code);
-    assert!(
-        segment.len() <= DATA as usize,
-        "test kernel code overlaps its data"
-    );
+    assert!(segment.len() <= DATA as usize, "test kernel code overlaps its data");
     segment.resize(DATA as usize, 0);
     segment.extend_from_slice(prefix);
     segment.extend_from_slice(module_tag);

@@ -21,13 +21,7 @@ impl Stats {
         let mut sorted = values.to_vec();
         sorted.sort_by(|a, b| a.total_cmp(b));
         let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
-        Some(Stats {
-            n: sorted.len(),
-            median: at(0.5),
-            p95: at(0.95),
-            min: sorted[0],
-            max: sorted[sorted.len() - 1],
-        })
+        Some(Stats { n: sorted.len(), median: at(0.5), p95: at(0.95), min: sorted[0], max: sorted[sorted.len() - 1] })
     }
 }
 

@@ -26,13 +26,13 @@ pub struct Call {
 }
 
 /// The requests.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     Status,
     Pause,
     Resume,
-    Migrate { to: String, mode: Option<String> },
+    Migrate { to: String, mode: Option<String>, downtime_limit_ms: Option<f64>, max_rounds: Option<u32> },
 }
 
 /// Parses one request line.
@@ -40,9 +40,8 @@ pub fn parse(line: &str) -> Result<Request, String> {
     let value: Value = serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))?;
     let object = value.as_object().ok_or("bad request: not a JSON object")?;
     // serde does not refuse extra fields next to a unit variant's tag: check by hand.
-    if let Some(key) = object
-        .keys()
-        .find(|k| !matches!(k.as_str(), "cmd" | "to" | "mode"))
+    if let Some(key) =
+        object.keys().find(|k| !matches!(k.as_str(), "cmd" | "to" | "mode" | "downtime_limit_ms" | "max_rounds"))
     {
         return Err(format!("bad request: unknown field '{key}'"));
     }
@@ -54,16 +53,12 @@ pub fn spawn_server(path: &Path) -> std::io::Result<Receiver<Call>> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
     let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("api".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let tx = tx.clone();
-                let _ = std::thread::Builder::new()
-                    .name("api-client".into())
-                    .spawn(move || serve_client(stream, tx));
-            }
-        })?;
+    std::thread::Builder::new().name("api".into()).spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let tx = tx.clone();
+            let _ = std::thread::Builder::new().name("api-client".into()).spawn(move || serve_client(stream, tx));
+        }
+    })?;
     Ok(rx)
 }
 
@@ -78,20 +73,20 @@ fn serve_client(stream: UnixStream, tx: Sender<Call>) {
             Ok(request) => {
                 let (reply_tx, reply_rx) = mpsc::channel();
                 let (written_tx, written_rx) = mpsc::channel();
-                if tx
-                    .send(Call {
-                        request,
-                        reply: reply_tx,
-                        written: written_rx,
-                    })
-                    .is_err()
-                {
+                if tx.send(Call { request, reply: reply_tx, written: written_rx }).is_err() {
                     return;
                 }
-                let reply = reply_rx
-                    .recv_timeout(Duration::from_secs(600))
-                    .unwrap_or_else(|_| json!({"ok": false, "error": "the VM did not answer"}));
-                let ok = writeln!(out, "{reply}").and_then(|()| out.flush()).is_ok();
+                // Progress values come first, one line each; the reply is the one with "ok".
+                let mut ok = true;
+                loop {
+                    let value = reply_rx
+                        .recv_timeout(Duration::from_secs(600))
+                        .unwrap_or_else(|_| json!({"ok": false, "error": "the VM did not answer"}));
+                    ok = ok && writeln!(out, "{value}").and_then(|()| out.flush()).is_ok();
+                    if value.get("ok").is_some() {
+                        break;
+                    }
+                }
                 let _ = written_tx.send(());
                 if !ok {
                     return;
@@ -125,7 +120,20 @@ pub fn serve(vm: &mut Vm, call: Call) -> Option<VmExit> {
             vm.resume_all();
             (json!({"ok": true, "state": "running"}), None)
         }
-        Request::Migrate { to, mode } => migrate(vm, &to, mode.as_deref()),
+        Request::Migrate { to, mode, downtime_limit_ms, max_rounds } => {
+            let mode = match mode.as_deref() {
+                None | Some("stop-copy") => Ok(crate::migration::source::Mode::StopCopy),
+                Some("precopy") => Ok(crate::migration::source::Mode::Precopy {
+                    downtime_limit_ms: downtime_limit_ms.unwrap_or(1.0),
+                    max_rounds: max_rounds.unwrap_or(30),
+                }),
+                Some(other) => Err(format!("unknown migration mode '{other}' (stop-copy, precopy)")),
+            };
+            match mode {
+                Ok(mode) => migrate(vm, &to, mode, &call.reply),
+                Err(e) => (json!({"ok": false, "error": e}), None),
+            }
+        }
     };
     let _ = call.reply.send(reply);
     if exit.is_some() {
@@ -135,25 +143,24 @@ pub fn serve(vm: &mut Vm, call: Call) -> Option<VmExit> {
     exit
 }
 
-fn migrate(vm: &mut Vm, to: &str, mode: Option<&str>) -> (Value, Option<VmExit>) {
-    if !matches!(mode, None | Some("stop-copy")) {
-        return (
-            json!({"ok": false, "error": format!("migration mode {mode:?} is not supported yet (stop-copy is)")}),
-            None,
-        );
-    }
+fn migrate(
+    vm: &mut Vm,
+    to: &str,
+    mode: crate::migration::source::Mode,
+    progress: &Sender<Value>,
+) -> (Value, Option<VmExit>) {
     let address: Address = match to.parse() {
         Ok(a) => a,
         Err(e) => return (json!({"ok": false, "error": e.to_string()}), None),
     };
-    match crate::migration::source::migrate(vm, &address) {
+    let mut report_progress = |value: Value| {
+        let _ = progress.send(json!({ "progress": value }));
+    };
+    match crate::migration::source::migrate(vm, &address, mode, &mut report_progress) {
         Ok(report) => {
             vm.stop_all();
             let report = serde_json::to_value(&report).unwrap_or(Value::Null);
-            (
-                json!({"ok": true, "report": report}),
-                Some(VmExit::Migrated(report.to_string())),
-            )
+            (json!({"ok": true, "report": report}), Some(VmExit::Migrated(report.to_string())))
         }
         Err(e) => (json!({"ok": false, "error": e, "state": "running"}), None),
     }
@@ -168,19 +175,9 @@ mod tests {
         assert_eq!(parse(r#"{"cmd":"status"}"#), Ok(Request::Status));
         assert_eq!(
             parse(r#"{"cmd":"migrate","to":"unix:/x"}"#),
-            Ok(Request::Migrate {
-                to: "unix:/x".into(),
-                mode: None
-            })
+            Ok(Request::Migrate { to: "unix:/x".into(), mode: None })
         );
-        for bad in [
-            "",
-            "{}",
-            r#"{"cmd":"reboot"}"#,
-            r#"{"cmd":"status","x":1}"#,
-            "[1,2]",
-            "\u{0}",
-        ] {
+        for bad in ["", "{}", r#"{"cmd":"reboot"}"#, r#"{"cmd":"status","x":1}"#, "[1,2]", "\u{0}"] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -72,11 +72,7 @@ struct Region<'a> {
 
 fn regions<'a>(data: &'a [u8], options: &Options) -> Result<(Vec<Region<'a>>, u32), Error> {
     if options.flat {
-        let region = Region {
-            name: "flat".into(),
-            address: options.base,
-            bytes: data,
-        };
+        let region = Region { name: "flat".into(), address: options.base, bytes: data };
         return Ok((vec![region], options.bits.unwrap_or(64)));
     }
     if !data.starts_with(&object::elf::ELFMAG) {
@@ -98,7 +94,13 @@ fn regions<'a>(data: &'a [u8], options: &Options) -> Result<(Vec<Region<'a>>, u3
         found = file
             .segments()
             .filter(|s| matches!(s.flags(), SegmentFlags::Elf { p_flags } if p_flags & object::elf::PF_X != 0))
-            .filter_map(|s| Some(Region { name: format!("segment@{:#x}", s.address()), address: s.address(), bytes: s.data().ok()? }))
+            .filter_map(|s| {
+                Some(Region {
+                    name: format!("segment@{:#x}", s.address()),
+                    address: s.address(),
+                    bytes: s.data().ok()?,
+                })
+            })
             .collect();
     }
     if found.is_empty() {
@@ -117,20 +119,13 @@ pub fn classify(data: &[u8], options: &Options) -> Result<Report, Error> {
     let (regions, bits) = regions(data, options)?;
     let mut report = Report {
         bits,
-        regions: regions
-            .iter()
-            .map(|r| format!("{} {:#x}+{:#x}", r.name, r.address, r.bytes.len()))
-            .collect(),
+        regions: regions.iter().map(|r| format!("{} {:#x}+{:#x}", r.name, r.address, r.bytes.len())).collect(),
         code_bytes: regions.iter().map(|r| r.bytes.len() as u64).sum(),
         instructions: 0,
-        by_class: [
-            Class::Privileged,
-            Class::SensitiveUnprivileged,
-            Class::Innocuous,
-        ]
-        .iter()
-        .map(|c| (c.name(), 0))
-        .collect(),
+        by_class: [Class::Privileged, Class::SensitiveUnprivileged, Class::Innocuous]
+            .iter()
+            .map(|c| (c.name(), 0))
+            .collect(),
         control_sensitive: 0,
         behaviour_sensitive: 0,
         robin_irvine: BTreeMap::new(),
@@ -141,8 +136,7 @@ pub fn classify(data: &[u8], options: &Options) -> Result<Report, Error> {
     let mut formatter = IntelFormatter::new();
     let mut instr = Instruction::default();
     for region in &regions {
-        let mut decoder =
-            Decoder::with_ip(bits, region.bytes, region.address, DecoderOptions::NONE);
+        let mut decoder = Decoder::with_ip(bits, region.bytes, region.address, DecoderOptions::NONE);
         while decoder.can_decode() {
             decoder.decode_out(&mut instr);
             if instr.is_invalid() {
@@ -162,20 +156,13 @@ pub fn classify(data: &[u8], options: &Options) -> Result<Report, Error> {
                 let mut text = String::new();
                 formatter.format(&instr, &mut text);
                 if props.robin_irvine {
-                    *report
-                        .robin_irvine
-                        .entry(format!("{:?}", instr.mnemonic()).to_lowercase())
-                        .or_insert(0) += 1;
+                    *report.robin_irvine.entry(format!("{:?}", instr.mnemonic()).to_lowercase()).or_insert(0) += 1;
                 }
                 let start = (instr.ip() - region.address) as usize;
                 let bytes = &region.bytes[start..start + instr.len()];
                 report.sites.push(Site {
                     address: instr.ip(),
-                    bytes: bytes
-                        .iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect::<Vec<_>>()
-                        .join(" "),
+                    bytes: bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" "),
                     instruction: text,
                     robin_irvine: props.robin_irvine,
                     note: props.note,
@@ -191,13 +178,7 @@ impl Report {
     pub fn table(&self) -> String {
         use std::fmt::Write as _;
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "{}-bit code, {} bytes in: {}",
-            self.bits,
-            self.code_bytes,
-            self.regions.join(", ")
-        );
+        let _ = writeln!(out, "{}-bit code, {} bytes in: {}", self.bits, self.code_bytes, self.regions.join(", "));
         let share = |n: u64| 100.0 * n as f64 / self.instructions.max(1) as f64;
         let _ = writeln!(out, "\n{:<28}{:>12}{:>9}", "class", "instructions", "share");
         for (name, n) in &self.by_class {
@@ -218,31 +199,16 @@ impl Report {
             share(self.behaviour_sensitive)
         );
         let _ = writeln!(out, "{:<28}{:>12}", "total decoded", self.instructions);
-        let _ = writeln!(
-            out,
-            "{:<28}{:>12}",
-            "int3 (padding), not counted", self.int3
-        );
+        let _ = writeln!(out, "{:<28}{:>12}", "int3 (padding), not counted", self.int3);
         let _ = writeln!(out, "{:<28}{:>12}", "undecodable", self.invalid);
         if !self.robin_irvine.is_empty() {
-            let list: Vec<String> = self
-                .robin_irvine
-                .iter()
-                .map(|(m, n)| format!("{m} {n}"))
-                .collect();
+            let list: Vec<String> = self.robin_irvine.iter().map(|(m, n)| format!("{m} {n}")).collect();
             let _ = writeln!(out, "\nRobin & Irvine's 17 found: {}", list.join(", "));
         }
-        let _ = writeln!(
-            out,
-            "\nsensitive-unprivileged sites ({}):",
-            self.sites.len()
-        );
+        let _ = writeln!(out, "\nsensitive-unprivileged sites ({}):", self.sites.len());
         for site in &self.sites {
-            let _ = writeln!(
-                out,
-                "  {:#012x}  {:<24} {:<32} {}",
-                site.address, site.bytes, site.instruction, site.note
-            );
+            let _ =
+                writeln!(out, "  {:#012x}  {:<24} {:<32} {}", site.address, site.bytes, site.instruction, site.note);
         }
         out
     }
@@ -255,18 +221,8 @@ mod tests {
     #[test]
     fn flat_binary_counts() {
         // sgdt [rax]; hlt; nop; popfq; mov ds, ax; mov cr3, rax; push rax
-        let code = [
-            0x0f, 0x01, 0x00, 0xf4, 0x90, 0x9d, 0x8e, 0xd8, 0x0f, 0x22, 0xd8, 0x50,
-        ];
-        let r = classify(
-            &code,
-            &Options {
-                flat: true,
-                bits: Some(64),
-                base: 0x1000,
-            },
-        )
-        .unwrap();
+        let code = [0x0f, 0x01, 0x00, 0xf4, 0x90, 0x9d, 0x8e, 0xd8, 0x0f, 0x22, 0xd8, 0x50];
+        let r = classify(&code, &Options { flat: true, bits: Some(64), base: 0x1000 }).unwrap();
         assert_eq!(r.instructions, 7);
         assert_eq!(r.by_class["privileged"], 2);
         assert_eq!(r.by_class["sensitive-unprivileged"], 3);
@@ -274,21 +230,8 @@ mod tests {
         assert_eq!(r.sites[0].address, 0x1000);
         assert_eq!(r.sites[0].bytes, "0f 01 00");
         assert!(r.sites[0].instruction.starts_with("sgdt"));
-        assert!(matches!(
-            classify(b"junk", &Options::default()),
-            Err(Error::NotElf)
-        ));
-        assert!(matches!(
-            classify(
-                &code,
-                &Options {
-                    flat: true,
-                    bits: Some(8),
-                    base: 0
-                }
-            ),
-            Err(Error::Bits(8))
-        ));
+        assert!(matches!(classify(b"junk", &Options::default()), Err(Error::NotElf)));
+        assert!(matches!(classify(&code, &Options { flat: true, bits: Some(8), base: 0 }), Err(Error::Bits(8))));
     }
 
     #[test]

@@ -76,31 +76,19 @@ impl VmConfig {
         let min = MIN_MEMORY_MIB << 20;
         let max = MAX_MEMORY_GIB << 30;
         if self.memory_bytes < min {
-            return Err(Error::MemoryTooSmall {
-                size: self.memory_bytes,
-                min: MIN_MEMORY_MIB,
-            });
+            return Err(Error::MemoryTooSmall { size: self.memory_bytes, min: MIN_MEMORY_MIB });
         }
         if self.memory_bytes > max {
-            return Err(Error::MemoryTooLarge {
-                size: self.memory_bytes,
-                max: MAX_MEMORY_GIB,
-            });
+            return Err(Error::MemoryTooLarge { size: self.memory_bytes, max: MAX_MEMORY_GIB });
         }
         if !self.memory_bytes.is_multiple_of(4096) {
             return Err(Error::MemoryNotPageAligned(self.memory_bytes));
         }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(Error::VcpuCount {
-                given: self.vcpus,
-                max: MAX_VCPUS,
-            });
+            return Err(Error::VcpuCount { given: self.vcpus, max: MAX_VCPUS });
         }
         if self.cmdline.len() >= layout::CMDLINE_MAX {
-            return Err(Error::CmdlineTooLong {
-                len: self.cmdline.len(),
-                max: layout::CMDLINE_MAX - 1,
-            });
+            return Err(Error::CmdlineTooLong { len: self.cmdline.len(), max: layout::CMDLINE_MAX - 1 });
         }
         Ok(())
     }
@@ -165,25 +153,10 @@ mod tests {
     #[test]
     fn limits() {
         assert!(config(256 << 20, 1).validate().is_ok());
-        assert!(matches!(
-            config(1 << 20, 1).validate(),
-            Err(Error::MemoryTooSmall { .. })
-        ));
-        assert!(matches!(
-            config(128 << 30, 1).validate(),
-            Err(Error::MemoryTooLarge { .. })
-        ));
-        assert!(matches!(
-            config((64 << 20) + 1, 1).validate(),
-            Err(Error::MemoryNotPageAligned(_))
-        ));
-        assert!(matches!(
-            config(64 << 20, 0).validate(),
-            Err(Error::VcpuCount { .. })
-        ));
-        assert!(matches!(
-            config(64 << 20, 33).validate(),
-            Err(Error::VcpuCount { .. })
-        ));
+        assert!(matches!(config(1 << 20, 1).validate(), Err(Error::MemoryTooSmall { .. })));
+        assert!(matches!(config(128 << 30, 1).validate(), Err(Error::MemoryTooLarge { .. })));
+        assert!(matches!(config((64 << 20) + 1, 1).validate(), Err(Error::MemoryNotPageAligned(_))));
+        assert!(matches!(config(64 << 20, 0).validate(), Err(Error::VcpuCount { .. })));
+        assert!(matches!(config(64 << 20, 33).validate(), Err(Error::VcpuCount { .. })));
     }
 }

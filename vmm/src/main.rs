@@ -25,17 +25,11 @@ mod status {
 }
 
 #[derive(Parser)]
-#[command(
-    name = "popek",
-    version,
-    about = "A tiny KVM hypervisor for seeing and measuring virtualization"
-)]
-#[command(
-    after_help = "Exit status: the guest's exit-port value v gives (v << 1) | 1 (odd), as QEMU's \
+#[command(name = "popek", version, about = "A tiny KVM hypervisor for seeing and measuring virtualization")]
+#[command(after_help = "Exit status: the guest's exit-port value v gives (v << 1) | 1 (odd), as QEMU's \
 isa-debug-exit does; popek's own: 0 guest asked for reset, 2 usage, 4 bad input (image, size, file), \
 6 KVM unavailable, 8 triple fault, 10 VM entry failed, 12 emulation failure, 14 KVM system event, \
-16 other VMM error, 18 migration failed (the VM keeps running where it was)."
-)]
+16 other VMM error, 18 migration failed (the VM keeps running where it was).")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,9 +66,16 @@ enum Command {
         /// Destination: tcp:HOST:PORT or unix:PATH.
         #[arg(long, value_name = "ADDR")]
         to: String,
-        /// How to move it (stop-copy: pause, copy everything, resume there).
+        /// How to move it: stop-copy (pause, copy everything, run there) or precopy (copy
+        /// while it runs, in rounds, then pause for the rest).
         #[arg(long, default_value = "stop-copy")]
         mode: String,
+        /// Pre-copy: stop when what is left would take at most this long to send.
+        #[arg(long, default_value_t = 1.0, value_name = "MS")]
+        downtime_limit: f64,
+        /// Pre-copy: at most this many rounds; then stop and copy the rest anyway.
+        #[arg(long, default_value_t = 30, value_name = "N")]
+        max_rounds: u32,
         /// Write the report as JSON to FILE too.
         #[arg(long, value_name = "FILE")]
         report_json: Option<PathBuf>,
@@ -186,38 +187,20 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Classify {
-            image,
-            flat,
-            bits,
-            base,
-            json,
-        } => classify(&image, popek::classify::Options { flat, bits, base }, json),
-        Command::Migrate {
-            api_socket,
-            to,
-            mode,
-            report_json,
-        } => {
-            let request = serde_json::json!({"cmd": "migrate", "to": to, "mode": mode});
+        Command::Classify { image, flat, bits, base, json } => {
+            classify(&image, popek::classify::Options { flat, bits, base }, json)
+        }
+        Command::Migrate { api_socket, to, mode, downtime_limit, max_rounds, report_json } => {
+            let request = serde_json::json!({"cmd": "migrate", "to": to, "mode": mode,
+                "downtime_limit_ms": downtime_limit, "max_rounds": max_rounds});
             api_call(&api_socket, &request, report_json.as_deref())
         }
-        Command::Status { api_socket } => {
-            api_call(&api_socket, &serde_json::json!({"cmd": "status"}), None)
-        }
-        Command::Pause { api_socket } => {
-            api_call(&api_socket, &serde_json::json!({"cmd": "pause"}), None)
-        }
-        Command::Resume { api_socket } => {
-            api_call(&api_socket, &serde_json::json!({"cmd": "resume"}), None)
-        }
-        Command::ExportGuest { output } => match std::fs::write(&output, popek::bundled::GUEST_ELF)
-        {
+        Command::Status { api_socket } => api_call(&api_socket, &serde_json::json!({"cmd": "status"}), None),
+        Command::Pause { api_socket } => api_call(&api_socket, &serde_json::json!({"cmd": "pause"}), None),
+        Command::Resume { api_socket } => api_call(&api_socket, &serde_json::json!({"cmd": "resume"}), None),
+        Command::ExportGuest { output } => match std::fs::write(&output, popek::bundled::GUEST_ELF) {
             Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(
-                status::BAD_INPUT,
-                &format!("cannot write {}: {e}", output.display()),
-            ),
+            Err(e) => fail(status::BAD_INPUT, &format!("cannot write {}: {e}", output.display())),
         },
     }
 }
@@ -239,27 +222,14 @@ fn run_incoming(
         Box::new(std::io::stdout()),
     ) {
         Ok(incoming) => incoming,
-        Err(e) => {
-            return fail(
-                status::MIGRATION,
-                &format!("incoming migration failed: {e}"),
-            )
-        }
+        Err(e) => return fail(status::MIGRATION, &format!("incoming migration failed: {e}")),
     };
-    let popek::migration::destination::Incoming {
-        mut vm,
-        mut stream,
-        state_arrived,
-    } = incoming;
+    let popek::migration::destination::Incoming { mut vm, mut stream, state_arrived } = incoming;
     let confirm = move |_: &mut Vm| {
-        let running = popek::migration::protocol::Running {
-            restore_us: state_arrived.elapsed().as_micros() as u64,
-        };
-        if let Err(e) = popek::migration::protocol::write_json(
-            &mut stream,
-            popek::migration::protocol::Kind::Running,
-            &running,
-        ) {
+        let running = popek::migration::protocol::Running { restore_us: state_arrived.elapsed().as_micros() as u64 };
+        if let Err(e) =
+            popek::migration::protocol::write_json(&mut stream, popek::migration::protocol::Kind::Running, &running)
+        {
             log::warn!("could not confirm to the source: {e}");
         }
     };
@@ -271,20 +241,11 @@ fn run_incoming(
 }
 
 /// Sends one request to a VM's control socket and prints the reply.
-fn api_call(
-    socket: &std::path::Path,
-    request: &serde_json::Value,
-    report_json: Option<&std::path::Path>,
-) -> ExitCode {
+fn api_call(socket: &std::path::Path, request: &serde_json::Value, report_json: Option<&std::path::Path>) -> ExitCode {
     use std::io::{BufRead, Write};
     let stream = match std::os::unix::net::UnixStream::connect(socket) {
         Ok(s) => s,
-        Err(e) => {
-            return fail(
-                status::BAD_INPUT,
-                &format!("cannot reach the VM at {}: {e}", socket.display()),
-            )
-        }
+        Err(e) => return fail(status::BAD_INPUT, &format!("cannot reach the VM at {}: {e}", socket.display())),
     };
     let mut writer = match stream.try_clone() {
         Ok(w) => w,
@@ -293,15 +254,23 @@ fn api_call(
     if let Err(e) = writeln!(writer, "{request}") {
         return fail(status::VMM_ERROR, &format!("cannot send the request: {e}"));
     }
+    // Progress lines (pre-copy rounds) go to stderr as they come; the last line answers.
+    let mut reader = std::io::BufReader::new(stream);
     let mut line = String::new();
-    if let Err(e) = std::io::BufReader::new(stream).read_line(&mut line) {
-        return fail(status::VMM_ERROR, &format!("no reply: {e}"));
-    }
-    let reply: serde_json::Value = serde_json::from_str(&line).unwrap_or(serde_json::Value::Null);
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&reply).unwrap_or(line.clone())
-    );
+    let reply = loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => return fail(status::VMM_ERROR, "the VM closed the connection without a reply"),
+            Ok(_) => {}
+            Err(e) => return fail(status::VMM_ERROR, &format!("no reply: {e}")),
+        }
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap_or(serde_json::Value::Null);
+        match value.get("progress") {
+            Some(progress) => eprintln!("popek: migration {progress}"),
+            None => break value,
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&reply).unwrap_or(line.clone()));
     if let (Some(path), Some(report)) = (report_json, reply.get("report")) {
         if let Err(e) = std::fs::write(path, report.to_string()) {
             eprintln!("popek: cannot write {}: {e}", path.display());
@@ -310,10 +279,7 @@ fn api_call(
     if reply.get("ok") == Some(&serde_json::Value::Bool(true)) {
         ExitCode::SUCCESS
     } else {
-        let error = reply
-            .get("error")
-            .and_then(|e| e.as_str())
-            .unwrap_or("the VM refused");
+        let error = reply.get("error").and_then(|e| e.as_str()).unwrap_or("the VM refused");
         fail(status::MIGRATION, error)
     }
 }
@@ -329,12 +295,7 @@ fn parse_address(text: &str) -> Result<u64, String> {
 fn classify(image: &std::path::Path, options: popek::classify::Options, json: bool) -> ExitCode {
     let data = match std::fs::read(image) {
         Ok(data) => data,
-        Err(e) => {
-            return fail(
-                status::BAD_INPUT,
-                &format!("cannot read {}: {e}", image.display()),
-            )
-        }
+        Err(e) => return fail(status::BAD_INPUT, &format!("cannot read {}: {e}", image.display())),
     };
     let start = std::time::Instant::now();
     let report = match popek::classify::classify(&data, &options) {
@@ -352,11 +313,7 @@ fn classify(image: &std::path::Path, options: popek::classify::Options, json: bo
     };
     // A closed pipe (`| head`) is the reader's choice, not an error worth a panic.
     let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
-    eprintln!(
-        "popek: classified {} instructions in {:.1} ms",
-        report.instructions,
-        elapsed.as_secs_f64() * 1e3
-    );
+    eprintln!("popek: classified {} instructions in {:.1} ms", report.instructions, elapsed.as_secs_f64() * 1e3);
     ExitCode::SUCCESS
 }
 
@@ -380,28 +337,15 @@ fn run(args: RunArgs) -> ExitCode {
             MsrPolicyArg::Gp => UnknownMsrPolicy::Gp,
             MsrPolicyArg::Zero => UnknownMsrPolicy::Zero,
         },
-        trace_exits: args
-            .trace_exits
-            .clone()
-            .map(|path| (path, args.trace_limit)),
+        trace_exits: args.trace_exits.clone().map(|path| (path, args.trace_limit)),
         audit: args.audit.then_some(args.audit_limit),
     };
     if let Err(e) = config.validate() {
         return fail(status::BAD_INPUT, &e.to_string());
     }
-    let requests = match args
-        .api_socket
-        .as_deref()
-        .map(popek::api::spawn_server)
-        .transpose()
-    {
+    let requests = match args.api_socket.as_deref().map(popek::api::spawn_server).transpose() {
         Ok(r) => r,
-        Err(e) => {
-            return fail(
-                status::BAD_INPUT,
-                &format!("cannot serve the API socket: {e}"),
-            )
-        }
+        Err(e) => return fail(status::BAD_INPUT, &format!("cannot serve the API socket: {e}")),
     };
     if let Some(address) = &args.incoming {
         return run_incoming(address, &config, requests, !args.no_stdin);
@@ -426,12 +370,7 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 /// Prints and/or writes the exit statistics.
-fn report_stats(
-    vm: &Vm,
-    exit: &VmExit,
-    table: bool,
-    json: Option<&std::path::Path>,
-) -> Result<(), String> {
+fn report_stats(vm: &Vm, exit: &VmExit, table: bool, json: Option<&std::path::Path>) -> Result<(), String> {
     if !table && json.is_none() {
         return Ok(());
     }
@@ -441,10 +380,9 @@ fn report_stats(
     }
     if let Some(path) = json {
         let (pio, mmio) = vm.unclaimed();
-        let hex =
-            |m: std::collections::HashMap<u64, u64>| -> std::collections::BTreeMap<String, u64> {
-                m.into_iter().map(|(k, v)| (format!("{k:#x}"), v)).collect()
-            };
+        let hex = |m: std::collections::HashMap<u64, u64>| -> std::collections::BTreeMap<String, u64> {
+            m.into_iter().map(|(k, v)| (format!("{k:#x}"), v)).collect()
+        };
         let hypercalls = vm.hypercalls();
         let value = serde_json::json!({
             "end": format!("{exit:?}"),
@@ -497,10 +435,9 @@ fn finish(exit: VmExit) -> ExitCode {
 
 fn creation_status(e: &vm::Error) -> u8 {
     match e {
-        vm::Error::NoKvm(_)
-        | vm::Error::KvmPermission(_)
-        | vm::Error::OpenKvm { .. }
-        | vm::Error::NotKvm { .. } => status::NO_KVM,
+        vm::Error::NoKvm(_) | vm::Error::KvmPermission(_) | vm::Error::OpenKvm { .. } | vm::Error::NotKvm { .. } => {
+            status::NO_KVM
+        }
         vm::Error::Boot(_) => status::BAD_INPUT,
         _ => status::VMM_ERROR,
     }

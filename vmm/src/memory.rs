@@ -6,8 +6,10 @@ use kvm_ioctls::VmFd;
 use popek_abi::layout;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
-/// Guest RAM as rust-vmm's mmap-backed guest memory.
-pub type GuestRam = vm_memory::GuestMemoryMmap<()>;
+/// Guest RAM as rust-vmm's mmap-backed guest memory, with a dirty bitmap: writes the VMM
+/// itself makes (hypercalls, devices) are tracked for migration, which KVM's dirty log
+/// cannot see.
+pub type GuestRam = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// Memory errors.
 #[derive(Debug, thiserror::Error)]
@@ -31,9 +33,7 @@ pub enum Error {
         source: kvm_ioctls::Error,
     },
     /// The host KVM cannot map read-only memory.
-    #[error(
-        "This KVM cannot map read-only memory (KVM_CAP_READONLY_MEM), needed for the firmware ROM"
-    )]
+    #[error("This KVM cannot map read-only memory (KVM_CAP_READONLY_MEM), needed for the firmware ROM")]
     NoReadonlyMemory,
 }
 
@@ -77,11 +77,7 @@ pub fn is_ram(ram: &GuestRam, start: u64, len: u64) -> bool {
 /// memory and the BIOS area, which are reserved.
 pub fn memory_map(ram: &GuestRam) -> Vec<MemoryMapEntry> {
     let mut map = vec![
-        MemoryMapEntry {
-            addr: 0,
-            size: layout::MPTABLE,
-            kind: MemoryKind::Ram,
-        },
+        MemoryMapEntry { addr: 0, size: layout::MPTABLE, kind: MemoryKind::Ram },
         MemoryMapEntry {
             addr: layout::MPTABLE,
             size: layout::LOW_MEMORY_END - layout::MPTABLE,
@@ -92,11 +88,7 @@ pub fn memory_map(ram: &GuestRam) -> Vec<MemoryMapEntry> {
         let start = region.start_addr().raw_value().max(layout::HIGH_MEMORY);
         let end = region.start_addr().raw_value() + region.len();
         if end > start {
-            map.push(MemoryMapEntry {
-                addr: start,
-                size: end - start,
-                kind: MemoryKind::Ram,
-            });
+            map.push(MemoryMapEntry { addr: start, size: end - start, kind: MemoryKind::Ram });
         }
     }
     map
@@ -129,6 +121,38 @@ pub fn register_ram(vm: &VmFd, ram: &GuestRam) -> Result<u32, Error> {
     Ok(slot)
 }
 
+/// Turns KVM's dirty-page logging on or off for every RAM slot (numbered as
+/// `register_ram` numbered them).
+pub fn set_dirty_logging(vm: &VmFd, ram: &GuestRam, on: bool) -> Result<(), Error> {
+    let flags = if on { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+    for (slot, region) in ram.iter().enumerate() {
+        let gpa = region.start_addr().raw_value();
+        register_slot(vm, slot as u32, gpa, region.len(), region.as_ptr() as u64, flags)?;
+    }
+    Ok(())
+}
+
+/// Pages written since the last call, per RAM region (bit i = page i of the region): the
+/// guest's writes from KVM's dirty log, OR the VMM's own writes from vm-memory's bitmap.
+/// Both are reset by reading.
+pub fn take_dirty(vm: &VmFd, ram: &GuestRam) -> Result<Vec<Vec<u64>>, Error> {
+    let mut all = Vec::new();
+    for (slot, region) in ram.iter().enumerate() {
+        let mut bits = vm.get_dirty_log(slot as u32, region.len() as usize).map_err(|source| Error::RegisterSlot {
+            slot: slot as u32,
+            gpa: region.start_addr().raw_value(),
+            source,
+        })?;
+        // The mapping's own bitmap (the trait method returns a sliced view).
+        let own = vm_memory::MmapRegion::bitmap(&**region).get_and_reset();
+        for (word, extra) in bits.iter_mut().zip(own) {
+            *word |= extra;
+        }
+        all.push(bits);
+    }
+    Ok(all)
+}
+
 /// The firmware ROM: host memory KVM maps read-only, so guest writes exit to the VMM
 /// (which drops them) instead of changing it.
 pub struct Rom {
@@ -147,14 +171,7 @@ impl Rom {
         // function has seen; `len` is bounded by that size.
         unsafe { std::ptr::copy_nonoverlapping(image.as_ptr(), region.as_ptr(), len) };
         let host = region.as_ptr() as u64;
-        register_slot(
-            vm,
-            slot,
-            layout::FIRMWARE_BASE,
-            layout::FIRMWARE_SIZE,
-            host,
-            KVM_MEM_READONLY,
-        )?;
+        register_slot(vm, slot, layout::FIRMWARE_BASE, layout::FIRMWARE_SIZE, host, KVM_MEM_READONLY)?;
         Ok(Rom { region })
     }
 
@@ -165,28 +182,12 @@ impl Rom {
     }
 }
 
-fn register_slot(
-    vm: &VmFd,
-    slot: u32,
-    gpa: u64,
-    size: u64,
-    host: u64,
-    flags: u32,
-) -> Result<(), Error> {
-    let region = kvm_userspace_memory_region {
-        slot,
-        flags,
-        guest_phys_addr: gpa,
-        memory_size: size,
-        userspace_addr: host,
-    };
+fn register_slot(vm: &VmFd, slot: u32, gpa: u64, size: u64, host: u64, flags: u32) -> Result<(), Error> {
+    let region =
+        kvm_userspace_memory_region { slot, flags, guest_phys_addr: gpa, memory_size: size, userspace_addr: host };
     // SAFETY: `host` points to a mapping of `size` bytes owned by the VM object, which keeps it
     // alive (and unmoved) for as long as the VM fd exists.
-    unsafe { vm.set_user_memory_region(region) }.map_err(|source| Error::RegisterSlot {
-        slot,
-        gpa,
-        source,
-    })
+    unsafe { vm.set_user_memory_region(region) }.map_err(|source| Error::RegisterSlot { slot, gpa, source })
 }
 
 #[cfg(test)]
@@ -205,11 +206,7 @@ mod tests {
     fn map_covers_ram() {
         let ram = create_ram(64 << 20).unwrap();
         let map = memory_map(&ram);
-        let total: u64 = map
-            .iter()
-            .filter(|e| e.kind == MemoryKind::Ram)
-            .map(|e| e.size)
-            .sum();
+        let total: u64 = map.iter().filter(|e| e.kind == MemoryKind::Ram).map(|e| e.size).sum();
         assert_eq!(total, (64 << 20) - (layout::HIGH_MEMORY - layout::MPTABLE));
         assert!(is_ram(&ram, 0x100000, 0x1000));
         assert!(!is_ram(&ram, (64 << 20) - 8, 16));

@@ -111,10 +111,7 @@ pub struct VcpuControl {
 
 impl Default for VcpuControl {
     fn default() -> Self {
-        VcpuControl {
-            wanted: Mutex::new(Wanted::Run),
-            changed: Condvar::new(),
-        }
+        VcpuControl { wanted: Mutex::new(Wanted::Run), changed: Condvar::new() }
     }
 }
 
@@ -176,12 +173,9 @@ impl Vcpu {
     /// Creates vCPU `id` of `count` with its CPUID, FPU, MSRs and LAPIC LINT pins set.
     /// Application processors stay in KVM's wait-for-INIT/SIPI state until the guest starts them.
     pub fn new(vm: &VmFd, id: u32, count: u32, base_cpuid: &CpuId) -> Result<Self, Error> {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(|source| Error::Create { id, source })?;
+        let fd = vm.create_vcpu(u64::from(id)).map_err(|source| Error::Create { id, source })?;
         let cpuid = cpuid::for_vcpu(base_cpuid, id, count);
-        fd.set_cpuid2(&cpuid)
-            .map_err(|source| Error::Cpuid { id, source })?;
+        fd.set_cpuid2(&cpuid).map_err(|source| Error::Cpuid { id, source })?;
         regs::set_fpu(&fd, id)?;
         regs::set_boot_msrs(&fd, id)?;
         regs::set_lint(&fd, id)?;
@@ -192,9 +186,7 @@ impl Vcpu {
     /// firmware boot sets no registers at all.
     pub fn set_entry(&self, entry: &Entry) -> Result<(), Error> {
         match entry {
-            Entry::ProtectedMode(k) => {
-                regs::set_protected_mode_entry(&self.fd, self.id, k.entry, k.eax, k.ebx)?
-            }
+            Entry::ProtectedMode(k) => regs::set_protected_mode_entry(&self.fd, self.id, k.entry, k.eax, k.ebx)?,
             Entry::ResetVector => {}
         }
         Ok(())
@@ -225,10 +217,7 @@ impl Vcpu {
     }
 
     /// Restores a migrated vCPU's state (before its thread starts).
-    pub fn restore(
-        &self,
-        state: &crate::migration::state::VcpuState,
-    ) -> Result<(), crate::migration::state::Error> {
+    pub fn restore(&self, state: &crate::migration::state::VcpuState) -> Result<(), crate::migration::state::Error> {
         state.restore(&self.fd)
     }
 
@@ -239,14 +228,9 @@ impl Vcpu {
         self.fd.set_kvm_immediate_exit(1);
         let _ = self.fd.run();
         self.fd.set_kvm_immediate_exit(0);
-        let state =
-            crate::migration::state::VcpuState::save(&handlers.msr_indexes, &self.fd, self.id)
-                .map_err(|e| e.to_string());
-        let sender = handlers
-            .paused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let state = crate::migration::state::VcpuState::save(&handlers.msr_indexes, &self.fd, self.id)
+            .map_err(|e| e.to_string());
+        let sender = handlers.paused.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let _ = sender.send((self.id, state));
         control.wait_while_paused() == Wanted::Run
     }
@@ -256,10 +240,7 @@ impl Vcpu {
         let audit = handlers.audit.as_ref().filter(|_| self.id == 0);
         if let Some(audit) = audit {
             if let Err(e) = audit.start(&mut self.fd, handlers.sync_regs) {
-                return self.fault(
-                    FaultKind::Other,
-                    format!("cannot single-step for the audit: {e}"),
-                );
+                return self.fault(FaultKind::Other, format!("cannot single-step for the audit: {e}"));
             }
         }
         loop {
@@ -290,14 +271,10 @@ impl Vcpu {
                     None
                 }
                 Ok(VcpuExit::Shutdown) => {
-                    return self.fault(
-                        FaultKind::TripleFault,
-                        "triple fault (KVM_EXIT_SHUTDOWN)".into(),
-                    )
+                    return self.fault(FaultKind::TripleFault, "triple fault (KVM_EXIT_SHUTDOWN)".into())
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                    let detail =
-                        format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}");
+                    let detail = format!("VM entry failed: hardware reason {reason:#x} on host CPU {cpu}");
                     return self.fault(FaultKind::FailEntry, detail);
                 }
                 Ok(VcpuExit::InternalError) => {
@@ -305,17 +282,11 @@ impl Vcpu {
                     return self.fault(FaultKind::Emulation, detail);
                 }
                 Ok(VcpuExit::SystemEvent(kind, data)) => {
-                    let detail = format!(
-                        "KVM system event {} (data {data:x?})",
-                        system_event_name(kind)
-                    );
+                    let detail = format!("KVM system event {} (data {data:x?})", system_event_name(kind));
                     return self.fault(FaultKind::SystemEvent, detail);
                 }
                 Ok(VcpuExit::Hlt) => {
-                    return self.fault(
-                        FaultKind::Other,
-                        "vCPU halted with no in-kernel APIC to wake it".into(),
-                    )
+                    return self.fault(FaultKind::Other, "vCPU halted with no in-kernel APIC to wake it".into())
                 }
                 Ok(VcpuExit::X86Rdmsr(m)) => {
                     match handlers.msrs.read(m.index) {
@@ -356,12 +327,7 @@ impl Vcpu {
     }
 
     fn fault(&self, kind: FaultKind, detail: String) -> VmExit {
-        VmExit::Fault(Fault {
-            vcpu: self.id,
-            kind,
-            detail,
-            dump: regs::dump(&self.fd),
-        })
+        VmExit::Fault(Fault { vcpu: self.id, kind, detail, dump: regs::dump(&self.fd) })
     }
 
     /// Describes a KVM_EXIT_INTERNAL_ERROR from the `internal` member of `kvm_run`.
@@ -377,10 +343,7 @@ impl Vcpu {
             _ => "internal error",
         };
         let data = &internal.data[..(internal.ndata as usize).min(internal.data.len())];
-        format!(
-            "KVM {what} (suberror {}, data {data:x?})",
-            internal.suberror
-        )
+        format!("KVM {what} (suberror {}, data {data:x?})", internal.suberror)
     }
 }
 

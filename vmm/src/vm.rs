@@ -32,7 +32,9 @@ use vmm_sys_util::eventfd::EventFd;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The KVM device node is missing.
-    #[error("{0} does not exist: KVM is not available on this host (is virtualization enabled and the kvm module loaded?)")]
+    #[error(
+        "{0} does not exist: KVM is not available on this host (is virtualization enabled and the kvm module loaded?)"
+    )]
     NoKvm(PathBuf),
     /// No permission to open it.
     #[error("No permission to open {0} (add your user to the 'kvm' group, or run as root)")]
@@ -121,16 +123,9 @@ impl Vm {
         Self::build(config, console, false)
     }
 
-    fn build(
-        config: &VmConfig,
-        console: Box<dyn Write + Send>,
-        load_kernel: bool,
-    ) -> Result<Self, Error> {
+    fn build(config: &VmConfig, console: Box<dyn Write + Send>, load_kernel: bool) -> Result<Self, Error> {
         let kvm = open_kvm(&config.kvm_device)?;
-        let fd = kvm.create_vm().map_err(|source| Error::Kvm {
-            what: "create a VM",
-            source,
-        })?;
+        let fd = kvm.create_vm().map_err(|source| Error::Kvm { what: "create a VM", source })?;
         // The MSR filter goes first of all: installed after the irqchip or after memory
         // slots, it waits up to ~18 ms for an SRCU grace period (seen on PVM).
         if let Err(e) = msr::enable(&fd) {
@@ -144,83 +139,40 @@ impl Vm {
         let plan = if load_kernel {
             boot::load(config, &ram)?
         } else {
-            let rom = (config.boot == crate::config::BootMode::Firmware)
-                .then_some(crate::bundled::FIRMWARE_ROM);
-            BootPlan {
-                entry: boot::Entry::ResetVector,
-                rom,
-                protocol: "migrated",
-            }
+            let rom = (config.boot == crate::config::BootMode::Firmware).then_some(crate::bundled::FIRMWARE_ROM);
+            BootPlan { entry: boot::Entry::ResetVector, rom, protocol: "migrated" }
         };
-        let rom = plan
-            .rom
-            .map(|image| Rom::map(&fd, &kvm, slots, image))
-            .transpose()?;
-        fd.set_tss_address(TSS_ADDRESS)
-            .map_err(|source| Error::Kvm {
-                what: "set the TSS address",
-                source,
-            })?;
-        fd.create_irq_chip().map_err(|source| Error::Kvm {
-            what: "create the in-kernel irqchip",
-            source,
-        })?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        fd.create_pit2(pit).map_err(|source| Error::Kvm {
-            what: "create the in-kernel PIT",
-            source,
-        })?;
+        let rom = plan.rom.map(|image| Rom::map(&fd, &kvm, slots, image)).transpose()?;
+        fd.set_tss_address(TSS_ADDRESS).map_err(|source| Error::Kvm { what: "set the TSS address", source })?;
+        fd.create_irq_chip().map_err(|source| Error::Kvm { what: "create the in-kernel irqchip", source })?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        fd.create_pit2(pit).map_err(|source| Error::Kvm { what: "create the in-kernel PIT", source })?;
 
         let console = Console::new(console);
         let interrupt = eventfd("the serial eventfd")?;
         fd.register_irqfd(&interrupt, SERIAL_GSI)
-            .map_err(|source| Error::Kvm {
-                what: "wire the serial IRQ",
-                source,
-            })?;
+            .map_err(|source| Error::Kvm { what: "wire the serial IRQ", source })?;
         let serial = Arc::new(SerialDevice::new(interrupt, console.clone()));
         let rings = Arc::new(AtomicU64::new(0));
-        let trace = config
-            .trace_exits
-            .as_ref()
-            .map(|(path, limit)| (path.as_path(), *limit));
-        let recorder = Recorder::new(config.vcpus, trace).map_err(|source| Error::Io {
-            what: "the exit trace file",
-            source,
-        })?;
+        let trace = config.trace_exits.as_ref().map(|(path, limit)| (path.as_path(), *limit));
+        let recorder =
+            Recorder::new(config.vcpus, trace).map_err(|source| Error::Io { what: "the exit trace file", source })?;
         let hypercalls = Arc::new(HypercallState::new(&ram, rings.clone(), recorder.clone()));
-        let hypercall = Arc::new(HypercallDevice::new(
-            ram.clone(),
-            console,
-            hypercalls.clone(),
-        ));
+        let hypercall = Arc::new(HypercallDevice::new(ram.clone(), console, hypercalls.clone()));
         let doorbell_fd = eventfd("the doorbell eventfd")?;
-        fd.register_ioevent(
-            &doorbell_fd,
-            &IoEventAddress::Pio(u64::from(ports::DOORBELL)),
-            NoDatamatch,
-        )
-        .map_err(|source| Error::Kvm {
-            what: "register the doorbell ioeventfd",
-            source,
-        })?;
+        fd.register_ioevent(&doorbell_fd, &IoEventAddress::Pio(u64::from(ports::DOORBELL)), NoDatamatch)
+            .map_err(|source| Error::Kvm { what: "register the doorbell ioeventfd", source })?;
         let doorbell = Some(Doorbell::new(doorbell_fd, rings));
         let rom_writes = Arc::new(RomWrites::default());
         let with_rom = rom.is_some().then(|| rom_writes.clone());
         let (pio, mmio) = wire_devices(serial.clone(), hypercall, with_rom)?;
         let msrs = MsrEmulation::new(config.msr_policy);
         let audit = config.audit.map(|limit| {
-            let rom_copy = rom
-                .as_ref()
-                .map(|r| (layout::FIRMWARE_BASE, r.bytes().to_vec()));
+            let rom_copy = rom.as_ref().map(|r| (layout::FIRMWARE_BASE, r.bytes().to_vec()));
             Audit::new(ram.clone(), rom_copy, limit)
         });
         let sync_regs = kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
-        let msr_indexes =
-            crate::migration::state::msr_indexes(&kvm).map_err(|e| Error::State(e.to_string()))?;
+        let msr_indexes = crate::migration::state::msr_indexes(&kvm).map_err(|e| Error::State(e.to_string()))?;
         let (paused_tx, paused_rx) = mpsc::channel();
         let handlers = Arc::new(Handlers {
             pio,
@@ -234,9 +186,8 @@ impl Vm {
         });
 
         let base_cpuid = cpuid::supported(&kvm)?;
-        let vcpus = (0..config.vcpus)
-            .map(|id| Vcpu::new(&fd, id, config.vcpus, &base_cpuid))
-            .collect::<Result<Vec<_>, _>>()?;
+        let vcpus =
+            (0..config.vcpus).map(|id| Vcpu::new(&fd, id, config.vcpus, &base_cpuid)).collect::<Result<Vec<_>, _>>()?;
         if let (Some(boot_vcpu), true) = (vcpus.first(), load_kernel) {
             boot_vcpu.set_entry(&plan.entry)?;
         }
@@ -292,16 +243,8 @@ impl Vm {
     }
 
     /// Port and MMIO accesses that hit no device, by address.
-    pub fn unclaimed(
-        &self,
-    ) -> (
-        std::collections::HashMap<u64, u64>,
-        std::collections::HashMap<u64, u64>,
-    ) {
-        (
-            self.handlers.pio.unclaimed_counts(),
-            self.handlers.mmio.unclaimed_counts(),
-        )
+    pub fn unclaimed(&self) -> (std::collections::HashMap<u64, u64>, std::collections::HashMap<u64, u64>) {
+        (self.handlers.pio.unclaimed_counts(), self.handlers.mmio.unclaimed_counts())
     }
 
     /// Guest memory.
@@ -316,10 +259,7 @@ impl Vm {
 
     /// Runs every vCPU on its own thread, feeds `input` (if any) to the UART, and returns
     /// the first reason to stop. vCPU threads still blocked in KVM_RUN end with the process.
-    pub fn run<R: std::io::Read + Send + 'static>(
-        &mut self,
-        input: Option<R>,
-    ) -> Result<VmExit, Error> {
+    pub fn run<R: std::io::Read + Send + 'static>(&mut self, input: Option<R>) -> Result<VmExit, Error> {
         self.run_with(input, None, |_| {})
     }
 
@@ -332,10 +272,8 @@ impl Vm {
         started: impl FnOnce(&mut Vm),
     ) -> Result<VmExit, Error> {
         if let Some(input) = input {
-            serial::spawn_input_thread(self.serial.clone(), input).map_err(|source| Error::Io {
-                what: "the serial input thread",
-                source,
-            })?;
+            serial::spawn_input_thread(self.serial.clone(), input)
+                .map_err(|source| Error::Io { what: "the serial input thread", source })?;
         }
         if let Some(doorbell) = self.doorbell.take() {
             spawn_event_loop(doorbell)?;
@@ -344,8 +282,7 @@ impl Vm {
         for vcpu in self.vcpus.drain(..) {
             let control = Arc::new(VcpuControl::default());
             self.controls.push(control.clone());
-            self.threads
-                .push(vcpu.spawn(self.handlers.clone(), control, tx.clone())?);
+            self.threads.push(vcpu.spawn(self.handlers.clone(), control, tx.clone())?);
         }
         drop(tx);
         started(self);
@@ -403,10 +340,7 @@ impl Vm {
                     kick(thread);
                 }
             }
-            if let Ok((id, state)) = self
-                .paused_rx
-                .recv_timeout(std::time::Duration::from_millis(2))
-            {
+            if let Ok((id, state)) = self.paused_rx.recv_timeout(std::time::Duration::from_millis(2)) {
                 match state {
                     Ok(state) => {
                         if let Some(slot) = states.get_mut(id as usize) {
@@ -438,11 +372,34 @@ impl Vm {
         }
     }
 
+    /// KVM dirty-page logging on the RAM slots, for pre-copy.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), Error> {
+        Ok(memory::set_dirty_logging(&self.fd, &self.ram, on)?)
+    }
+
+    /// Pages written since the last call (guest writes and the VMM's own).
+    pub fn take_dirty(&self) -> Result<Vec<Vec<u64>>, Error> {
+        Ok(memory::take_dirty(&self.fd, &self.ram)?)
+    }
+
+    /// Marks pages dirty again (they were taken but not sent).
+    pub fn redirty(&self, dirty: &[Vec<u64>]) {
+        use vm_memory::GuestMemoryBackend;
+        for (region, bits) in self.ram.iter().zip(dirty) {
+            let bitmap = vm_memory::MmapRegion::bitmap(&**region);
+            for (w, word) in bits.iter().enumerate() {
+                let mut word = *word;
+                while word != 0 {
+                    bitmap.set_bit(w * 64 + word.trailing_zeros() as usize);
+                    word &= word - 1;
+                }
+            }
+        }
+    }
+
     /// Whether the vCPUs are paused.
     pub fn is_paused(&self) -> bool {
-        self.controls
-            .first()
-            .is_some_and(|c| c.get() == Wanted::Pause)
+        self.controls.first().is_some_and(|c| c.get() == Wanted::Pause)
     }
 
     /// The VM-level and device state (vCPUs must be paused).
@@ -450,8 +407,7 @@ impl Vm {
         &self,
         vcpus: Vec<crate::migration::state::VcpuState>,
     ) -> Result<crate::migration::state::MachineState, Error> {
-        let vm = crate::migration::state::VmState::save(&self.fd)
-            .map_err(|e| Error::State(e.to_string()))?;
+        let vm = crate::migration::state::VmState::save(&self.fd).map_err(|e| Error::State(e.to_string()))?;
         let mut devices = self.hypercalls.export();
         devices.serial = self.serial.registers();
         devices.msr_scratch = self.handlers.msrs.scratch();
@@ -459,31 +415,16 @@ impl Vm {
     }
 
     /// Restores a migrated machine into this freshly built VM (before `run`).
-    pub fn restore_machine(
-        &mut self,
-        machine: &crate::migration::state::MachineState,
-    ) -> Result<(), Error> {
+    pub fn restore_machine(&mut self, machine: &crate::migration::state::MachineState) -> Result<(), Error> {
         if machine.vcpus.len() != self.vcpus.len() {
-            return Err(Error::State(format!(
-                "{} vCPU states for {} vCPUs",
-                machine.vcpus.len(),
-                self.vcpus.len()
-            )));
+            return Err(Error::State(format!("{} vCPU states for {} vCPUs", machine.vcpus.len(), self.vcpus.len())));
         }
-        machine
-            .vm
-            .restore(&self.fd)
-            .map_err(|e| Error::State(e.to_string()))?;
+        machine.vm.restore(&self.fd).map_err(|e| Error::State(e.to_string()))?;
         for (vcpu, state) in self.vcpus.iter().zip(&machine.vcpus) {
             if vcpu.id() != state.id {
-                return Err(Error::State(format!(
-                    "vCPU state {} for vCPU {}",
-                    state.id,
-                    vcpu.id()
-                )));
+                return Err(Error::State(format!("vCPU state {} for vCPU {}", state.id, vcpu.id())));
             }
-            vcpu.restore(state)
-                .map_err(|e| Error::State(e.to_string()))?;
+            vcpu.restore(state).map_err(|e| Error::State(e.to_string()))?;
         }
         self.serial.restore_registers(&machine.devices.serial);
         self.handlers.msrs.set_scratch(&machine.devices.msr_scratch);
@@ -514,22 +455,15 @@ fn install_kick_handler() -> Result<(), Error> {
 }
 
 fn open_kvm(path: &Path) -> Result<Kvm, Error> {
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::NoKvm(path.to_path_buf()))?;
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| Error::NoKvm(path.to_path_buf()))?;
     let kvm = Kvm::new_with_path(&c_path).map_err(|source| match source.errno() {
         libc::ENOENT => Error::NoKvm(path.to_path_buf()),
         libc::EACCES | libc::EPERM => Error::KvmPermission(path.to_path_buf()),
-        _ => Error::OpenKvm {
-            path: path.to_path_buf(),
-            source,
-        },
+        _ => Error::OpenKvm { path: path.to_path_buf(), source },
     })?;
     let version = kvm.get_api_version();
     if version != KVM_API_VERSION {
-        return Err(Error::NotKvm {
-            path: path.to_path_buf(),
-            version,
-        });
+        return Err(Error::NotKvm { path: path.to_path_buf(), version });
     }
     Ok(kvm)
 }
@@ -541,14 +475,9 @@ fn eventfd(what: &'static str) -> Result<EventFd, Error> {
 /// The event-manager thread: serves the doorbell (and, later, other fd-driven devices)
 /// without stopping any vCPU.
 fn spawn_event_loop(doorbell: Doorbell) -> Result<(), Error> {
-    let io = |source| Error::Io {
-        what: "the event loop",
-        source,
-    };
-    let mut manager = event_manager::EventManager::<
-        Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>,
-    >::new()
-    .map_err(|e| io(std::io::Error::other(format!("{e:?}"))))?;
+    let io = |source| Error::Io { what: "the event loop", source };
+    let mut manager = event_manager::EventManager::<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>>::new()
+        .map_err(|e| io(std::io::Error::other(format!("{e:?}"))))?;
     event_manager::SubscriberOps::add_subscriber(&mut manager, Arc::new(Mutex::new(doorbell)));
     std::thread::Builder::new()
         .name("event-loop".into())
@@ -568,11 +497,7 @@ fn wire_devices(
     rom_writes: Option<Arc<RomWrites>>,
 ) -> Result<(Bus, Bus), bus::Error> {
     let mut pio = Bus::new("port I/O", 0xff);
-    pio.insert(
-        u64::from(ports::SERIAL_COM1),
-        u64::from(ports::SERIAL_LEN),
-        serial,
-    )?;
+    pio.insert(u64::from(ports::SERIAL_COM1), u64::from(ports::SERIAL_LEN), serial)?;
     pio.insert(u64::from(ports::DEBUG_EXIT), 1, Arc::new(DebugExit))?;
     let i8042_len = u64::from(ports::I8042_COMMAND - ports::I8042_DATA) + 1;
     pio.insert(u64::from(ports::I8042_DATA), i8042_len, Arc::new(I8042))?;

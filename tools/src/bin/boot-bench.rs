@@ -75,18 +75,12 @@ fn main() {
     let args = Args::parse();
     let popek = args.popek.clone().unwrap_or_else(default_popek);
     if !popek.is_file() {
-        eprintln!(
-            "boot-bench: {} not found; build it with `cargo build --release -p popek`",
-            popek.display()
-        );
+        eprintln!("boot-bench: {} not found; build it with `cargo build --release -p popek`", popek.display());
         std::process::exit(2);
     }
     let popek = popek.display().to_string();
     let guest = std::env::temp_dir().join(format!("popek-boot-bench-{}.elf", std::process::id()));
-    let exported = Command::new(&popek)
-        .args(["export-guest", "-o"])
-        .arg(&guest)
-        .status();
+    let exported = Command::new(&popek).args(["export-guest", "-o"]).arg(&guest).status();
     if !matches!(exported, Ok(s) if s.success()) {
         eprintln!("boot-bench: `popek export-guest` failed");
         std::process::exit(2);
@@ -94,34 +88,23 @@ fn main() {
     let guest = guest.display().to_string();
 
     let own = |name, extra: &[&str]| {
-        let mut command = vec![
-            popek.clone(),
-            "run".into(),
-            "--no-stdin".into(),
-            "--memory".into(),
-            "256M".into(),
-        ];
+        let mut command = vec![popek.clone(), "run".into(), "--no-stdin".into(), "--memory".into(), "256M".into()];
         command.extend(extra.iter().map(|s| s.to_string()));
-        Variant {
-            name,
-            command,
-            first_byte_ms: vec![],
-            exit_ms: vec![],
-            failures: 0,
-        }
+        Variant { name, command, first_byte_ms: vec![], exit_ms: vec![], failures: 0 }
     };
-    let mut variants = vec![
-        own("popek direct", &[]),
-        own("popek firmware", &["--boot", "firmware"]),
-    ];
+    let mut variants = vec![own("popek direct", &[]), own("popek firmware", &["--boot", "firmware"])];
     let qemu = which("qemu-system-x86_64");
     match (&qemu, args.no_qemu) {
         (_, true) => {}
-        (None, false) => eprintln!("boot-bench: qemu-system-x86_64 not found (apt-get install qemu-system-x86); QEMU column skipped"),
+        (None, false) => {
+            eprintln!("boot-bench: qemu-system-x86_64 not found (apt-get install qemu-system-x86); QEMU column skipped")
+        }
         (Some(qemu), false) => {
             let qemu_cmd = |machine: &str| -> Vec<String> {
                 let mut c: Vec<String> = vec![qemu.display().to_string(), "-M".into(), machine.into()];
-                for a in ["-enable-kvm", "-m", "256M", "-display", "none", "-serial", "stdio", "-no-reboot", "-nodefaults"] {
+                for a in
+                    ["-enable-kvm", "-m", "256M", "-display", "none", "-serial", "stdio", "-no-reboot", "-nodefaults"]
+                {
                     c.push(a.into());
                 }
                 c.extend(["-device".into(), "isa-debug-exit,iobase=0xf4,iosize=0x04".into()]);
@@ -134,9 +117,21 @@ fn main() {
             let pos = microvm.iter().position(|a| a == "stdio").expect("serial arg present");
             microvm[pos - 1] = "-chardev".into();
             microvm[pos] = "stdio,id=s0".into();
-            variants.push(Variant { name: "qemu microvm", command: microvm, first_byte_ms: vec![], exit_ms: vec![], failures: 0 });
+            variants.push(Variant {
+                name: "qemu microvm",
+                command: microvm,
+                first_byte_ms: vec![],
+                exit_ms: vec![],
+                failures: 0,
+            });
             if args.with_qemu_pc {
-                variants.push(Variant { name: "qemu pc", command: qemu_cmd("pc"), first_byte_ms: vec![], exit_ms: vec![], failures: 0 });
+                variants.push(Variant {
+                    name: "qemu pc",
+                    command: qemu_cmd("pc"),
+                    first_byte_ms: vec![],
+                    exit_ms: vec![],
+                    failures: 0,
+                });
             }
         }
     }
@@ -178,19 +173,12 @@ fn report(variants: &[Variant], json_path: Option<&PathBuf>) {
         );
     }
     let median = |name: &str| {
-        variants
-            .iter()
-            .find(|v| v.name == name)
-            .and_then(|v| Stats::of(&v.first_byte_ms))
-            .map(|s| s.median)
+        variants.iter().find(|v| v.name == name).and_then(|v| Stats::of(&v.first_byte_ms)).map(|s| s.median)
     };
     let mut targets = serde_json::Map::new();
     if let (Some(direct), Some(qemu)) = (median("popek direct"), median("qemu microvm")) {
         let ratio = direct / qemu;
-        println!(
-            "\npopek direct / qemu microvm (first byte): {ratio:.3} (target <= 0.1: {})",
-            verdict(ratio <= 0.1)
-        );
+        println!("\npopek direct / qemu microvm (first byte): {ratio:.3} (target <= 0.1: {})", verdict(ratio <= 0.1));
         targets.insert(
             "direct_over_qemu_microvm".into(),
             serde_json::json!({ "ratio": ratio, "target": 0.1, "met": ratio <= 0.1 }),
@@ -198,10 +186,7 @@ fn report(variants: &[Variant], json_path: Option<&PathBuf>) {
     }
     if let (Some(direct), Some(firmware)) = (median("popek direct"), median("popek firmware")) {
         let ratio = firmware / direct;
-        println!(
-            "popek firmware / popek direct (first byte): {ratio:.3} (target <= 2: {})",
-            verdict(ratio <= 2.0)
-        );
+        println!("popek firmware / popek direct (first byte): {ratio:.3} (target <= 2: {})", verdict(ratio <= 2.0));
         targets.insert(
             "firmware_over_direct".into(),
             serde_json::json!({ "ratio": ratio, "target": 2.0, "met": ratio <= 2.0 }),

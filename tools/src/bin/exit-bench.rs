@@ -47,13 +47,9 @@ fn bare_loop(exits: u64) -> Result<f64, String> {
     if mem == libc::MAP_FAILED {
         return Err("mmap failed".into());
     }
-    let code = [
-        0xba, 0xf8, 0x05, 0x31, 0xc0, 0xee, 0x49, 0x75, 0xfa, 0xeb, 0xf8,
-    ];
+    let code = [0xba, 0xf8, 0x05, 0x31, 0xc0, 0xee, 0x49, 0x75, 0xfa, 0xeb, 0xf8];
     // SAFETY: `mem` is SIZE bytes; the code fits at offset 0x1000.
-    unsafe {
-        std::ptr::copy_nonoverlapping(code.as_ptr(), (mem as *mut u8).add(0x1000), code.len())
-    };
+    unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), (mem as *mut u8).add(0x1000), code.len()) };
     let region = kvm_userspace_memory_region {
         slot: 0,
         guest_phys_addr: 0,
@@ -68,11 +64,7 @@ fn bare_loop(exits: u64) -> Result<f64, String> {
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
     vcpu.set_sregs(&sregs).map_err(|e| e.to_string())?;
-    let regs = kvm_bindings::kvm_regs {
-        rip: 0x1000,
-        rflags: 2,
-        ..Default::default()
-    };
+    let regs = kvm_bindings::kvm_regs { rip: 0x1000, rflags: 2, ..Default::default() };
     vcpu.set_regs(&regs).map_err(|e| e.to_string())?;
     // Warm up (first exits fault pages in), then time.
     for _ in 0..100 {
@@ -95,12 +87,7 @@ fn bare_loop(exits: u64) -> Result<f64, String> {
 
 fn popek_loop(popek: &PathBuf, exits: u64) -> Result<f64, String> {
     let out = Command::new(popek)
-        .args([
-            "run",
-            "--no-stdin",
-            "--cmdline",
-            &format!("test=exitloop iterations={exits}"),
-        ])
+        .args(["run", "--no-stdin", "--cmdline", &format!("test=exitloop iterations={exits}")])
         .output()
         .map_err(|e| format!("run {}: {e}", popek.display()))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -127,21 +114,13 @@ fn main() {
             }
         }
     }
-    let (b, p) = (
-        Stats::of(&bare).expect("runs > 0"),
-        Stats::of(&ours).expect("runs > 0"),
-    );
+    let (b, p) = (Stats::of(&bare).expect("runs > 0"), Stats::of(&ours).expect("runs > 0"));
     println!("| port-I/O exit, guest ring 0 | median ns/exit | min | max |\n|---|---|---|---|");
-    println!(
-        "| bare KVM_RUN loop | {:.0} | {:.0} | {:.0} |",
-        b.median, b.min, b.max
-    );
-    println!(
-        "| Popek (recorder + bus + null device) | {:.0} | {:.0} | {:.0} |",
-        p.median, p.min, p.max
-    );
+    println!("| bare KVM_RUN loop | {:.0} | {:.0} | {:.0} |", b.median, b.min, b.max);
+    println!("| Popek (recorder + bus + null device) | {:.0} | {:.0} | {:.0} |", p.median, p.min, p.max);
     println!("\nPopek / bare: {:.2}x", p.median / b.median);
-    let json = serde_json::json!({ "exits": args.exits, "bare_ns": b, "popek_ns": p, "ratio": p.median / b.median }).to_string();
+    let json = serde_json::json!({ "exits": args.exits, "bare_ns": b, "popek_ns": p, "ratio": p.median / b.median })
+        .to_string();
     println!("\nBENCH_JSON {json}");
     if let Some(path) = args.json {
         if let Err(e) = std::fs::write(&path, &json) {

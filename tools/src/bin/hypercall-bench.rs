@@ -35,23 +35,21 @@ fn main() {
     let args = Args::parse();
     let popek = args.popek.unwrap_or_else(default_popek);
     let cmdline = format!("test=hyperbench iterations={}", args.iterations);
-    let output = Command::new(&popek)
-        .args(["run", "--no-stdin", "--cmdline", &cmdline])
-        .stderr(Stdio::inherit())
-        .output();
+    let output =
+        Command::new(&popek).args(["run", "--no-stdin", "--cmdline", &cmdline]).stderr(Stdio::inherit()).output();
     let output = match output {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("hypercall-bench: cannot run {}: {e} (build it with `cargo build --release -p popek`)", popek.display());
+            eprintln!(
+                "hypercall-bench: cannot run {}: {e} (build it with `cargo build --release -p popek`)",
+                popek.display()
+            );
             std::process::exit(2);
         }
     };
     let stdout = String::from_utf8_lossy(&output.stdout);
     if output.status.code() != Some(1) {
-        eprintln!(
-            "hypercall-bench: the guest benchmark failed ({:?}):\n{}",
-            output.status, stdout
-        );
+        eprintln!("hypercall-bench: the guest benchmark failed ({:?}):\n{}", output.status, stdout);
         std::process::exit(1);
     }
     let mut latency: BTreeMap<String, BTreeMap<&str, f64>> = BTreeMap::new();
@@ -68,13 +66,7 @@ fn main() {
             _ => {}
         }
     }
-    let get = |name: &str, key: &str| {
-        latency
-            .get(name)
-            .and_then(|f| f.get(key))
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let get = |name: &str, key: &str| latency.get(name).and_then(|f| f.get(key)).copied().unwrap_or(f64::NAN);
 
     println!("| ring | operation | median (us) | p99 (us) | vs null-port exit (median) |");
     println!("|---|---|---|---|---|");
@@ -85,13 +77,11 @@ fn main() {
         for what in ["null-port", "ping", "doorbell"] {
             let name = format!("{ring} {what}");
             let (median, p99) = (get(&name, "median_ns"), get(&name, "p99_ns"));
-            println!(
-                "| {ring} | {what} | {:.2} | {:.2} | {:.2}x |",
-                median / 1e3,
-                p99 / 1e3,
-                median / floor
+            println!("| {ring} | {what} | {:.2} | {:.2} | {:.2}x |", median / 1e3, p99 / 1e3, median / floor);
+            summary.insert(
+                name.replace(' ', "_"),
+                serde_json::json!({ "median_ns": median, "p99_ns": p99, "ratio_to_exit_floor": median / floor }),
             );
-            summary.insert(name.replace(' ', "_"), serde_json::json!({ "median_ns": median, "p99_ns": p99, "ratio_to_exit_floor": median / floor }));
         }
         let ratio = get(&format!("{ring} ping"), "median_ns") / floor;
         targets.insert(
@@ -100,21 +90,14 @@ fn main() {
         );
     }
     let throughput = |path: &str| {
-        console.get(path).map(|f| {
-            f.get("bytes").copied().unwrap_or(0.0)
-                / (f.get("ns").copied().unwrap_or(f64::NAN) / 1e9)
-        })
+        console
+            .get(path)
+            .map(|f| f.get("bytes").copied().unwrap_or(0.0) / (f.get("ns").copied().unwrap_or(f64::NAN) / 1e9))
     };
-    let (uart, hyper) = (
-        throughput("uart").unwrap_or(f64::NAN),
-        throughput("hypercall").unwrap_or(f64::NAN),
-    );
+    let (uart, hyper) = (throughput("uart").unwrap_or(f64::NAN), throughput("hypercall").unwrap_or(f64::NAN));
     println!("\n| console path | throughput (KiB/s) |\n|---|---|");
     println!("| UART, one exit per byte | {:.1} |", uart / 1024.0);
-    println!(
-        "| CONSOLE_WRITE hypercall, 4 KiB per call | {:.1} |",
-        hyper / 1024.0
-    );
+    println!("| CONSOLE_WRITE hypercall, 4 KiB per call | {:.1} |", hyper / 1024.0);
     let speedup = hyper / uart;
     println!(
         "\nhypercall console / UART: {speedup:.0}x (target >= 20x: {})",

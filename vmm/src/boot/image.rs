@@ -59,23 +59,11 @@ pub fn parse(data: &[u8]) -> Result<Image, Error> {
     match FileKind::parse(data).map_err(malformed)? {
         FileKind::Elf32 => {
             let file = ElfFile32::<Endianness>::parse(data).map_err(malformed)?;
-            collect(
-                Class::Elf32,
-                file.elf_header(),
-                file.endian(),
-                data,
-                elf::EM_386,
-            )
+            collect(Class::Elf32, file.elf_header(), file.endian(), data, elf::EM_386)
         }
         FileKind::Elf64 => {
             let file = ElfFile64::<Endianness>::parse(data).map_err(malformed)?;
-            collect(
-                Class::Elf64,
-                file.elf_header(),
-                file.endian(),
-                data,
-                elf::EM_X86_64,
-            )
+            collect(Class::Elf64, file.elf_header(), file.endian(), data, elf::EM_X86_64)
         }
         _ => Err(Error::Malformed("unknown ELF class".into())),
     }
@@ -113,21 +101,14 @@ fn collect<H: FileHeader<Endian = Endianness>>(
             mem_size: phdr.p_memsz(endian).into(),
         };
         if segment.file_size > segment.mem_size {
-            return Err(Error::Malformed(format!(
-                "segment at {:#x} has file size > memory size",
-                segment.paddr
-            )));
+            return Err(Error::Malformed(format!("segment at {:#x} has file size > memory size", segment.paddr)));
         }
         segments.push(segment);
     }
     if segments.is_empty() {
         return Err(Error::Malformed("no loadable segments".into()));
     }
-    Ok(Image {
-        class,
-        entry: header.e_entry(endian).into(),
-        segments,
-    })
+    Ok(Image { class, entry: header.e_entry(endian).into(), segments })
 }
 
 /// The Multiboot v1 header fields Popek uses.
@@ -191,10 +172,7 @@ mod tests {
         let image = parse(bundled).unwrap();
         assert_eq!(image.class, Class::Elf64);
         for cut in [16, 64, 200, bundled.len() / 2] {
-            assert!(
-                parse(&bundled[..cut]).is_err(),
-                "cut at {cut} must be refused"
-            );
+            assert!(parse(&bundled[..cut]).is_err(), "cut at {cut} must be refused");
         }
     }
 

@@ -42,21 +42,10 @@ pub enum Error {
     },
     /// A segment does not fit in guest RAM.
     #[error("Kernel image {path}: segment at {start:#x}..{end:#x} lies outside guest RAM ({ram} MiB; a larger --memory may help)")]
-    SegmentOutsideRam {
-        path: String,
-        start: u64,
-        end: u64,
-        ram: u64,
-    },
+    SegmentOutsideRam { path: String, start: u64, end: u64, ram: u64 },
     /// A segment overlaps the area Popek writes boot data to.
     #[error("Kernel image {path}: segment at {start:#x}..{end:#x} overlaps Popek's boot data at {area_start:#x}..{area_end:#x}")]
-    SegmentOverlapsBootData {
-        path: String,
-        start: u64,
-        end: u64,
-        area_start: u64,
-        area_end: u64,
-    },
+    SegmentOverlapsBootData { path: String, start: u64, end: u64, area_start: u64, area_end: u64 },
     /// ELF64 without the PVH note.
     #[error("Kernel image {0}: 64-bit ELF without a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")]
     NoPvhNote(String),
@@ -79,11 +68,7 @@ pub enum Error {
     },
     /// The initrd does not fit between the kernel and the top of low RAM.
     #[error("initrd of {size} bytes does not fit in guest RAM below {limit:#x} above the kernel (end {kernel_end:#x}); a larger --memory may help")]
-    InitrdTooLarge {
-        size: u64,
-        kernel_end: u64,
-        limit: u64,
-    },
+    InitrdTooLarge { size: u64, kernel_end: u64, limit: u64 },
     /// Multiboot kernel with an unusable header.
     #[error("Kernel image {path}: bad Multiboot header: {reason}")]
     BadMultiboot { path: String, reason: String },
@@ -128,54 +113,30 @@ pub struct Initrd {
 /// Loads the configured kernel (and initrd) into `ram` and returns how to start it.
 pub fn load(config: &VmConfig, ram: &GuestRam) -> Result<BootPlan, Error> {
     let (kernel, name) = read_kernel(&config.kernel)?;
-    let parsed = image::parse(&kernel).map_err(|source| Error::Image {
-        path: name.clone(),
-        source,
-    })?;
+    let parsed = image::parse(&kernel).map_err(|source| Error::Image { path: name.clone(), source })?;
     check_segments(&name, &parsed, ram)?;
     let initrd = config.initrd.as_deref().map(read_initrd).transpose()?;
 
-    write(
-        ram,
-        layout::CMDLINE,
-        &cmdline_bytes(&config.cmdline),
-        "the command line",
-    )?;
-    let mptable = MpTable {
-        cpus: config.vcpus as u8,
-    }
-    .build(layout::MPTABLE);
+    write(ram, layout::CMDLINE, &cmdline_bytes(&config.cmdline), "the command line")?;
+    let mptable = MpTable { cpus: config.vcpus as u8 }.build(layout::MPTABLE);
     write(ram, layout::MPTABLE, &mptable, "the MP table")?;
 
     let (kernel_entry, protocol) = match parsed.class {
         image::Class::Elf64 => (pvh::load(ram, &kernel, &name, initrd.as_ref())?, "pvh"),
         image::Class::Elf32 => {
-            let header = image::find_multiboot_header(&kernel).ok_or_else(|| Error::Image {
-                path: name.clone(),
-                source: image::Error::NoMultibootHeader,
-            })?;
-            (
-                multiboot::load(ram, &kernel, &name, &parsed, &header, initrd.as_ref())?,
-                "multiboot",
-            )
+            let header = image::find_multiboot_header(&kernel)
+                .ok_or_else(|| Error::Image { path: name.clone(), source: image::Error::NoMultibootHeader })?;
+            (multiboot::load(ram, &kernel, &name, &parsed, &header, initrd.as_ref())?, "multiboot")
         }
     };
     match config.boot {
-        BootMode::Direct => Ok(BootPlan {
-            entry: Entry::ProtectedMode(kernel_entry),
-            rom: None,
-            protocol,
-        }),
+        BootMode::Direct => Ok(BootPlan { entry: Entry::ProtectedMode(kernel_entry), rom: None, protocol }),
         BootMode::Firmware => {
             if protocol != "pvh" {
                 return Err(Error::FirmwareNeedsPvh(name));
             }
             firmware::write_handoff(ram, &kernel_entry)?;
-            Ok(BootPlan {
-                entry: Entry::ResetVector,
-                rom: Some(crate::bundled::FIRMWARE_ROM),
-                protocol,
-            })
+            Ok(BootPlan { entry: Entry::ResetVector, rom: Some(crate::bundled::FIRMWARE_ROM), protocol })
         }
     }
 }
@@ -185,22 +146,13 @@ fn read_kernel(kernel: &Kernel) -> Result<(Vec<u8>, String), Error> {
         Kernel::Bundled => Ok((crate::bundled::GUEST_ELF.to_vec(), "<bundled guest>".into())),
         Kernel::File(path) => std::fs::read(path)
             .map(|data| (data, path.display().to_string()))
-            .map_err(|source| Error::ReadKernel {
-                path: path.clone(),
-                source,
-            }),
+            .map_err(|source| Error::ReadKernel { path: path.clone(), source }),
     }
 }
 
 fn read_initrd(path: &Path) -> Result<Initrd, Error> {
-    let data = std::fs::read(path).map_err(|source| Error::ReadInitrd {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(Initrd {
-        data,
-        name: path.display().to_string(),
-    })
+    let data = std::fs::read(path).map_err(|source| Error::ReadInitrd { path: path.to_path_buf(), source })?;
+    Ok(Initrd { data, name: path.display().to_string() })
 }
 
 fn cmdline_bytes(cmdline: &str) -> Vec<u8> {
@@ -213,10 +165,7 @@ fn cmdline_bytes(cmdline: &str) -> Vec<u8> {
 /// overwritten, so it is refused up front.
 const BOOT_DATA: [(u64, u64); 3] = [
     (layout::FIRMWARE_HANDOFF, layout::MULTIBOOT_INFO + 0x1000),
-    (
-        layout::CMDLINE,
-        layout::CMDLINE + layout::CMDLINE_MAX as u64,
-    ),
+    (layout::CMDLINE, layout::CMDLINE + layout::CMDLINE_MAX as u64),
     (layout::MPTABLE, layout::LOW_MEMORY_END),
 ];
 
@@ -225,23 +174,10 @@ fn check_segments(path: &str, image: &image::Image, ram: &GuestRam) -> Result<()
         let start = segment.paddr;
         let end = start.saturating_add(segment.mem_size);
         if !memory::is_ram(ram, start, segment.mem_size) {
-            return Err(Error::SegmentOutsideRam {
-                path: path.into(),
-                start,
-                end,
-                ram: total_mib(ram),
-            });
+            return Err(Error::SegmentOutsideRam { path: path.into(), start, end, ram: total_mib(ram) });
         }
-        if let Some(&(area_start, area_end)) =
-            BOOT_DATA.iter().find(|(a, b)| start < *b && end > *a)
-        {
-            return Err(Error::SegmentOverlapsBootData {
-                path: path.into(),
-                start,
-                end,
-                area_start,
-                area_end,
-            });
+        if let Some(&(area_start, area_end)) = BOOT_DATA.iter().find(|(a, b)| start < *b && end > *a) {
+            return Err(Error::SegmentOverlapsBootData { path: path.into(), start, end, area_start, area_end });
         }
     }
     Ok(())
@@ -253,25 +189,15 @@ fn total_mib(ram: &GuestRam) -> u64 {
 }
 
 /// Writes `bytes` at `addr`, naming `what` in the error.
-pub(crate) fn write(
-    ram: &GuestRam,
-    addr: u64,
-    bytes: &[u8],
-    what: &'static str,
-) -> Result<(), Error> {
-    ram.write_slice(bytes, GuestAddress(addr))
-        .map_err(|source| Error::Write { what, source })
+pub(crate) fn write(ram: &GuestRam, addr: u64, bytes: &[u8], what: &'static str) -> Result<(), Error> {
+    ram.write_slice(bytes, GuestAddress(addr)).map_err(|source| Error::Write { what, source })
 }
 
 /// Places the initrd page-aligned at the top of RAM below the MMIO hole, above the kernel.
 pub(crate) fn place_initrd(ram: &GuestRam, initrd: &Initrd, kernel_end: u64) -> Result<u64, Error> {
     let size = initrd.data.len() as u64;
     let limit = memory::low_ram_end(ram);
-    let too_large = || Error::InitrdTooLarge {
-        size,
-        kernel_end,
-        limit,
-    };
+    let too_large = || Error::InitrdTooLarge { size, kernel_end, limit };
     let addr = limit.checked_sub(size).ok_or_else(too_large)? & !0xfff;
     if addr < kernel_end.max(layout::HIGH_MEMORY) {
         return Err(too_large());

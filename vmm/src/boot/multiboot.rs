@@ -34,10 +34,7 @@ pub fn load(
     header: &MultibootHeader,
     initrd: Option<&Initrd>,
 ) -> Result<KernelEntry, Error> {
-    let bad = |reason: String| Error::BadMultiboot {
-        path: path.into(),
-        reason,
-    };
+    let bad = |reason: String| Error::BadMultiboot { path: path.into(), reason };
     let (entry, kernel_end) = if header.flags & MULTIBOOT_AOUT_KLUDGE != 0 {
         load_aout_kludge(ram, kernel, header).map_err(bad)?
     } else {
@@ -54,24 +51,9 @@ pub fn load(
         module.extend_from_slice(&((addr + initrd.data.len() as u64) as u32).to_le_bytes());
         module.extend_from_slice(&((base + MODULE_NAME_OFFSET) as u32).to_le_bytes());
         module.extend_from_slice(&0u32.to_le_bytes());
-        write(
-            ram,
-            base + MODS_OFFSET,
-            &module,
-            "the Multiboot module list",
-        )?;
-        let name: Vec<u8> = initrd
-            .name
-            .bytes()
-            .take(MODULE_NAME_MAX)
-            .chain([0])
-            .collect();
-        write(
-            ram,
-            base + MODULE_NAME_OFFSET,
-            &name,
-            "the Multiboot module name",
-        )?;
+        write(ram, base + MODS_OFFSET, &module, "the Multiboot module list")?;
+        let name: Vec<u8> = initrd.name.bytes().take(MODULE_NAME_MAX).chain([0]).collect();
+        write(ram, base + MODULE_NAME_OFFSET, &name, "the Multiboot module name")?;
         flags |= INFO_MODULES;
         mods_count = 1;
     }
@@ -84,17 +66,11 @@ pub fn load(
         mmap.extend_from_slice(&(entry.kind as u32).to_le_bytes());
     }
     write(ram, base + MMAP_OFFSET, &mmap, "the Multiboot memory map")?;
-    write(
-        ram,
-        base + LOADER_NAME_OFFSET,
-        b"popek\0",
-        "the boot loader name",
-    )?;
+    write(ram, base + LOADER_NAME_OFFSET, b"popek\0", "the boot loader name")?;
 
     let low_end = memory::low_ram_end(ram);
     let mut info = vec![0u8; INFO_SIZE as usize];
-    let mut put =
-        |offset: usize, value: u32| info[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
+    let mut put = |offset: usize, value: u32| info[offset..offset + 4].copy_from_slice(&value.to_le_bytes());
     put(0, flags);
     put(4, (layout::MPTABLE / 1024) as u32); // mem_lower, KiB
     put(8, ((low_end - layout::HIGH_MEMORY) / 1024) as u32); // mem_upper, KiB
@@ -106,11 +82,7 @@ pub fn load(
     put(64, (base + LOADER_NAME_OFFSET) as u32);
     write(ram, base, &info, "the Multiboot information")?;
 
-    Ok(KernelEntry {
-        entry,
-        eax: BOOTLOADER_MAGIC,
-        ebx: base as u32,
-    })
+    Ok(KernelEntry { entry, eax: BOOTLOADER_MAGIC, ebx: base as u32 })
 }
 
 fn load_elf_segments(ram: &GuestRam, kernel: &[u8], image: &Image) -> Result<(u32, u64), Error> {
@@ -127,11 +99,7 @@ fn load_elf_segments(ram: &GuestRam, kernel: &[u8], image: &Image) -> Result<(u3
 }
 
 /// Loads using the header's address fields, as a Multiboot loader must when flag 16 is set.
-fn load_aout_kludge(
-    ram: &GuestRam,
-    kernel: &[u8],
-    h: &MultibootHeader,
-) -> Result<(u32, u64), String> {
+fn load_aout_kludge(ram: &GuestRam, kernel: &[u8], h: &MultibootHeader) -> Result<(u32, u64), String> {
     if h.header_addr < h.load_addr {
         return Err("header_addr below load_addr".into());
     }
@@ -143,22 +111,13 @@ fn load_aout_kludge(
     } else {
         u64::from(h.load_end_addr)
     };
-    let length = load_end
-        .checked_sub(u64::from(h.load_addr))
-        .ok_or("load_end_addr below load_addr")?;
+    let length = load_end.checked_sub(u64::from(h.load_addr)).ok_or("load_end_addr below load_addr")?;
     let bytes = kernel
         .get(file_start as usize..(file_start + length) as usize)
         .ok_or("load range runs past the end of the file")?;
     let bss_end = u64::from(h.bss_end_addr).max(load_end);
-    if !memory::is_ram(
-        ram,
-        u64::from(h.load_addr),
-        bss_end - u64::from(h.load_addr),
-    ) {
-        return Err(format!(
-            "load range {:#x}..{bss_end:#x} lies outside guest RAM",
-            h.load_addr
-        ));
+    if !memory::is_ram(ram, u64::from(h.load_addr), bss_end - u64::from(h.load_addr)) {
+        return Err(format!("load range {:#x}..{bss_end:#x} lies outside guest RAM", h.load_addr));
     }
     write(ram, u64::from(h.load_addr), bytes, "the kernel").map_err(|e| e.to_string())?;
     Ok((h.entry_addr, bss_end))

@@ -55,12 +55,7 @@ pub struct Bus {
 impl Bus {
     /// An empty bus; `name` appears in log lines.
     pub fn new(name: &'static str, unclaimed_value: u8) -> Self {
-        Bus {
-            name,
-            unclaimed_value,
-            devices: BTreeMap::new(),
-            unclaimed: Mutex::default(),
-        }
+        Bus { name, unclaimed_value, devices: BTreeMap::new(), unclaimed: Mutex::default() }
     }
 
     /// Puts `device` at `[base, base + len)`.
@@ -115,28 +110,18 @@ impl Bus {
         let count = unclaimed.counts.entry(addr).or_insert(0);
         *count += 1;
         if *count == 1 {
-            log::warn!(
-                "{} {what} at {addr:#x} hits no device (ignored; logged once)",
-                self.name
-            );
+            log::warn!("{} {what} at {addr:#x} hits no device (ignored; logged once)", self.name);
         }
     }
 
     /// Unclaimed accesses so far, by address.
     pub fn unclaimed_counts(&self) -> HashMap<u64, u64> {
-        self.unclaimed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .counts
-            .clone()
+        self.unclaimed.lock().unwrap_or_else(|p| p.into_inner()).counts.clone()
     }
 
     /// Unclaimed accesses to addresses beyond the first [`MAX_UNCLAIMED`].
     pub fn unclaimed_overflow(&self) -> u64 {
-        self.unclaimed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .overflow
+        self.unclaimed.lock().unwrap_or_else(|p| p.into_inner()).overflow
     }
 }
 

@@ -45,11 +45,7 @@ pub struct HypercallState {
 
 impl HypercallState {
     /// Fresh state for a VM with `ram`; `doorbell_rings` is counted by the doorbell.
-    pub fn new(
-        ram: &GuestRam,
-        doorbell_rings: Arc<AtomicU64>,
-        exits: Arc<crate::trap::exits::Recorder>,
-    ) -> Self {
+    pub fn new(ram: &GuestRam, doorbell_rings: Arc<AtomicU64>, exits: Arc<crate::trap::exits::Recorder>) -> Self {
         HypercallState {
             generation: AtomicU64::new(0),
             generation_gpa: Mutex::new(None),
@@ -104,8 +100,7 @@ impl HypercallState {
         let generation = devices.generation + 1;
         self.generation.store(generation, Ordering::SeqCst);
         *lock(&self.generation_gpa) = devices.generation_gpa;
-        self.doorbell_rings
-            .store(devices.doorbell_rings, Ordering::SeqCst);
+        self.doorbell_rings.store(devices.doorbell_rings, Ordering::SeqCst);
         let mut free = lock(&self.free_pages);
         if free.bits.len() == devices.free_pages.len() {
             free.bits.copy_from_slice(&devices.free_pages);
@@ -132,22 +127,13 @@ struct FreePages {
 impl FreePages {
     fn new(ram: &GuestRam) -> Self {
         use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
-        let end = ram
-            .iter()
-            .map(|r| r.last_addr().raw_value() + 1)
-            .max()
-            .unwrap_or(0);
+        let end = ram.iter().map(|r| r.last_addr().raw_value() + 1).max().unwrap_or(0);
         let frames = end.div_ceil(hc::PAGE_SIZE);
-        FreePages {
-            bits: vec![0; frames.div_ceil(64) as usize],
-            count: 0,
-        }
+        FreePages { bits: vec![0; frames.div_ceil(64) as usize], count: 0 }
     }
 
     fn get(&self, pfn: u64) -> bool {
-        self.bits
-            .get((pfn / 64) as usize)
-            .is_some_and(|w| w & (1 << (pfn % 64)) != 0)
+        self.bits.get((pfn / 64) as usize).is_some_and(|w| w & (1 << (pfn % 64)) != 0)
     }
 
     /// Sets or clears `npages` bits from `pfn`; returns how many changed.
@@ -181,11 +167,7 @@ pub struct HypercallDevice {
 
 impl HypercallDevice {
     pub fn new(ram: GuestRam, console: Console, state: Arc<HypercallState>) -> Self {
-        HypercallDevice {
-            ram,
-            console,
-            state,
-        }
+        HypercallDevice { ram, console, state }
     }
 
     /// Checks that `[gpa, gpa + len)` is guest RAM.
@@ -223,10 +205,7 @@ impl HypercallDevice {
             hc::FREE_PAGE_UNHINT => self.hint(a0, a1, false),
             hc::GENERATION => (self.state.generation() as i64, None),
             hc::REGISTER_GENERATION => self.register_generation(a0),
-            hc::DOORBELL_COUNT => (
-                self.state.doorbell_rings.load(Ordering::SeqCst) as i64,
-                None,
-            ),
+            hc::DOORBELL_COUNT => (self.state.doorbell_rings.load(Ordering::SeqCst) as i64, None),
             hc::EXIT_COUNT => (self.state.exits.total() as i64, None),
             _ => errno(hc::ENOSYS),
         }
@@ -257,9 +236,7 @@ impl HypercallDevice {
             return errno(e);
         }
         let mut bytes = vec![0u8; len as usize];
-        if host_random(&mut bytes).is_err()
-            || self.ram.write_slice(&bytes, GuestAddress(gpa)).is_err()
-        {
+        if host_random(&mut bytes).is_err() || self.ram.write_slice(&bytes, GuestAddress(gpa)).is_err() {
             return errno(hc::EFAULT);
         }
         (len as i64, None)
@@ -287,10 +264,7 @@ impl HypercallDevice {
             return errno(e);
         }
         *lock(&self.state.generation_gpa) = Some(gpa);
-        match self
-            .ram
-            .write_obj(self.state.generation(), GuestAddress(gpa))
-        {
+        match self.ram.write_obj(self.state.generation(), GuestAddress(gpa)) {
             Ok(()) => (0, None),
             Err(_) => errno(hc::EFAULT),
         }
@@ -303,13 +277,8 @@ impl HypercallDevice {
         }
         let mut raw = [0u8; hc::REQUEST_SIZE];
         self.ram.read_slice(&mut raw, GuestAddress(gpa)).ok()?;
-        let word =
-            |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-        Some(Request {
-            nr: word(0),
-            args: [word(1), word(2), word(3), word(4)],
-            ret: word(5) as i64,
-        })
+        let word = |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        Some(Request { nr: word(0), args: [word(1), word(2), word(3), word(4)], ret: word(5) as i64 })
     }
 }
 
@@ -317,10 +286,7 @@ impl BusDevice for HypercallDevice {
     fn read(&self, _offset: u64, data: &mut [u8]) {
         // Reading the port tells a probing guest the ABI version.
         let version = (hc::VERSION_1 as u32).to_le_bytes();
-        for (d, v) in data
-            .iter_mut()
-            .zip(version.iter().chain(std::iter::repeat(&0)))
-        {
+        for (d, v) in data.iter_mut().zip(version.iter().chain(std::iter::repeat(&0))) {
             *d = *v;
         }
     }
@@ -334,9 +300,7 @@ impl BusDevice for HypercallDevice {
         let Some(request) = self.read_request(gpa) else {
             // No block to answer in: counted, and the guest sees its own `ret` unchanged.
             if self.state.bad_calls.fetch_add(1, Ordering::Relaxed) == 0 {
-                log::warn!(
-                    "hypercall with an invalid request block address {gpa:#x} (logged once)"
-                );
+                log::warn!("hypercall with an invalid request block address {gpa:#x} (logged once)");
             }
             return None;
         };
@@ -355,10 +319,7 @@ impl BusDevice for HypercallDevice {
 fn clock(which: u64) -> Outcome {
     match which {
         hc::CLOCK_MONOTONIC => {
-            let mut ts = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
+            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
             // SAFETY: clock_gettime writes one timespec to a valid, owned location.
             let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
             if rc != 0 {
@@ -400,33 +361,18 @@ mod tests {
     fn device() -> (HypercallDevice, GuestRam) {
         let ram = memory::create_ram(16 << 20).unwrap();
         let recorder = crate::trap::exits::Recorder::new(1, None).unwrap();
-        let state = Arc::new(HypercallState::new(
-            &ram,
-            Arc::new(AtomicU64::new(0)),
-            recorder,
-        ));
-        (
-            HypercallDevice::new(ram.clone(), Console::new(Box::new(std::io::sink())), state),
-            ram,
-        )
+        let state = Arc::new(HypercallState::new(&ram, Arc::new(AtomicU64::new(0)), recorder));
+        (HypercallDevice::new(ram.clone(), Console::new(Box::new(std::io::sink())), state), ram)
     }
 
-    fn call(
-        dev: &HypercallDevice,
-        ram: &GuestRam,
-        nr: u64,
-        args: [u64; 4],
-    ) -> (i64, Option<VmRequest>) {
+    fn call(dev: &HypercallDevice, ram: &GuestRam, nr: u64, args: [u64; 4]) -> (i64, Option<VmRequest>) {
         let gpa = 0x1000u64;
         let words = [nr, args[0], args[1], args[2], args[3], 0x7777];
         for (i, w) in words.iter().enumerate() {
             ram.write_obj(*w, GuestAddress(gpa + 8 * i as u64)).unwrap();
         }
         let request = dev.write(0, &(gpa as u32).to_le_bytes());
-        (
-            ram.read_obj::<i64>(GuestAddress(gpa + 40)).unwrap(),
-            request,
-        )
+        (ram.read_obj::<i64>(GuestAddress(gpa + 40)).unwrap(), request)
     }
 
     #[test]
@@ -436,66 +382,24 @@ mod tests {
         assert_eq!(call(&dev, &ram, hc::PING, [0; 4]).0, 0);
         assert_eq!(call(&dev, &ram, 999, [0; 4]).0, -hc::ENOSYS);
         assert_eq!(call(&dev, &ram, hc::CONSOLE_WRITE, [0x2000, 5, 0, 0]).0, 5);
-        assert_eq!(
-            call(&dev, &ram, hc::CONSOLE_WRITE, [u64::MAX - 2, 5, 0, 0]).0,
-            -hc::EFAULT
-        );
-        assert_eq!(
-            call(
-                &dev,
-                &ram,
-                hc::CONSOLE_WRITE,
-                [0, hc::CONSOLE_WRITE_MAX + 1, 0, 0]
-            )
-            .0,
-            -hc::EINVAL
-        );
-        assert_eq!(
-            call(&dev, &ram, hc::EXIT, [3, 0, 0, 0]),
-            (0, Some(VmRequest::Exit(3)))
-        );
+        assert_eq!(call(&dev, &ram, hc::CONSOLE_WRITE, [u64::MAX - 2, 5, 0, 0]).0, -hc::EFAULT);
+        assert_eq!(call(&dev, &ram, hc::CONSOLE_WRITE, [0, hc::CONSOLE_WRITE_MAX + 1, 0, 0]).0, -hc::EINVAL);
+        assert_eq!(call(&dev, &ram, hc::EXIT, [3, 0, 0, 0]), (0, Some(VmRequest::Exit(3))));
         assert_eq!(call(&dev, &ram, hc::EXIT, [256, 0, 0, 0]).0, -hc::EINVAL);
-        assert_eq!(
-            call(&dev, &ram, hc::FREE_PAGE_HINT, [0x10000, 4, 0, 0]).0,
-            4
-        );
-        assert_eq!(
-            call(&dev, &ram, hc::FREE_PAGE_HINT, [0x11000, 4, 0, 0]).0,
-            1
-        );
+        assert_eq!(call(&dev, &ram, hc::FREE_PAGE_HINT, [0x10000, 4, 0, 0]).0, 4);
+        assert_eq!(call(&dev, &ram, hc::FREE_PAGE_HINT, [0x11000, 4, 0, 0]).0, 1);
         assert!(dev.state.is_free(0x13000) && dev.state.is_free(0x14000));
         assert_eq!(dev.state.free_page_count(), 5);
-        assert_eq!(
-            call(&dev, &ram, hc::FREE_PAGE_UNHINT, [0x10000, 5, 0, 0]).0,
-            5
-        );
-        assert_eq!(
-            call(&dev, &ram, hc::FREE_PAGE_HINT, [0x10001, 1, 0, 0]).0,
-            -hc::EINVAL
-        );
-        assert_eq!(
-            call(&dev, &ram, hc::FREE_PAGE_HINT, [0, u64::MAX, 0, 0]).0,
-            -hc::EINVAL
-        );
-        assert_eq!(
-            call(&dev, &ram, hc::FREE_PAGE_HINT, [0xff_f000, 2, 0, 0]).0,
-            -hc::EFAULT
-        );
+        assert_eq!(call(&dev, &ram, hc::FREE_PAGE_UNHINT, [0x10000, 5, 0, 0]).0, 5);
+        assert_eq!(call(&dev, &ram, hc::FREE_PAGE_HINT, [0x10001, 1, 0, 0]).0, -hc::EINVAL);
+        assert_eq!(call(&dev, &ram, hc::FREE_PAGE_HINT, [0, u64::MAX, 0, 0]).0, -hc::EINVAL);
+        assert_eq!(call(&dev, &ram, hc::FREE_PAGE_HINT, [0xff_f000, 2, 0, 0]).0, -hc::EFAULT);
         assert_eq!(call(&dev, &ram, hc::RANDOM, [0x3000, 64, 0, 0]).0, 64);
-        assert_eq!(
-            call(&dev, &ram, hc::SLEEP, [hc::SLEEP_MAX_NS + 1, 0, 0, 0]).0,
-            -hc::EINVAL
-        );
+        assert_eq!(call(&dev, &ram, hc::SLEEP, [hc::SLEEP_MAX_NS + 1, 0, 0, 0]).0, -hc::EINVAL);
         assert!(call(&dev, &ram, hc::CLOCK, [hc::CLOCK_MONOTONIC, 0, 0, 0]).0 > 0);
         assert_eq!(call(&dev, &ram, hc::CLOCK, [7, 0, 0, 0]).0, -hc::EINVAL);
-        assert_eq!(
-            call(&dev, &ram, hc::REGISTER_GENERATION, [0x4004, 0, 0, 0]).0,
-            -hc::EINVAL
-        );
-        assert_eq!(
-            call(&dev, &ram, hc::REGISTER_GENERATION, [0x4000, 0, 0, 0]).0,
-            0
-        );
+        assert_eq!(call(&dev, &ram, hc::REGISTER_GENERATION, [0x4004, 0, 0, 0]).0, -hc::EINVAL);
+        assert_eq!(call(&dev, &ram, hc::REGISTER_GENERATION, [0x4000, 0, 0, 0]).0, 0);
     }
 
     #[test]

@@ -18,7 +18,6 @@ impl BusDevice for I8042 {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Option<VmRequest> {
-        (offset == COMMAND_OFFSET && data.first() == Some(&ports::I8042_CMD_RESET))
-            .then_some(VmRequest::Reset)
+        (offset == COMMAND_OFFSET && data.first() == Some(&ports::I8042_CMD_RESET)).then_some(VmRequest::Reset)
     }
 }

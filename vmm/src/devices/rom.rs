@@ -26,10 +26,7 @@ impl BusDevice for RomWrites {
 
     fn write(&self, offset: u64, data: &[u8]) -> Option<VmRequest> {
         if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
-            log::info!(
-                "guest wrote {} byte(s) to the firmware ROM at offset {offset:#x}; dropped",
-                data.len()
-            );
+            log::info!("guest wrote {} byte(s) to the firmware ROM at offset {offset:#x}; dropped", data.len());
         }
         None
     }

@@ -30,9 +30,7 @@ pub struct SerialDevice {
 impl SerialDevice {
     /// A UART writing to `console` and raising `interrupt`.
     pub fn new(interrupt: EventFd, console: Console) -> Self {
-        SerialDevice {
-            uart: Mutex::new(Serial::new(EventFdTrigger(interrupt), console)),
-        }
+        SerialDevice { uart: Mutex::new(Serial::new(EventFdTrigger(interrupt), console)) }
     }
 
     fn uart(&self) -> MutexGuard<'_, Uart> {
@@ -91,9 +89,7 @@ impl SerialDevice {
 
 impl BusDevice for SerialDevice {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        let value = u8::try_from(offset)
-            .map(|o| self.uart().read(o))
-            .unwrap_or(0xff);
+        let value = u8::try_from(offset).map(|o| self.uart().read(o)).unwrap_or(0xff);
         data.fill(0);
         if let Some(first) = data.first_mut() {
             *first = value;
@@ -117,25 +113,23 @@ pub fn spawn_input_thread<R: Read + Send + 'static>(
     serial: Arc<SerialDevice>,
     mut input: R,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("serial-input".into())
-        .spawn(move || {
-            let mut buffer = [0u8; 256];
-            loop {
-                let n = match input.read(&mut buffer) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let mut pending = &buffer[..n];
-                while !pending.is_empty() {
-                    let taken = serial.enqueue_input(pending);
-                    pending = &pending[taken..];
-                    if taken == 0 {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
+    std::thread::Builder::new().name("serial-input".into()).spawn(move || {
+        let mut buffer = [0u8; 256];
+        loop {
+            let n = match input.read(&mut buffer) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let mut pending = &buffer[..n];
+            while !pending.is_empty() {
+                let taken = serial.enqueue_input(pending);
+                pending = &pending[taken..];
+                if taken == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
                 }
             }
-        })
+        }
+    })
 }
 
 #[cfg(test)]
@@ -158,10 +152,7 @@ mod tests {
     #[test]
     fn output_and_input() {
         let out = Shared::default();
-        let uart = SerialDevice::new(
-            EventFd::new(0).unwrap(),
-            Console::new(Box::new(out.clone())),
-        );
+        let uart = SerialDevice::new(EventFd::new(0).unwrap(), Console::new(Box::new(out.clone())));
         for b in b"hi" {
             uart.write(0, &[*b]);
         }

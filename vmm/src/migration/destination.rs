@@ -23,13 +23,7 @@ pub struct Incoming {
 }
 
 fn refuse(stream: &mut dyn Stream, reason: &str) {
-    let _ = protocol::write_json(
-        &mut WriteAdapter(stream),
-        Kind::Refuse,
-        &Answer {
-            reason: reason.into(),
-        },
-    );
+    let _ = protocol::write_json(&mut WriteAdapter(stream), Kind::Refuse, &Answer { reason: reason.into() });
 }
 
 /// `&mut dyn Stream` as an `impl Write` (the protocol functions are generic).
@@ -44,16 +38,45 @@ impl Write for WriteAdapter<'_> {
     }
 }
 
+/// Memory frames (any number of rounds), the State, then Complete with the checksum.
+fn receive_memory_and_state(vm: &Vm, stream: &mut Box<dyn Stream>) -> Result<(MachineState, Instant), String> {
+    let mut stats = memory::Transfer::default();
+    let mut crc = crc32fast::Hasher::new();
+    let mut machine = None;
+    loop {
+        let (kind, payload) = protocol::read_frame(stream).map_err(|e| chain(&e))?;
+        match kind {
+            Kind::Memory => {
+                crc.update(&payload);
+                memory::apply(vm.ram(), &payload, &mut stats).map_err(|e| chain(&e))?;
+            }
+            Kind::State => {
+                let state: MachineState =
+                    serde_json::from_slice(&payload).map_err(|e| format!("malformed machine state: {e}"))?;
+                machine = Some((state, Instant::now()));
+            }
+            Kind::Complete => {
+                let complete: protocol::Complete =
+                    serde_json::from_slice(&payload).map_err(|e| format!("malformed Complete message: {e}"))?;
+                let received = crc.finalize();
+                if complete.memory_crc32 != received {
+                    return Err(format!(
+                        "memory checksum mismatch: received {received:#x}, the source sent {:#x}",
+                        complete.memory_crc32
+                    ));
+                }
+                return machine.ok_or_else(|| "the source completed without sending the machine state".to_string());
+            }
+            Kind::Refuse => return Err("the source aborted the migration".into()),
+            other => return Err(format!("unexpected {other:?} message during the transfer")),
+        }
+    }
+}
+
 /// Waits for a source on `address` and receives its VM.
-pub fn receive(
-    address: &Address,
-    kvm_device: PathBuf,
-    console: Box<dyn Write + Send>,
-) -> Result<Incoming, String> {
+pub fn receive(address: &Address, kvm_device: PathBuf, console: Box<dyn Write + Send>) -> Result<Incoming, String> {
     let mut stream = transport::accept_one(address).map_err(|e| chain(&e))?;
-    stream
-        .set_timeout(Duration::from_secs(30))
-        .map_err(|e| e.to_string())?;
+    stream.set_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
     let hello: Hello = protocol::read_json(&mut stream, Kind::Hello).map_err(|e| chain(&e))?;
     let config = VmConfig {
         memory_bytes: hello.memory_bytes,
@@ -61,17 +84,9 @@ pub fn receive(
         kernel: Kernel::Bundled,
         cmdline: String::new(),
         initrd: None,
-        boot: if hello.firmware {
-            BootMode::Firmware
-        } else {
-            BootMode::Direct
-        },
+        boot: if hello.firmware { BootMode::Firmware } else { BootMode::Direct },
         kvm_device,
-        msr_policy: if hello.msr_policy_zero {
-            UnknownMsrPolicy::Zero
-        } else {
-            UnknownMsrPolicy::Gp
-        },
+        msr_policy: if hello.msr_policy_zero { UnknownMsrPolicy::Zero } else { UnknownMsrPolicy::Gp },
         trace_exits: None,
         audit: None,
     };
@@ -88,26 +103,18 @@ pub fn receive(
             return Err(reason);
         }
     };
-    protocol::write_json(
-        &mut stream,
-        Kind::Accept,
-        &Answer {
-            reason: String::new(),
-        },
-    )
-    .map_err(|e| chain(&e))?;
-    let machine: MachineState =
-        protocol::read_json(&mut stream, Kind::State).map_err(|e| chain(&e))?;
-    let state_arrived = Instant::now();
-    memory::receive_all(vm.ram(), &mut stream).map_err(|e| chain(&e))?;
+    protocol::write_json(&mut stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
+    let (machine, state_arrived) = match receive_memory_and_state(&vm, &mut stream) {
+        Ok(received) => received,
+        Err(reason) => {
+            refuse(stream.as_mut(), &reason);
+            return Err(reason);
+        }
+    };
     if let Err(e) = vm.restore_machine(&machine) {
         let reason = format!("restoring the VM failed: {}", chain(&e));
         refuse(stream.as_mut(), &reason);
         return Err(reason);
     }
-    Ok(Incoming {
-        vm,
-        stream,
-        state_arrived,
-    })
+    Ok(Incoming { vm, stream, state_arrived })
 }

@@ -1,7 +1,10 @@
 //! Guest memory on the wire: `Memory` frames of page records,
 //! `gpa u64 | npages u32 | flags u32` followed, unless flag ZERO is set, by the pages'
 //! bytes. Pages the host never made resident (`mincore`) and pages that read as zero go as
-//! ZERO records without data. A CRC32 over every Memory payload is checked at Complete.
+//! ZERO records without data; in the first full pass they also carry FRESH (the
+//! destination's RAM is still zero there: nothing to write), in later pre-copy rounds they
+//! do not (the destination must clear a page it received earlier). A CRC32 over every
+//! Memory payload is checked at Complete.
 
 use super::protocol::{self, Kind};
 use crate::memory::{self, GuestRam};
@@ -10,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 pub const PAGE: u64 = 4096;
 const ZERO: u32 = 1;
+const FRESH: u32 = 2;
 const RECORD_HEADER: usize = 16;
 /// Payload size at which a frame is sent.
 const FRAME_TARGET: usize = 4 << 20;
@@ -52,90 +56,141 @@ fn residency(host: *mut u8, len: usize) -> Vec<bool> {
     vec.iter().map(|b| b & 1 != 0).collect()
 }
 
-struct Sender<'a, W: Write> {
-    out: &'a mut W,
+/// The sending side of memory transfer, across pre-copy rounds.
+pub struct Outgoing {
     frame: Vec<u8>,
     crc: crc32fast::Hasher,
-    stats: Transfer,
-    zero_run: Option<(u64, u32)>,
+    pub stats: Transfer,
+    zero_run: Option<(u64, u32, u32)>,
+    page: Vec<u8>,
 }
 
-impl<W: Write> Sender<'_, W> {
+impl Default for Outgoing {
+    fn default() -> Self {
+        Outgoing {
+            frame: Vec::with_capacity(FRAME_TARGET + PAGE as usize * 2),
+            crc: crc32fast::Hasher::new(),
+            stats: Transfer::default(),
+            zero_run: None,
+            page: vec![0u8; PAGE as usize],
+        }
+    }
+}
+
+impl Outgoing {
     fn flush_zero_run(&mut self) {
-        if let Some((gpa, n)) = self.zero_run.take() {
+        if let Some((gpa, n, flags)) = self.zero_run.take() {
             self.frame.extend_from_slice(&gpa.to_le_bytes());
             self.frame.extend_from_slice(&n.to_le_bytes());
-            self.frame.extend_from_slice(&ZERO.to_le_bytes());
+            self.frame.extend_from_slice(&flags.to_le_bytes());
         }
     }
 
-    fn zero_page(&mut self, gpa: u64) {
+    fn zero_page(&mut self, gpa: u64, fresh: bool) {
         self.stats.zero_pages += 1;
+        let flags = if fresh { ZERO | FRESH } else { ZERO };
         match &mut self.zero_run {
-            Some((start, n)) if *start + u64::from(*n) * PAGE == gpa && *n < u32::MAX => *n += 1,
+            Some((start, n, f)) if *f == flags && *start + u64::from(*n) * PAGE == gpa && *n < u32::MAX => *n += 1,
             _ => {
                 self.flush_zero_run();
-                self.zero_run = Some((gpa, 1));
+                self.zero_run = Some((gpa, 1, flags));
             }
         }
     }
 
-    fn data_page(&mut self, gpa: u64, page: &[u8]) {
-        self.flush_zero_run();
-        self.frame.extend_from_slice(&gpa.to_le_bytes());
-        self.frame.extend_from_slice(&1u32.to_le_bytes());
-        self.frame.extend_from_slice(&0u32.to_le_bytes());
-        self.frame.extend_from_slice(page);
+    /// Reads one page and queues it as data or as a zero record.
+    fn page(&mut self, ram: &GuestRam, gpa: u64, fresh: bool) -> Result<(), Error> {
+        self.stats.pages += 1;
+        ram.read_slice(&mut self.page, GuestAddress(gpa))?;
+        if self.page.iter().all(|&b| b == 0) {
+            self.zero_page(gpa, fresh);
+        } else {
+            self.flush_zero_run();
+            self.frame.extend_from_slice(&gpa.to_le_bytes());
+            self.frame.extend_from_slice(&1u32.to_le_bytes());
+            self.frame.extend_from_slice(&0u32.to_le_bytes());
+            self.frame.extend_from_slice(&self.page);
+        }
+        Ok(())
     }
 
-    fn maybe_send(&mut self, force: bool) -> Result<(), Error> {
+    fn maybe_send<W: Write>(&mut self, out: &mut W, force: bool) -> Result<(), Error> {
         if force {
             self.flush_zero_run();
         }
         if self.frame.len() >= FRAME_TARGET || (force && !self.frame.is_empty()) {
             self.crc.update(&self.frame);
-            protocol::write_frame(self.out, Kind::Memory, &self.frame)?;
+            protocol::write_frame(out, Kind::Memory, &self.frame)?;
             self.stats.bytes_on_wire += self.frame.len() as u64 + 16;
             self.frame.clear();
         }
         Ok(())
     }
+
+    /// The first full pass: every page of RAM; non-resident pages without reading them.
+    pub fn send_all<W: Write>(&mut self, ram: &GuestRam, out: &mut W) -> Result<(), Error> {
+        for region in ram.iter() {
+            let base = region.start_addr().0;
+            let resident = residency(region.as_ptr(), region.len() as usize);
+            for (i, present) in resident.iter().enumerate() {
+                let gpa = base + i as u64 * PAGE;
+                if *present {
+                    self.page(ram, gpa, true)?;
+                } else {
+                    self.stats.pages += 1;
+                    self.zero_page(gpa, true);
+                }
+                self.maybe_send(out, false)?;
+            }
+        }
+        self.maybe_send(out, true)?;
+        out.flush().map_err(protocol::Error::from)?;
+        Ok(())
+    }
+
+    /// A later round: the pages set in `dirty` (one bitmap per RAM region). Returns how
+    /// many pages it sent.
+    pub fn send_dirty<W: Write>(&mut self, ram: &GuestRam, dirty: &[Vec<u64>], out: &mut W) -> Result<u64, Error> {
+        let mut sent = 0;
+        for (region, bits) in ram.iter().zip(dirty) {
+            let base = region.start_addr().0;
+            let pages = region.len() / PAGE;
+            for (w, word) in bits.iter().enumerate() {
+                let mut word = *word;
+                while word != 0 {
+                    let bit = u64::from(word.trailing_zeros());
+                    word &= word - 1;
+                    let index = w as u64 * 64 + bit;
+                    if index < pages {
+                        self.page(ram, base + index * PAGE, false)?;
+                        sent += 1;
+                        self.maybe_send(out, false)?;
+                    }
+                }
+            }
+        }
+        self.maybe_send(out, true)?;
+        out.flush().map_err(protocol::Error::from)?;
+        Ok(sent)
+    }
+
+    /// CRC32 of every Memory payload sent so far.
+    pub fn crc32(&self) -> u32 {
+        self.crc.clone().finalize()
+    }
 }
 
-/// Sends every page of guest RAM.
+/// Counts the pages set in per-region dirty bitmaps.
+pub fn count_dirty(dirty: &[Vec<u64>]) -> u64 {
+    dirty.iter().flatten().map(|w| u64::from(w.count_ones())).sum()
+}
+
+/// Sends every page of guest RAM (stop-and-copy in one pass).
 pub fn send_all<W: Write>(ram: &GuestRam, out: &mut W) -> Result<Transfer, Error> {
-    let mut s = Sender {
-        out,
-        frame: Vec::with_capacity(FRAME_TARGET + PAGE as usize * 2),
-        crc: crc32fast::Hasher::new(),
-        stats: Transfer::default(),
-        zero_run: None,
-    };
-    let mut page = vec![0u8; PAGE as usize];
-    for region in ram.iter() {
-        let base = region.start_addr().0;
-        let len = region.len() as usize;
-        let resident = residency(region.as_ptr(), len);
-        for (i, present) in resident.iter().enumerate() {
-            let gpa = base + i as u64 * PAGE;
-            s.stats.pages += 1;
-            if !present {
-                s.zero_page(gpa);
-                continue;
-            }
-            ram.read_slice(&mut page, GuestAddress(gpa))?;
-            if page.iter().all(|&b| b == 0) {
-                s.zero_page(gpa);
-            } else {
-                s.data_page(gpa, &page);
-            }
-            s.maybe_send(false)?;
-        }
-    }
-    s.maybe_send(true)?;
-    s.stats.crc32 = s.crc.clone().finalize();
-    s.out.flush().map_err(protocol::Error::from)?;
-    Ok(s.stats)
+    let mut outgoing = Outgoing::default();
+    outgoing.send_all(ram, out)?;
+    outgoing.stats.crc32 = outgoing.crc32();
+    Ok(outgoing.stats)
 }
 
 /// Applies one Memory payload to guest RAM, checking every record against RAM.
@@ -149,24 +204,26 @@ pub fn apply(ram: &GuestRam, payload: &[u8], stats: &mut Transfer) -> Result<(),
         let pages = u64::from(u32::from_le_bytes(rest[8..12].try_into().unwrap_or([0; 4])));
         let flags = u32::from_le_bytes(rest[12..16].try_into().unwrap_or([0; 4]));
         rest = &rest[RECORD_HEADER..];
-        let len = pages
-            .checked_mul(PAGE)
-            .ok_or(Error::OutsideRam { gpa, pages })?;
+        let len = pages.checked_mul(PAGE).ok_or(Error::OutsideRam { gpa, pages })?;
         if gpa % PAGE != 0 || pages == 0 || !memory::is_ram(ram, gpa, len) {
             return Err(Error::OutsideRam { gpa, pages });
         }
         stats.pages += pages;
-        if flags & ZERO != 0 {
-            // The destination's RAM is fresh and zero: nothing to write.
-            stats.zero_pages += pages;
-            continue;
-        }
-        if flags != 0 {
+        if flags & !(ZERO | FRESH) != 0 || flags == FRESH {
             return Err(Error::Record(format!("unknown flags {flags:#x}")));
         }
-        let data = rest
-            .get(..len as usize)
-            .ok_or_else(|| Error::Record("record data past the frame".into()))?;
+        if flags & ZERO != 0 {
+            stats.zero_pages += pages;
+            if flags & FRESH == 0 {
+                // A page sent earlier became zero: clear it.
+                let zero = [0u8; PAGE as usize];
+                for p in 0..pages {
+                    ram.write_slice(&zero, GuestAddress(gpa + p * PAGE))?;
+                }
+            }
+            continue;
+        }
+        let data = rest.get(..len as usize).ok_or_else(|| Error::Record("record data past the frame".into()))?;
         ram.write_slice(data, GuestAddress(gpa))?;
         rest = &rest[len as usize..];
     }
@@ -190,25 +247,16 @@ pub fn receive_all<R: Read>(ram: &GuestRam, input: &mut R) -> Result<Transfer, E
                     .map_err(|e| protocol::Error::Malformed(Kind::Complete, e.to_string()))?;
                 stats.crc32 = crc.finalize();
                 if complete.memory_crc32 != stats.crc32 {
-                    return Err(Error::Checksum {
-                        received: stats.crc32,
-                        sent: complete.memory_crc32,
-                    });
+                    return Err(Error::Checksum { received: stats.crc32, sent: complete.memory_crc32 });
                 }
                 return Ok(stats);
             }
             Kind::Refuse => {
-                let answer: protocol::Answer = serde_json::from_slice(&payload)
-                    .unwrap_or(protocol::Answer { reason: "?".into() });
+                let answer: protocol::Answer =
+                    serde_json::from_slice(&payload).unwrap_or(protocol::Answer { reason: "?".into() });
                 return Err(protocol::Error::Refused(answer.reason).into());
             }
-            other => {
-                return Err(protocol::Error::Unexpected {
-                    expected: Kind::Memory,
-                    got: other,
-                }
-                .into())
-            }
+            other => return Err(protocol::Error::Unexpected { expected: Kind::Memory, got: other }.into()),
         }
     }
 }
@@ -221,18 +269,13 @@ mod tests {
     fn round_trip_and_hostile_records() {
         let src = memory::create_ram(16 << 20).unwrap();
         src.write_slice(b"hello", GuestAddress(0x5000)).unwrap();
-        src.write_slice(&[7u8; 4096], GuestAddress(0x80_0000))
-            .unwrap();
+        src.write_slice(&[7u8; 4096], GuestAddress(0x80_0000)).unwrap();
         let mut wire = Vec::new();
         let sent = send_all(&src, &mut wire).unwrap();
         protocol::write_json(
             &mut wire,
             Kind::Complete,
-            &protocol::Complete {
-                memory_crc32: sent.crc32,
-                pages_sent: sent.pages,
-                zero_pages: sent.zero_pages,
-            },
+            &protocol::Complete { memory_crc32: sent.crc32, pages_sent: sent.pages, zero_pages: sent.zero_pages },
         )
         .unwrap();
         assert_eq!(sent.pages, 4096);
@@ -249,23 +292,14 @@ mod tests {
         rec.extend_from_slice(&(64u64 << 20).to_le_bytes());
         rec.extend_from_slice(&1u32.to_le_bytes());
         rec.extend_from_slice(&ZERO.to_le_bytes());
-        assert!(matches!(
-            apply(&dst, &rec, &mut stats),
-            Err(Error::OutsideRam { .. })
-        ));
-        assert!(matches!(
-            apply(&dst, &rec[..10], &mut stats),
-            Err(Error::Record(_))
-        ));
+        assert!(matches!(apply(&dst, &rec, &mut stats), Err(Error::OutsideRam { .. })));
+        assert!(matches!(apply(&dst, &rec[..10], &mut stats), Err(Error::Record(_))));
         let mut rec = Vec::new();
         rec.extend_from_slice(&0x1000u64.to_le_bytes());
         rec.extend_from_slice(&2u32.to_le_bytes());
         rec.extend_from_slice(&0u32.to_le_bytes());
         rec.extend_from_slice(&[1u8; 4096]);
-        assert!(
-            matches!(apply(&dst, &rec, &mut stats), Err(Error::Record(_))),
-            "data shorter than announced"
-        );
+        assert!(matches!(apply(&dst, &rec, &mut stats), Err(Error::Record(_))), "data shorter than announced");
         // A corrupted stream fails the checksum.
         let mut bad = wire.clone();
         let at = bad.len() / 2;

@@ -118,16 +118,11 @@ pub fn read_frame(r: &mut impl Read) -> Result<(Kind, Vec<u8>), Error> {
 pub fn read_json<T: DeserializeOwned>(r: &mut impl Read, expected: Kind) -> Result<T, Error> {
     let (kind, payload) = read_frame(r)?;
     if kind == Kind::Refuse && expected != Kind::Refuse {
-        let answer: Answer = serde_json::from_slice(&payload).unwrap_or(Answer {
-            reason: "no reason given".into(),
-        });
+        let answer: Answer = serde_json::from_slice(&payload).unwrap_or(Answer { reason: "no reason given".into() });
         return Err(Error::Refused(answer.reason));
     }
     if kind != expected {
-        return Err(Error::Unexpected {
-            expected,
-            got: kind,
-        });
+        return Err(Error::Unexpected { expected, got: kind });
     }
     serde_json::from_slice(&payload).map_err(|e| Error::Malformed(kind, e.to_string()))
 }
@@ -171,51 +166,23 @@ mod tests {
     #[test]
     fn frames_round_trip_and_bad_ones_are_refused() {
         let mut buf = Vec::new();
-        write_json(
-            &mut buf,
-            Kind::Complete,
-            &Complete {
-                memory_crc32: 7,
-                pages_sent: 1,
-                zero_pages: 2,
-            },
-        )
-        .unwrap();
+        write_json(&mut buf, Kind::Complete, &Complete { memory_crc32: 7, pages_sent: 1, zero_pages: 2 }).unwrap();
         let c: Complete = read_json(&mut buf.as_slice(), Kind::Complete).unwrap();
         assert_eq!(c.memory_crc32, 7);
-        assert!(matches!(
-            read_json::<Complete>(&mut buf.as_slice(), Kind::State),
-            Err(Error::Unexpected { .. })
-        ));
+        assert!(matches!(read_json::<Complete>(&mut buf.as_slice(), Kind::State), Err(Error::Unexpected { .. })));
         let mut bad = buf.clone();
         bad[0] ^= 1;
-        assert!(matches!(
-            read_frame(&mut bad.as_slice()),
-            Err(Error::Magic(_))
-        ));
+        assert!(matches!(read_frame(&mut bad.as_slice()), Err(Error::Magic(_))));
         let mut bad = buf.clone();
         bad[4] = 9;
-        assert!(matches!(
-            read_frame(&mut bad.as_slice()),
-            Err(Error::Version(9))
-        ));
+        assert!(matches!(read_frame(&mut bad.as_slice()), Err(Error::Version(9))));
         let mut bad = buf.clone();
         bad[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(
-            read_frame(&mut bad.as_slice()),
-            Err(Error::TooLarge(_))
-        ));
+        assert!(matches!(read_frame(&mut bad.as_slice()), Err(Error::TooLarge(_))));
         let truncated = &buf[..buf.len() - 1];
         assert!(matches!(read_frame(&mut &truncated[..]), Err(Error::Io(_))));
         let mut refuse = Vec::new();
-        write_json(
-            &mut refuse,
-            Kind::Refuse,
-            &Answer {
-                reason: "no room".into(),
-            },
-        )
-        .unwrap();
+        write_json(&mut refuse, Kind::Refuse, &Answer { reason: "no room".into() }).unwrap();
         assert!(
             matches!(read_json::<Complete>(&mut refuse.as_slice(), Kind::Complete), Err(Error::Refused(r)) if r == "no room")
         );

@@ -2,7 +2,7 @@
 //! memory, and wait for the destination to say the VM runs there. Any failure before that
 //! resumes the VM here: nothing is lost.
 
-use super::memory::{self, Transfer};
+use super::memory::{self, Outgoing, Transfer};
 use super::protocol::{self, Answer, Complete, Hello, Kind, Running};
 use super::transport::{self, Address};
 use crate::vm::Vm;
@@ -11,10 +11,35 @@ use std::time::{Duration, Instant};
 /// How long a silent peer is waited for.
 const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How to move the VM.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// Pause, copy everything, run there.
+    StopCopy,
+    /// Copy while the guest runs, in rounds of the pages it dirtied, until what is left
+    /// fits the downtime limit at the measured bandwidth (or `max_rounds` is reached: then
+    /// stop and copy the rest anyway).
+    Precopy { downtime_limit_ms: f64, max_rounds: u32 },
+}
+
+/// One pre-copy round.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Round {
+    pub round: u32,
+    pub pages: u64,
+    pub ms: f64,
+    pub mb_s: f64,
+}
+
 /// What a migration took.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     pub mode: &'static str,
+    pub rounds: Vec<Round>,
+    /// Pages sent while the vCPUs were paused.
+    pub final_pages: u64,
+    /// Whether pre-copy converged under the downtime limit (false: it hit max rounds).
+    pub converged: bool,
     pub to: String,
     pub total_ms: f64,
     /// Source vCPUs paused -> destination confirmed its vCPUs run (end to end).
@@ -27,13 +52,17 @@ pub struct Report {
     pub vcpus: u32,
 }
 
-/// Migrates `vm` to the destination listening at `to`.
-pub fn migrate(vm: &mut Vm, to: &Address) -> Result<Report, String> {
+/// Migrates `vm` to the destination listening at `to`; `progress` gets one JSON value per
+/// pre-copy round.
+pub fn migrate(
+    vm: &mut Vm,
+    to: &Address,
+    mode: Mode,
+    progress: &mut dyn FnMut(serde_json::Value),
+) -> Result<Report, String> {
     let start = Instant::now();
     let mut stream = transport::connect(to).map_err(|e| chain(&e))?;
-    stream
-        .set_timeout(PEER_TIMEOUT)
-        .map_err(|e| e.to_string())?;
+    stream.set_timeout(PEER_TIMEOUT).map_err(|e| e.to_string())?;
     let config = vm.config().clone();
     let hello = Hello {
         popek_version: env!("CARGO_PKG_VERSION").into(),
@@ -46,46 +75,121 @@ pub fn migrate(vm: &mut Vm, to: &Address) -> Result<Report, String> {
     protocol::write_json(&mut stream, Kind::Hello, &hello).map_err(|e| chain(&e))?;
     let _: Answer = protocol::read_json(&mut stream, Kind::Accept).map_err(|e| chain(&e))?;
 
+    let mut outgoing = Outgoing::default();
+    let mut rounds = Vec::new();
+    let mut converged = true;
+    if let Mode::Precopy { downtime_limit_ms, max_rounds } = mode {
+        let result = precopy(vm, &mut stream, &mut outgoing, &mut rounds, downtime_limit_ms, max_rounds, progress);
+        match result {
+            Ok(c) => converged = c,
+            Err(e) => {
+                let _ = vm.set_dirty_logging(false);
+                return Err(e);
+            }
+        }
+    }
+
     let paused = Instant::now();
     let vcpus = vm.pause_all()?;
-    let result = (|| -> Result<(Transfer, u64, Running), String> {
+    let result = (|| -> Result<(u64, u64, Running), String> {
+        let final_pages = if rounds.is_empty() {
+            outgoing.send_all(vm.ram(), &mut stream).map_err(|e| chain(&e))?;
+            outgoing.stats.pages
+        } else {
+            let dirty = vm.take_dirty().map_err(|e| chain(&e))?;
+            outgoing.send_dirty(vm.ram(), &dirty, &mut stream).map_err(|e| chain(&e))?
+        };
         let machine = vm.save_machine(vcpus).map_err(|e| chain(&e))?;
         let state = serde_json::to_vec(&machine).map_err(|e| e.to_string())?;
         protocol::write_frame(&mut stream, Kind::State, &state).map_err(|e| chain(&e))?;
-        let sent = memory::send_all(vm.ram(), &mut stream).map_err(|e| chain(&e))?;
         let complete = Complete {
-            memory_crc32: sent.crc32,
-            pages_sent: sent.pages,
-            zero_pages: sent.zero_pages,
+            memory_crc32: outgoing.crc32(),
+            pages_sent: outgoing.stats.pages,
+            zero_pages: outgoing.stats.zero_pages,
         };
         protocol::write_json(&mut stream, Kind::Complete, &complete).map_err(|e| chain(&e))?;
-        let running: Running =
-            protocol::read_json(&mut stream, Kind::Running).map_err(|e| chain(&e))?;
-        Ok((sent, state.len() as u64, running))
+        let running: Running = protocol::read_json(&mut stream, Kind::Running).map_err(|e| chain(&e))?;
+        Ok((final_pages, state.len() as u64, running))
     })();
     match result {
-        Ok((memory, state_bytes, running)) => {
+        Ok((final_pages, state_bytes, running)) => {
             let downtime = paused.elapsed();
             let total = start.elapsed();
+            let mut memory = outgoing.stats;
+            memory.crc32 = outgoing.crc32();
             let bytes = memory.bytes_on_wire + state_bytes;
             Ok(Report {
-                mode: "stop-copy",
+                mode: if rounds.is_empty() { "stop-copy" } else { "precopy" },
+                rounds,
+                final_pages,
+                converged,
                 to: to.to_string(),
                 total_ms: total.as_secs_f64() * 1e3,
                 downtime_ms: downtime.as_secs_f64() * 1e3,
                 destination_restore_ms: running.restore_us as f64 / 1e3,
                 memory,
                 state_bytes,
-                bandwidth_mb_s: bytes as f64 / downtime.as_secs_f64().max(1e-9) / 1e6,
+                bandwidth_mb_s: bytes as f64 / total.as_secs_f64().max(1e-9) / 1e6,
                 vcpus: config.vcpus,
             })
         }
         Err(e) => {
             // Nothing was confirmed: the VM goes on here.
+            let _ = vm.set_dirty_logging(false);
             vm.resume_all();
             Err(e)
         }
     }
+}
+
+/// The pre-copy rounds while the guest runs. Returns whether it converged.
+fn precopy(
+    vm: &mut Vm,
+    stream: &mut Box<dyn transport::Stream>,
+    outgoing: &mut Outgoing,
+    rounds: &mut Vec<Round>,
+    downtime_limit_ms: f64,
+    max_rounds: u32,
+    progress: &mut dyn FnMut(serde_json::Value),
+) -> Result<bool, String> {
+    vm.set_dirty_logging(true).map_err(|e| chain(&e))?;
+    // Start from a clean slate: everything written from now on is dirty.
+    vm.take_dirty().map_err(|e| chain(&e))?;
+    let t = Instant::now();
+    outgoing.send_all(vm.ram(), stream).map_err(|e| chain(&e))?;
+    let first = t.elapsed().as_secs_f64();
+    let mut bandwidth = outgoing.stats.bytes_on_wire as f64 / first.max(1e-6);
+    rounds.push(Round { round: 0, pages: outgoing.stats.pages, ms: first * 1e3, mb_s: bandwidth / 1e6 });
+    progress(
+        serde_json::json!({"round": 0, "pages": outgoing.stats.pages, "ms": first * 1e3, "mb_s": bandwidth / 1e6}),
+    );
+    for round in 1..=max_rounds {
+        let dirty = vm.take_dirty().map_err(|e| chain(&e))?;
+        let pending = memory::count_dirty(&dirty);
+        let estimate_ms = pending as f64 * memory::PAGE as f64 / bandwidth * 1e3;
+        if estimate_ms <= downtime_limit_ms {
+            // Converged: these pages go again in the final round, with the vCPUs paused
+            // (the dirty log keeps them: put them back by marking nothing as sent).
+            vm.redirty(&dirty);
+            progress(
+                serde_json::json!({"round": round, "pending_pages": pending, "estimate_ms": estimate_ms, "converged": true}),
+            );
+            return Ok(true);
+        }
+        let before = outgoing.stats.bytes_on_wire;
+        let t = Instant::now();
+        let sent = outgoing.send_dirty(vm.ram(), &dirty, stream).map_err(|e| chain(&e))?;
+        let secs = t.elapsed().as_secs_f64().max(1e-6);
+        bandwidth = ((outgoing.stats.bytes_on_wire - before) as f64 / secs).max(1.0);
+        rounds.push(Round { round, pages: sent, ms: secs * 1e3, mb_s: bandwidth / 1e6 });
+        progress(
+            serde_json::json!({"round": round, "pages": sent, "ms": secs * 1e3, "mb_s": bandwidth / 1e6, "estimate_ms": estimate_ms}),
+        );
+    }
+    progress(
+        serde_json::json!({"converged": false, "note": format!("not under {downtime_limit_ms} ms after {max_rounds} rounds: stopping and copying the rest")}),
+    );
+    Ok(false)
 }
 
 /// "outer: inner: innermost".

@@ -6,9 +6,9 @@
 //! the LAPIC before MSRs (TSC deadline) when restoring.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -23,12 +23,7 @@ pub enum Error {
         source: kvm_ioctls::Error,
     },
     #[error("vCPU {id}: KVM restored {restored} of {total} MSRs (first refused: {index:#x})")]
-    Msrs {
-        id: u32,
-        restored: usize,
-        total: usize,
-        index: u32,
-    },
+    Msrs { id: u32, restored: usize, total: usize, index: u32 },
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -56,17 +51,10 @@ fn save_msrs(list: &[u32], vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>, Error> {
     let mut indexes: &[u32] = list;
     let mut saved = Vec::with_capacity(indexes.len());
     while !indexes.is_empty() {
-        let entries: Vec<kvm_msr_entry> = indexes
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| Error::Kvm {
-            what: "build an MSR list",
-            source: kvm_ioctls::Error::new(libc::EINVAL),
-        })?;
+        let entries: Vec<kvm_msr_entry> =
+            indexes.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|_| Error::Kvm { what: "build an MSR list", source: kvm_ioctls::Error::new(libc::EINVAL) })?;
         let read = vcpu.get_msrs(&mut msrs).map_err(kvm("read MSRs"))?;
         saved.extend(msrs.as_slice()[..read].iter().map(|e| (e.index, e.data)));
         indexes = &indexes[(read + 1).min(indexes.len())..];
@@ -76,10 +64,7 @@ fn save_msrs(list: &[u32], vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>, Error> {
 
 /// KVM's list of MSRs a VMM should save and restore.
 pub fn msr_indexes(k: &Kvm) -> Result<Vec<u32>, Error> {
-    Ok(k.get_msr_index_list()
-        .map_err(kvm("read KVM's MSR index list"))?
-        .as_slice()
-        .to_vec())
+    Ok(k.get_msr_index_list().map_err(kvm("read KVM's MSR index list"))?.as_slice().to_vec())
 }
 
 impl VcpuState {
@@ -94,61 +79,30 @@ impl VcpuState {
         let lapic = vcpu.get_lapic().map_err(kvm("read the local APIC"))?;
         let msrs = save_msrs(msr_indexes, vcpu)?;
         let events = vcpu.get_vcpu_events().map_err(kvm("read vCPU events"))?;
-        Ok(VcpuState {
-            id,
-            mp_state,
-            regs,
-            sregs,
-            xsave,
-            xcrs,
-            debugregs,
-            lapic,
-            msrs,
-            events,
-        })
+        Ok(VcpuState { id, mp_state, regs, sregs, xsave, xcrs, debugregs, lapic, msrs, events })
     }
 
     /// Restores into a vCPU created with the same CPUID.
     pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), Error> {
-        vcpu.set_mp_state(self.mp_state)
-            .map_err(kvm("restore the MP state"))?;
-        vcpu.set_regs(&self.regs)
-            .map_err(kvm("restore registers"))?;
-        vcpu.set_sregs(&self.sregs)
-            .map_err(kvm("restore special registers"))?;
+        vcpu.set_mp_state(self.mp_state).map_err(kvm("restore the MP state"))?;
+        vcpu.set_regs(&self.regs).map_err(kvm("restore registers"))?;
+        vcpu.set_sregs(&self.sregs).map_err(kvm("restore special registers"))?;
         // SAFETY: restores a kvm_xsave saved by `save` with the same size.
         unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm("restore XSAVE state"))?;
         vcpu.set_xcrs(&self.xcrs).map_err(kvm("restore XCRs"))?;
-        vcpu.set_debug_regs(&self.debugregs)
-            .map_err(kvm("restore debug registers"))?;
-        vcpu.set_lapic(&self.lapic)
-            .map_err(kvm("restore the local APIC"))?;
-        let entries: Vec<kvm_msr_entry> = self
-            .msrs
-            .iter()
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
+        vcpu.set_debug_regs(&self.debugregs).map_err(kvm("restore debug registers"))?;
+        vcpu.set_lapic(&self.lapic).map_err(kvm("restore the local APIC"))?;
+        let entries: Vec<kvm_msr_entry> =
+            self.msrs.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
         for chunk in entries.chunks(64) {
-            let msrs = Msrs::from_entries(chunk).map_err(|_| Error::Kvm {
-                what: "build an MSR list",
-                source: kvm_ioctls::Error::new(libc::EINVAL),
-            })?;
+            let msrs = Msrs::from_entries(chunk)
+                .map_err(|_| Error::Kvm { what: "build an MSR list", source: kvm_ioctls::Error::new(libc::EINVAL) })?;
             let set = vcpu.set_msrs(&msrs).map_err(kvm("restore MSRs"))?;
             if set != chunk.len() {
-                return Err(Error::Msrs {
-                    id: self.id,
-                    restored: set,
-                    total: chunk.len(),
-                    index: chunk[set].index,
-                });
+                return Err(Error::Msrs { id: self.id, restored: set, total: chunk.len(), index: chunk[set].index });
             }
         }
-        vcpu.set_vcpu_events(&self.events)
-            .map_err(kvm("restore vCPU events"))?;
+        vcpu.set_vcpu_events(&self.events).map_err(kvm("restore vCPU events"))?;
         Ok(())
     }
 }
@@ -164,10 +118,7 @@ pub struct VmState {
 }
 
 fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, Error> {
-    let mut chip = kvm_irqchip {
-        chip_id,
-        ..Default::default()
-    };
+    let mut chip = kvm_irqchip { chip_id, ..Default::default() };
     vm.get_irqchip(&mut chip).map_err(kvm("read the irqchip"))?;
     Ok(chip)
 }
@@ -189,10 +140,7 @@ impl VmState {
         }
         vm.set_pit2(&self.pit).map_err(kvm("restore the PIT"))?;
         // Only the clock value travels; flags describing the source host's TSC do not apply.
-        let clock = kvm_clock_data {
-            clock: self.clock.clock,
-            ..Default::default()
-        };
+        let clock = kvm_clock_data { clock: self.clock.clock, ..Default::default() };
         vm.set_clock(&clock).map_err(kvm("restore the KVM clock"))?;
         Ok(())
     }

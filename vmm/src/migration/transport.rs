@@ -29,10 +29,7 @@ impl std::str::FromStr for Address {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {
         if let Some(rest) = s.strip_prefix("tcp:") {
-            if rest
-                .rsplit_once(':')
-                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
-            {
+            if rest.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) {
                 return Ok(Address::Tcp(rest.to_string()));
             }
         } else if let Some(path) = s.strip_prefix("unix:") {
@@ -116,14 +113,8 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert_eq!(
-            "tcp:127.0.0.1:4444".parse::<Address>().unwrap(),
-            Address::Tcp("127.0.0.1:4444".into())
-        );
-        assert_eq!(
-            "unix:/tmp/x".parse::<Address>().unwrap(),
-            Address::Unix("/tmp/x".into())
-        );
+        assert_eq!("tcp:127.0.0.1:4444".parse::<Address>().unwrap(), Address::Tcp("127.0.0.1:4444".into()));
+        assert_eq!("unix:/tmp/x".parse::<Address>().unwrap(), Address::Unix("/tmp/x".into()));
         for bad in ["", "tcp:", "tcp:host", "tcp::1", "udp:1.2.3.4:5", "unix:"] {
             assert!(bad.parse::<Address>().is_err(), "{bad}");
         }

@@ -78,15 +78,8 @@ pub struct Audit {
 
 /// Single-step on or off for `vcpu`.
 fn set_stepping(vcpu: &VcpuFd, on: bool) -> Result<(), kvm_ioctls::Error> {
-    let control = if on {
-        KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
-    } else {
-        0
-    };
-    vcpu.set_guest_debug(&kvm_guest_debug {
-        control,
-        ..Default::default()
-    })
+    let control = if on { KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP } else { 0 };
+    vcpu.set_guest_debug(&kvm_guest_debug { control, ..Default::default() })
 }
 
 fn bitness(sregs: &kvm_sregs) -> u32 {
@@ -105,21 +98,9 @@ impl Audit {
     /// firmware ROM, which is not RAM.
     pub fn new(ram: GuestRam, rom: Option<(u64, Vec<u8>)>, limit: u64) -> Self {
         let host = HostKind::detect();
-        let report = AuditReport {
-            host: host.name(),
-            steps_user_mode: host.can_step_user_mode(),
-            limit,
-            ..Default::default()
-        };
-        Audit {
-            ram,
-            rom,
-            host,
-            state: Mutex::new(State {
-                report,
-                ..Default::default()
-            }),
-        }
+        let report =
+            AuditReport { host: host.name(), steps_user_mode: host.can_step_user_mode(), limit, ..Default::default() };
+        Audit { ram, rom, host, state: Mutex::new(State { report, ..Default::default() }) }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -176,9 +157,7 @@ impl Audit {
             Some(base) => base,
             None => {
                 let t = vcpu.translate_gva(page).ok().filter(|t| t.valid != 0)?;
-                self.state()
-                    .translations
-                    .insert(page, t.physical_address & !0xfff);
+                self.state().translations.insert(page, t.physical_address & !0xfff);
                 t.physical_address & !0xfff
             }
         };
@@ -190,10 +169,7 @@ impl Audit {
             return true;
         }
         if let Some((base, rom)) = &self.rom {
-            if let Some(bytes) = gpa
-                .checked_sub(*base)
-                .and_then(|o| rom.get(o as usize..o as usize + buf.len()))
-            {
+            if let Some(bytes) = gpa.checked_sub(*base).and_then(|o| rom.get(o as usize..o as usize + buf.len())) {
                 buf.copy_from_slice(bytes);
                 return true;
             }
@@ -222,11 +198,7 @@ impl Audit {
         }
         let cpl = (sregs.cs.selector & 3) as u8;
         let bits = bitness(&sregs);
-        let linear = if bits == 64 {
-            regs.rip
-        } else {
-            sregs.cs.base.wrapping_add(regs.rip) & 0xffff_ffff
-        };
+        let linear = if bits == 64 { regs.rip } else { sregs.cs.base.wrapping_add(regs.rip) & 0xffff_ffff };
         let paging = sregs.cr0 & (1 << 31) != 0;
         let mut bytes = [0u8; 15];
         let fetched = self.fetch(vcpu, linear, paging, &mut bytes);
@@ -260,12 +232,7 @@ impl Audit {
                 None if !full => {
                     let mut text = String::new();
                     IntelFormatter::new().format(&instr, &mut text);
-                    sites.push(AuditSite {
-                        rip: regs.rip,
-                        cpl,
-                        instruction: text,
-                        count: 1,
-                    });
+                    sites.push(AuditSite { rip: regs.rip, cpl, instruction: text, count: 1 });
                 }
                 None => {}
             }
@@ -301,11 +268,7 @@ impl Audit {
             Mnemonic::Sysret | Mnemonic::Sysretq | Mnemonic::Sysexit | Mnemonic::Sysexitq => true,
             Mnemonic::Iret | Mnemonic::Iretd | Mnemonic::Iretq => {
                 // The CS to return to is the second slot of the IRET frame.
-                let slot = if instr.mnemonic() == Mnemonic::Iretq {
-                    8
-                } else {
-                    4
-                };
+                let slot = if instr.mnemonic() == Mnemonic::Iretq { 8 } else { 4 };
                 let mut cs = [0u8; 2];
                 self.fetch(vcpu, regs.rsp.wrapping_add(slot), paging, &mut cs) && cs[0] & 3 == 3
             }
@@ -319,9 +282,7 @@ impl Audit {
         if state.stepping || state.report.limit_reached {
             return;
         }
-        if matches!(vcpu.get_sregs(), Ok(s) if s.cs.selector & 3 == 0)
-            && set_stepping(vcpu, true).is_ok()
-        {
+        if matches!(vcpu.get_sregs(), Ok(s) if s.cs.selector & 3 == 0) && set_stepping(vcpu, true).is_ok() {
             state.stepping = true;
             state.report.resumes += 1;
         }
@@ -335,8 +296,7 @@ impl Audit {
             report.vmm_ns_per_step = state.busy.as_nanos() as f64 / report.stepped as f64;
         }
         if state.wall_steps > 0 {
-            report.ns_per_step =
-                state.wall.as_nanos() as f64 / state.wall_steps as f64 + report.vmm_ns_per_step;
+            report.ns_per_step = state.wall.as_nanos() as f64 / state.wall_steps as f64 + report.vmm_ns_per_step;
         }
         report
     }
@@ -351,17 +311,9 @@ impl AuditReport {
             out,
             "audit: host {} ({}), {} instructions stepped{}",
             self.host,
-            if self.steps_user_mode {
-                "steps ring 3"
-            } else {
-                "cannot step ring 3: stepping paused in ring 3"
-            },
+            if self.steps_user_mode { "steps ring 3" } else { "cannot step ring 3: stepping paused in ring 3" },
             self.stepped,
-            if self.limit_reached {
-                format!(" (limit {} reached)", self.limit)
-            } else {
-                String::new()
-            }
+            if self.limit_reached { format!(" (limit {} reached)", self.limit) } else { String::new() }
         );
         for (class, n) in &self.by_class {
             let _ = writeln!(out, "  {class:<24}{n:>10}");

@@ -66,33 +66,19 @@ impl Properties {
     }
 }
 
-const fn p(
-    privileged: bool,
-    control: bool,
-    behaviour: bool,
-    robin_irvine: bool,
-    note: &'static str,
-) -> Properties {
-    Properties {
-        privileged,
-        control_sensitive: control,
-        behaviour_sensitive: behaviour,
-        robin_irvine,
-        note,
-    }
+const fn p(privileged: bool, control: bool, behaviour: bool, robin_irvine: bool, note: &'static str) -> Properties {
+    Properties { privileged, control_sensitive: control, behaviour_sensitive: behaviour, robin_irvine, note }
 }
 
 const INNOCUOUS: Properties = p(false, false, false, false, "");
 const UMIP: &str = "traps at CPL>0 when CR4.UMIP is set";
 
 fn uses_segment_register(instr: &Instruction) -> bool {
-    (0..instr.op_count())
-        .any(|i| instr.op_kind(i) == OpKind::Register && instr.op_register(i).is_segment_register())
+    (0..instr.op_count()).any(|i| instr.op_kind(i) == OpKind::Register && instr.op_register(i).is_segment_register())
 }
 
 fn uses_register(instr: &Instruction, test: fn(iced_x86::Register) -> bool) -> bool {
-    (0..instr.op_count())
-        .any(|i| instr.op_kind(i) == OpKind::Register && test(instr.op_register(i)))
+    (0..instr.op_count()).any(|i| instr.op_kind(i) == OpKind::Register && test(instr.op_register(i)))
 }
 
 /// The table: the Popek-Goldberg properties of a decoded instruction.
@@ -103,20 +89,10 @@ pub fn properties(instr: &Instruction) -> Properties {
         Sgdt | Sidt | Sldt | Str => p(false, false, true, true, UMIP),
         Smsw => p(false, false, true, true, UMIP),
         Pushf | Pushfd | Pushfq => p(false, false, true, true, "reveals IF and IOPL"),
-        Popf | Popfd | Popfq => p(
-            false,
-            true,
-            true,
-            true,
-            "silently keeps IF/IOPL outside ring 0",
-        ),
+        Popf | Popfd | Popfq => p(false, true, true, true, "silently keeps IF/IOPL outside ring 0"),
         Lar | Lsl | Verr | Verw => p(false, false, true, true, "result depends on CPL"),
-        Push | Pop if uses_segment_register(instr) => {
-            p(false, false, true, true, "selector RPL reveals CPL")
-        }
-        Mov if uses_segment_register(instr) => {
-            p(false, true, true, true, "selector RPL reveals CPL")
-        }
+        Push | Pop if uses_segment_register(instr) => p(false, false, true, true, "selector RPL reveals CPL"),
+        Mov if uses_segment_register(instr) => p(false, true, true, true, "selector RPL reveals CPL"),
         Call | Jmp
             if instr.is_call_far()
                 || instr.is_jmp_far()
@@ -128,42 +104,24 @@ pub fn properties(instr: &Instruction) -> Properties {
         Retf => p(false, true, true, true, "privilege checks on far transfers"),
         Int | Into | Int3 | Int1 => p(false, true, true, true, "gate DPL checked against CPL"),
         // Configuration- or host-dependent.
-        Cpuid => p(
-            false,
-            false,
-            true,
-            false,
-            "VT-x/SVM intercept it; PVM ring 3 runs it natively",
-        ),
+        Cpuid => p(false, false, true, false, "VT-x/SVM intercept it; PVM ring 3 runs it natively"),
         Rdtsc | Rdtscp => p(false, false, true, false, "privileged only with CR4.TSD"),
         Rdpmc => p(true, false, true, false, "unprivileged with CR4.PCE"),
         Cli | Sti => p(true, true, false, false, "privileged when CPL > IOPL"),
-        In | Out | Insb | Insw | Insd | Outsb | Outsw | Outsd => p(
-            true,
-            true,
-            true,
-            false,
-            "privileged when CPL > IOPL, unless the TSS I/O bitmap allows",
-        ),
+        In | Out | Insb | Insw | Insd | Outsb | Outsw | Outsd => {
+            p(true, true, true, false, "privileged when CPL > IOPL, unless the TSS I/O bitmap allows")
+        }
         // Privileged: trap outside ring 0.
         Mov if uses_register(instr, |r| r.is_cr() || r.is_dr()) => p(true, true, true, false, ""),
-        Hlt | Lgdt | Lidt | Lldt | Ltr | Lmsw | Clts | Invd | Wbinvd | Wbnoinvd | Invlpg
-        | Invlpga | Invpcid | Wrmsr | Swapgs | Sysret | Sysretq | Sysexit | Sysexitq | Xsetbv
-        | Xrstors | Xrstors64 | Monitor | Mwait | Monitorx | Mwaitx => {
-            p(true, true, false, false, "")
-        }
+        Hlt | Lgdt | Lidt | Lldt | Ltr | Lmsw | Clts | Invd | Wbinvd | Wbnoinvd | Invlpg | Invlpga | Invpcid
+        | Wrmsr | Swapgs | Sysret | Sysretq | Sysexit | Sysexitq | Xsetbv | Xrstors | Xrstors64 | Monitor | Mwait
+        | Monitorx | Mwaitx => p(true, true, false, false, ""),
         Rdmsr | Xsaves | Xsaves64 => p(true, false, true, false, ""),
-        Vmcall | Vmmcall | Vmlaunch | Vmresume | Vmxoff | Vmxon | Vmread | Vmwrite | Vmptrld
-        | Vmptrst | Vmclear | Invept | Invvpid | Vmrun | Vmload | Vmsave | Stgi | Clgi | Skinit => {
+        Vmcall | Vmmcall | Vmlaunch | Vmresume | Vmxoff | Vmxon | Vmread | Vmwrite | Vmptrld | Vmptrst | Vmclear
+        | Invept | Invvpid | Vmrun | Vmload | Vmsave | Stgi | Clgi | Skinit => {
             p(true, true, true, false, "virtualization extensions")
         }
-        Iret | Iretd | Iretq => p(
-            false,
-            true,
-            true,
-            false,
-            "restores IF/IOPL only as CPL allows",
-        ),
+        Iret | Iretd | Iretq => p(false, true, true, false, "restores IF/IOPL only as CPL allows"),
         _ => INNOCUOUS,
     }
 }
@@ -180,50 +138,18 @@ mod tests {
 
     #[test]
     fn classic_examples() {
-        assert_eq!(
-            props(64, &[0x0f, 0x01, 0x00]).class(),
-            Class::SensitiveUnprivileged,
-            "sgdt"
-        );
+        assert_eq!(props(64, &[0x0f, 0x01, 0x00]).class(), Class::SensitiveUnprivileged, "sgdt");
         assert!(props(64, &[0x0f, 0x01, 0x00]).robin_irvine);
-        assert_eq!(
-            props(64, &[0x9d]).class(),
-            Class::SensitiveUnprivileged,
-            "popfq"
-        );
-        assert_eq!(
-            props(64, &[0x8e, 0xd8]).class(),
-            Class::SensitiveUnprivileged,
-            "mov ds, ax"
-        );
-        assert_eq!(
-            props(32, &[0x0e]).class(),
-            Class::SensitiveUnprivileged,
-            "push cs"
-        );
-        assert_eq!(
-            props(64, &[0xcb]).class(),
-            Class::SensitiveUnprivileged,
-            "retf"
-        );
+        assert_eq!(props(64, &[0x9d]).class(), Class::SensitiveUnprivileged, "popfq");
+        assert_eq!(props(64, &[0x8e, 0xd8]).class(), Class::SensitiveUnprivileged, "mov ds, ax");
+        assert_eq!(props(32, &[0x0e]).class(), Class::SensitiveUnprivileged, "push cs");
+        assert_eq!(props(64, &[0xcb]).class(), Class::SensitiveUnprivileged, "retf");
         assert_eq!(props(64, &[0xf4]).class(), Class::Privileged, "hlt");
-        assert_eq!(
-            props(64, &[0x0f, 0x22, 0xd8]).class(),
-            Class::Privileged,
-            "mov cr3, rax"
-        );
+        assert_eq!(props(64, &[0x0f, 0x22, 0xd8]).class(), Class::Privileged, "mov cr3, rax");
         assert_eq!(props(64, &[0x0f, 0x32]).class(), Class::Privileged, "rdmsr");
         assert_eq!(props(64, &[0x90]).class(), Class::Innocuous, "nop");
         assert_eq!(props(64, &[0x50]).class(), Class::Innocuous, "push rax");
-        assert_eq!(
-            props(64, &[0x48, 0x89, 0xd8]).class(),
-            Class::Innocuous,
-            "mov rax, rbx"
-        );
-        assert_eq!(
-            props(64, &[0xff, 0xd0]).class(),
-            Class::Innocuous,
-            "call rax"
-        );
+        assert_eq!(props(64, &[0x48, 0x89, 0xd8]).class(), Class::Innocuous, "mov rax, rbx");
+        assert_eq!(props(64, &[0xff, 0xd0]).class(), Class::Innocuous, "call rax");
     }
 }

@@ -112,20 +112,11 @@ impl Recorder {
         let trace = match trace {
             Some((path, limit)) => {
                 let out = BufWriter::new(File::create(path)?);
-                Some(Mutex::new(Trace {
-                    out,
-                    written: 0,
-                    limit,
-                    truncated: false,
-                }))
+                Some(Mutex::new(Trace { out, written: 0, limit, truncated: false }))
             }
             None => None,
         };
-        Ok(Arc::new(Recorder {
-            vcpus: (0..vcpus).map(|_| Mutex::default()).collect(),
-            trace,
-            start: Instant::now(),
-        }))
+        Ok(Arc::new(Recorder { vcpus: (0..vcpus).map(|_| Mutex::default()).collect(), trace, start: Instant::now() }))
     }
 
     /// Counts one exit of vCPU `vcpu`; `size` is the access size where there is one.
@@ -165,10 +156,7 @@ impl Recorder {
 
     /// Exits recorded so far, all vCPUs.
     pub fn total(&self) -> u64 {
-        self.vcpus
-            .iter()
-            .map(|c| lock(c).by_kind.iter().sum::<u64>())
-            .sum()
+        self.vcpus.iter().map(|c| lock(c).by_kind.iter().sum::<u64>()).sum()
     }
 
     /// Flushes the trace file.
@@ -197,11 +185,7 @@ impl Recorder {
                     by_target: c
                         .by_target
                         .iter()
-                        .map(|(&(kind, target), &count)| TargetCount {
-                            kind: kind.name(),
-                            target,
-                            count,
-                        })
+                        .map(|(&(kind, target), &count)| TargetCount { kind: kind.name(), target, count })
                         .collect(),
                     targets_overflow: c.targets_overflow,
                 }
@@ -249,11 +233,8 @@ impl ExitReport {
         }
         let _ = writeln!(out, "{:>12}", "total");
         for kind in ExitKind::ALL {
-            let counts: Vec<u64> = self
-                .vcpus
-                .iter()
-                .map(|v| v.by_kind.get(kind.name()).copied().unwrap_or(0))
-                .collect();
+            let counts: Vec<u64> =
+                self.vcpus.iter().map(|v| v.by_kind.get(kind.name()).copied().unwrap_or(0)).collect();
             let total: u64 = counts.iter().sum();
             if total == 0 {
                 continue;
@@ -272,11 +253,7 @@ impl ExitReport {
         }
         let mut busiest: Vec<_> = targets.into_iter().collect();
         busiest.sort_by_key(|entry| std::cmp::Reverse(entry.1));
-        let _ = writeln!(
-            out,
-            "\n{:<16}{:>20}{:>12}",
-            "exit kind", "port/address/MSR", "count"
-        );
+        let _ = writeln!(out, "\n{:<16}{:>20}{:>12}", "exit kind", "port/address/MSR", "count");
         for ((kind, target), count) in busiest.iter().take(20) {
             let _ = writeln!(out, "{kind:<16}{:>20}{count:>12}", format!("{target:#x}"));
         }
@@ -307,11 +284,7 @@ mod tests {
         assert_eq!(report.vcpus[1].targets_overflow, 11);
         assert_eq!(report.trace_lines, Some(3));
         let trace = std::fs::read_to_string(&dir).unwrap();
-        assert_eq!(
-            trace.lines().count(),
-            4,
-            "3 exits and the truncation marker"
-        );
+        assert_eq!(trace.lines().count(), 4, "3 exits and the truncation marker");
         assert!(trace.ends_with("{\"truncated\":true}\n"));
         assert!(report.table().contains("io-out"));
         let _ = std::fs::remove_file(dir);

@@ -41,25 +41,16 @@ pub type MsrResult<T> = Result<T, InjectGp>;
 
 impl MsrEmulation {
     pub fn new(policy: UnknownMsrPolicy) -> Self {
-        MsrEmulation {
-            policy,
-            scratch: Mutex::new([0; BLOCK_LEN as usize]),
-        }
+        MsrEmulation { policy, scratch: Mutex::new([0; BLOCK_LEN as usize]) }
     }
 
     fn block_index(index: u32) -> Option<usize> {
-        index
-            .checked_sub(BLOCK_BASE)
-            .filter(|&i| i < BLOCK_LEN)
-            .map(|i| i as usize)
+        index.checked_sub(BLOCK_BASE).filter(|&i| i < BLOCK_LEN).map(|i| i as usize)
     }
 
     /// The scratch registers, for migration.
     pub fn scratch(&self) -> Vec<u64> {
-        self.scratch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .to_vec()
+        self.scratch.lock().unwrap_or_else(|p| p.into_inner()).to_vec()
     }
 
     /// Takes over migrated scratch registers.
@@ -102,17 +93,12 @@ impl MsrEmulation {
 /// Asks KVM to send Popek's block, and MSRs it does not handle, to user space.
 pub fn enable(vm: &kvm_ioctls::VmFd) -> Result<(), kvm_ioctls::Error> {
     use kvm_bindings::{
-        kvm_enable_cap, KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER,
-        KVM_MSR_EXIT_REASON_INVAL, KVM_MSR_EXIT_REASON_UNKNOWN,
+        kvm_enable_cap, KVM_CAP_X86_USER_SPACE_MSR, KVM_MSR_EXIT_REASON_FILTER, KVM_MSR_EXIT_REASON_INVAL,
+        KVM_MSR_EXIT_REASON_UNKNOWN,
     };
     use kvm_ioctls::{MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags};
-    let mut cap = kvm_enable_cap {
-        cap: KVM_CAP_X86_USER_SPACE_MSR,
-        ..Default::default()
-    };
-    cap.args[0] = u64::from(
-        KVM_MSR_EXIT_REASON_FILTER | KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_INVAL,
-    );
+    let mut cap = kvm_enable_cap { cap: KVM_CAP_X86_USER_SPACE_MSR, ..Default::default() };
+    cap.args[0] = u64::from(KVM_MSR_EXIT_REASON_FILTER | KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_INVAL);
     vm.enable_cap(&cap)?;
     // A zero bit denies the access in KVM, which (with the FILTER exit reason) sends it to us.
     let bitmap = [0u8; (BLOCK_LEN as usize).div_ceil(8)];
@@ -141,10 +127,6 @@ mod tests {
         let zero = MsrEmulation::new(UnknownMsrPolicy::Zero);
         assert_eq!(zero.read(0x1234_5678), Ok(0));
         assert_eq!(zero.write(0x1234_5678, 7), Ok(()));
-        assert_eq!(
-            zero.write(BLOCK_BASE + 1, 7),
-            Err(InjectGp),
-            "read-only stays read-only"
-        );
+        assert_eq!(zero.write(BLOCK_BASE + 1, 7), Err(InjectGp), "read-only stays read-only");
     }
 }

@@ -15,8 +15,7 @@ pub enum Error {
 
 /// Reads KVM's supported CPUID once; each vCPU gets a patched copy from [`for_vcpu`].
 pub fn supported(kvm: &kvm_ioctls::Kvm) -> Result<CpuId, Error> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(Error::Supported)
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(Error::Supported)
 }
 
 const HYPERVISOR_PRESENT: u32 = 1 << 31;
@@ -62,11 +61,7 @@ pub fn for_vcpu(base: &CpuId, id: u32, count: u32) -> CpuId {
         edx: u32::from(ports::DOORBELL),
         ..Default::default()
     };
-    match cpuid
-        .as_mut_slice()
-        .iter_mut()
-        .find(|e| e.function == CPUID_FEATURES_LEAF)
-    {
+    match cpuid.as_mut_slice().iter_mut().find(|e| e.function == CPUID_FEATURES_LEAF) {
         Some(entry) => *entry = features,
         None => {
             if cpuid.push(features).is_err() {
@@ -74,11 +69,7 @@ pub fn for_vcpu(base: &CpuId, id: u32, count: u32) -> CpuId {
             }
         }
     }
-    if !cpuid
-        .as_slice()
-        .iter()
-        .any(|e| e.function == CPUID_SIGNATURE_LEAF)
-    {
+    if !cpuid.as_slice().iter().any(|e| e.function == CPUID_SIGNATURE_LEAF) {
         let signature_entry = kvm_cpuid_entry2 {
             function: CPUID_SIGNATURE_LEAF,
             eax: CPUID_FEATURES_LEAF,

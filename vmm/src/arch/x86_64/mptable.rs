@@ -88,16 +88,8 @@ mod tests {
             let bytes = MpTable { cpus }.build(layout::MPTABLE);
             assert_eq!(bytes.len(), MpTable::size(cpus));
             assert_eq!(checksum(&bytes[..16]), 0, "floating pointer sums to zero");
-            assert_eq!(
-                checksum(&bytes[16..]),
-                0,
-                "configuration table sums to zero"
-            );
-            let processors = bytes[16 + 44..]
-                .chunks(20)
-                .take(cpus as usize)
-                .filter(|e| e[0] == 0)
-                .count();
+            assert_eq!(checksum(&bytes[16..]), 0, "configuration table sums to zero");
+            let processors = bytes[16 + 44..].chunks(20).take(cpus as usize).filter(|e| e[0] == 0).count();
             assert_eq!(processors, cpus as usize);
             assert!(bytes.len() <= (layout::LOW_MEMORY_END - layout::MPTABLE) as usize);
         }

@@ -2,9 +2,7 @@
 //! Multiboot both specify, the FPU and MSR defaults, the local APIC's LINT pins, and a
 //! readable register dump for crash reports.
 
-use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
-};
+use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 use std::fmt::Write as _;
 
@@ -46,20 +44,8 @@ fn flat_segment(selector: u16, kind: u8) -> kvm_segment {
 /// Puts the vCPU in 32-bit flat protected mode, paging off, at `entry` with the given EAX
 /// and EBX: the entry state of both PVH (EBX = start_info) and Multiboot (EAX = magic,
 /// EBX = info).
-pub fn set_protected_mode_entry(
-    vcpu: &VcpuFd,
-    id: u32,
-    entry: u32,
-    eax: u32,
-    ebx: u32,
-) -> Result<(), Error> {
-    let kvm = |what| {
-        move |source| Error::Kvm {
-            what,
-            vcpu: id,
-            source,
-        }
-    };
+pub fn set_protected_mode_entry(vcpu: &VcpuFd, id: u32, entry: u32, eax: u32, ebx: u32) -> Result<(), Error> {
+    let kvm = |what| move |source| Error::Kvm { what, vcpu: id, source };
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kvm("read special registers"))?;
     sregs.cs = flat_segment(0x10, 0xb);
     let data = flat_segment(0x18, 0x3);
@@ -71,30 +57,16 @@ pub fn set_protected_mode_entry(
     sregs.cr0 = CR0_PE | CR0_ET;
     sregs.cr4 = 0;
     sregs.efer = 0;
-    vcpu.set_sregs(&sregs)
-        .map_err(kvm("set special registers"))?;
-    let regs = kvm_regs {
-        rip: u64::from(entry),
-        rax: u64::from(eax),
-        rbx: u64::from(ebx),
-        rflags: 0x2,
-        ..Default::default()
-    };
+    vcpu.set_sregs(&sregs).map_err(kvm("set special registers"))?;
+    let regs =
+        kvm_regs { rip: u64::from(entry), rax: u64::from(eax), rbx: u64::from(ebx), rflags: 0x2, ..Default::default() };
     vcpu.set_regs(&regs).map_err(kvm("set registers"))
 }
 
 /// The FPU state after FNINIT, plus the default MXCSR.
 pub fn set_fpu(vcpu: &VcpuFd, id: u32) -> Result<(), Error> {
-    let fpu = kvm_fpu {
-        fcw: 0x37f,
-        mxcsr: 0x1f80,
-        ..Default::default()
-    };
-    vcpu.set_fpu(&fpu).map_err(|source| Error::Kvm {
-        what: "set the FPU",
-        vcpu: id,
-        source,
-    })
+    let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+    vcpu.set_fpu(&fpu).map_err(|source| Error::Kvm { what: "set the FPU", vcpu: id, source })
 }
 
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
@@ -104,32 +76,17 @@ const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 /// default (MTRRs enabled, default type WB). Best effort: a host that refuses one is logged.
 pub fn set_boot_msrs(vcpu: &VcpuFd, id: u32) -> Result<(), Error> {
     let entries = [
-        kvm_msr_entry {
-            index: MSR_IA32_MISC_ENABLE,
-            data: 1,
-            ..Default::default()
-        },
-        kvm_msr_entry {
-            index: MSR_MTRR_DEF_TYPE,
-            data: (1 << 11) | 6,
-            ..Default::default()
-        },
+        kvm_msr_entry { index: MSR_IA32_MISC_ENABLE, data: 1, ..Default::default() },
+        kvm_msr_entry { index: MSR_MTRR_DEF_TYPE, data: (1 << 11) | 6, ..Default::default() },
     ];
     let msrs = Msrs::from_entries(&entries).map_err(|_| Error::Kvm {
         what: "build the MSR list",
         vcpu: id,
         source: kvm_ioctls::Error::new(libc::EINVAL),
     })?;
-    let set = vcpu.set_msrs(&msrs).map_err(|source| Error::Kvm {
-        what: "set MSRs",
-        vcpu: id,
-        source,
-    })?;
+    let set = vcpu.set_msrs(&msrs).map_err(|source| Error::Kvm { what: "set MSRs", vcpu: id, source })?;
     if set != entries.len() {
-        log::debug!(
-            "vCPU {id}: KVM accepted {set} of {} boot MSRs",
-            entries.len()
-        );
+        log::debug!("vCPU {id}: KVM accepted {set} of {} boot MSRs", entries.len());
     }
     Ok(())
 }
@@ -140,10 +97,7 @@ const DELIVERY_EXTINT: u32 = 0x700;
 const DELIVERY_NMI: u32 = 0x400;
 
 fn lapic_reg(state: &kvm_lapic_state, offset: usize) -> u32 {
-    let bytes: Vec<u8> = state.regs[offset..offset + 4]
-        .iter()
-        .map(|&b| b as u8)
-        .collect();
+    let bytes: Vec<u8> = state.regs[offset..offset + 4].iter().map(|&b| b as u8).collect();
     u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
 }
 
@@ -155,20 +109,10 @@ fn set_lapic_reg(state: &mut kvm_lapic_state, offset: usize, value: u32) {
 
 /// Wires LINT0 to the PIC (ExtINT) and LINT1 to NMI, as a PC firmware does.
 pub fn set_lint(vcpu: &VcpuFd, id: u32) -> Result<(), Error> {
-    let kvm = |what| {
-        move |source| Error::Kvm {
-            what,
-            vcpu: id,
-            source,
-        }
-    };
+    let kvm = |what| move |source| Error::Kvm { what, vcpu: id, source };
     let mut state = vcpu.get_lapic().map_err(kvm("read the local APIC"))?;
     let lint0 = lapic_reg(&state, APIC_LVT_LINT0);
-    set_lapic_reg(
-        &mut state,
-        APIC_LVT_LINT0,
-        (lint0 & !0x700) | DELIVERY_EXTINT,
-    );
+    set_lapic_reg(&mut state, APIC_LVT_LINT0, (lint0 & !0x700) | DELIVERY_EXTINT);
     let lint1 = lapic_reg(&state, APIC_LVT_LINT1);
     set_lapic_reg(&mut state, APIC_LVT_LINT1, (lint1 & !0x700) | DELIVERY_NMI);
     vcpu.set_lapic(&state).map_err(kvm("set the local APIC"))
@@ -179,16 +123,8 @@ pub fn dump(vcpu: &VcpuFd) -> String {
     let mut out = String::new();
     match vcpu.get_regs() {
         Ok(r) => {
-            let _ = writeln!(
-                out,
-                "  rip={:#018x} rsp={:#018x} rflags={:#x}",
-                r.rip, r.rsp, r.rflags
-            );
-            let _ = writeln!(
-                out,
-                "  rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x}",
-                r.rax, r.rbx, r.rcx, r.rdx
-            );
+            let _ = writeln!(out, "  rip={:#018x} rsp={:#018x} rflags={:#x}", r.rip, r.rsp, r.rflags);
+            let _ = writeln!(out, "  rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x}", r.rax, r.rbx, r.rcx, r.rdx);
         }
         Err(e) => {
             let _ = writeln!(out, "  registers unavailable: {e}");
