@@ -175,7 +175,7 @@ mod tests {
         assert_eq!(parse(r#"{"cmd":"status"}"#), Ok(Request::Status));
         assert_eq!(
             parse(r#"{"cmd":"migrate","to":"unix:/x"}"#),
-            Ok(Request::Migrate { to: "unix:/x".into(), mode: None })
+            Ok(Request::Migrate { to: "unix:/x".into(), mode: None, downtime_limit_ms: None, max_rounds: None })
         );
         for bad in ["", "{}", r#"{"cmd":"reboot"}"#, r#"{"cmd":"status","x":1}"#, "[1,2]", "\u{0}"] {
             assert!(parse(bad).is_err(), "{bad:?}");
