@@ -285,3 +285,61 @@ fn a_killed_destination_leaves_the_source_running() {
     let run = migrate_to(&api, &dst_addr, &scratch.0.join("report.json"));
     check_moved(&scratch, src, dst, &run, 1);
 }
+
+#[test]
+fn authentication_with_a_shared_key() {
+    require_kvm();
+    let scratch = Scratch::new("mig-auth");
+    let key = scratch.file("key", b"a shared secret of some length\n");
+    let other = scratch.file("other", b"another secret, not the same one\n");
+    let api = scratch.0.join("src.sock").display().to_string();
+    let src = Proc::spawn(
+        &scratch,
+        "src",
+        &[
+            "run",
+            "--no-stdin",
+            "--auth-key",
+            &key,
+            "--api-socket",
+            &api,
+            "--cmdline",
+            "test=migrate pages=512 seconds=60",
+        ],
+    );
+    wait_for("the source workload", || src.stdout().contains("migrate: ready"));
+    // A destination with another key, and one with none: both refuse; the source runs on.
+    for (i, dst_key) in [Some(other.as_str()), None].iter().enumerate() {
+        let addr = format!("unix:{}", scratch.0.join(format!("bad{i}.sock")).display());
+        let mut args = vec!["run", "--no-stdin", "--incoming", &addr];
+        if let Some(k) = dst_key {
+            args.extend(["--auth-key", k]);
+        }
+        let dst = Proc::spawn(&scratch, &format!("bad{i}"), &args);
+        dst.listening();
+        migrate_to(&api, &addr, &scratch.0.join("r.json")).expect_status(18).expect_stderr("auth");
+        let (status, out, err) = dst.wait();
+        assert_eq!(status, 18, "{err}");
+        assert!(out.is_empty(), "nothing ran: {out}");
+    }
+    popek(&["status", "--api-socket", &api], None).expect_status(0).expect_stdout("\"running\"");
+    // The same key: the move goes through.
+    let addr = format!("unix:{}", scratch.0.join("dst.sock").display());
+    let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &addr, "--auth-key", &key]);
+    dst.listening();
+    migrate_to(&api, &addr, &scratch.0.join("report.json")).expect_status(0);
+    assert_eq!(src.wait().0, 0);
+    let (status, out, _) = dst.wait();
+    assert_eq!(status, 1, "{out}");
+    assert!(out.contains("512 pages verified: ok"), "{out}");
+}
+
+#[test]
+fn non_loopback_incoming_needs_a_key_or_insecure() {
+    popek(&["run", "--incoming", "tcp:0.0.0.0:1"], None).expect_status(4).expect_stderr("without --auth-key");
+    let scratch = Scratch::new("mig-shortkey");
+    let short = scratch.file("short", b"tiny");
+    popek(&["run", "--incoming", "tcp:0.0.0.0:1", "--auth-key", &short], None)
+        .expect_status(4)
+        .expect_stderr("shorter than 16 bytes");
+}

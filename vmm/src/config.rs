@@ -68,6 +68,8 @@ pub struct VmConfig {
     pub trace_exits: Option<(PathBuf, u64)>,
     /// Single-step audit of the boot vCPU, stepping at most this many instructions.
     pub audit: Option<u64>,
+    /// The key migration peers must prove they share.
+    pub auth_key: Option<crate::migration::auth::Key>,
 }
 
 impl VmConfig {
@@ -147,6 +149,7 @@ mod tests {
             msr_policy: Default::default(),
             trace_exits: None,
             audit: None,
+            auth_key: None,
         }
     }
 

@@ -144,6 +144,13 @@ struct RunArgs {
     /// Do not boot: wait for a migrating VM on tcp:HOST:PORT or unix:PATH and run it.
     #[arg(long, value_name = "ADDR")]
     incoming: Option<String>,
+    /// Migration peers must prove they hold this key (a file of at least 16 bytes) before
+    /// any state moves; give the same key to the source and the destination.
+    #[arg(long, value_name = "FILE")]
+    auth_key: Option<PathBuf>,
+    /// Allow --incoming on a non-loopback address without --auth-key.
+    #[arg(long)]
+    insecure: bool,
     /// Print a table of VM exits (per kind and vCPU, busiest ports/addresses/MSRs) to
     /// stderr when the VM ends.
     #[arg(long)]
@@ -211,15 +218,27 @@ fn run_incoming(
     config: &VmConfig,
     requests: Option<std::sync::mpsc::Receiver<popek::api::Call>>,
     stdin: bool,
+    insecure: bool,
 ) -> ExitCode {
     let address: popek::migration::transport::Address = match address.parse() {
         Ok(a) => a,
         Err(e) => return fail(status::BAD_INPUT, &e.to_string()),
     };
+    if config.auth_key.is_none() && !address.is_local() {
+        if !insecure {
+            return fail(
+                status::BAD_INPUT,
+                &format!("listening on {address} without --auth-key would let anyone who reaches it push a VM onto this host; give both sides --auth-key FILE, or pass --insecure to accept that"),
+            );
+        }
+        eprintln!("popek: warning: accepting an unauthenticated migration on {address} (--insecure)");
+    }
+    let console = Box::new(std::io::stdout());
     let incoming = match popek::migration::destination::receive(
         &address,
         config.kvm_device.clone(),
-        Box::new(std::io::stdout()),
+        config.auth_key.as_ref(),
+        console,
     ) {
         Ok(incoming) => incoming,
         Err(e) => return fail(status::MIGRATION, &format!("incoming migration failed: {e}")),
@@ -339,7 +358,15 @@ fn run(args: RunArgs) -> ExitCode {
         },
         trace_exits: args.trace_exits.clone().map(|path| (path, args.trace_limit)),
         audit: args.audit.then_some(args.audit_limit),
+        auth_key: None,
     };
+    let mut config = config;
+    if let Some(path) = &args.auth_key {
+        match popek::migration::auth::Key::load(path) {
+            Ok(key) => config.auth_key = Some(key),
+            Err(e) => return fail(status::BAD_INPUT, &e),
+        }
+    }
     if let Err(e) = config.validate() {
         return fail(status::BAD_INPUT, &e.to_string());
     }
@@ -348,7 +375,7 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(status::BAD_INPUT, &format!("cannot serve the API socket: {e}")),
     };
     if let Some(address) = &args.incoming {
-        return run_incoming(address, &config, requests, !args.no_stdin);
+        return run_incoming(address, &config, requests, !args.no_stdin, args.insecure);
     }
     let mut vm = match Vm::new(&config, Box::new(std::io::stdout())) {
         Ok(vm) => vm,

@@ -74,10 +74,36 @@ fn receive_memory_and_state(vm: &Vm, stream: &mut Box<dyn Stream>) -> Result<(Ma
 }
 
 /// Waits for a source on `address` and receives its VM.
-pub fn receive(address: &Address, kvm_device: PathBuf, console: Box<dyn Write + Send>) -> Result<Incoming, String> {
+pub fn receive(
+    address: &Address,
+    kvm_device: PathBuf,
+    auth_key: Option<&super::auth::Key>,
+    console: Box<dyn Write + Send>,
+) -> Result<Incoming, String> {
     let mut stream = transport::accept_one(address).map_err(|e| chain(&e))?;
     stream.set_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
-    let hello: Hello = protocol::read_json(&mut stream, Kind::Hello).map_err(|e| chain(&e))?;
+    let first = protocol::read_frame(&mut stream).map_err(|e| chain(&e))?;
+    let first = match auth_key {
+        Some(key) => {
+            if let Err(reason) = super::auth::verify_source(&mut stream, key, first) {
+                refuse(stream.as_mut(), &reason);
+                return Err(reason);
+            }
+            protocol::read_frame(&mut stream).map_err(|e| chain(&e))?
+        }
+        None if first.0 == Kind::Auth => {
+            let reason = "the source wants to authenticate but this destination has no --auth-key".to_string();
+            refuse(stream.as_mut(), &reason);
+            return Err(reason);
+        }
+        None => first,
+    };
+    if first.0 != Kind::Hello {
+        let reason = format!("expected a Hello message, got {:?}", first.0);
+        refuse(stream.as_mut(), &reason);
+        return Err(reason);
+    }
+    let hello: Hello = serde_json::from_slice(&first.1).map_err(|e| format!("malformed Hello message: {e}"))?;
     let config = VmConfig {
         memory_bytes: hello.memory_bytes,
         vcpus: hello.vcpus,
@@ -89,6 +115,7 @@ pub fn receive(address: &Address, kvm_device: PathBuf, console: Box<dyn Write + 
         msr_policy: if hello.msr_policy_zero { UnknownMsrPolicy::Zero } else { UnknownMsrPolicy::Gp },
         trace_exits: None,
         audit: None,
+        auth_key: auth_key.cloned(),
     };
     if let Err(e) = config.validate() {
         let reason = format!("this destination cannot host the VM: {e}");

@@ -1,6 +1,7 @@
 //! Live migration of a VM between two popek processes (docs/migration.md): the wire
 //! protocol, transports, the complete machine state, and memory transfer.
 
+pub mod auth;
 pub mod destination;
 pub mod memory;
 pub mod protocol;

@@ -53,6 +53,8 @@ pub enum Kind {
     Complete = 6,
     /// Destination -> source: the VM runs here now (JSON `Running`).
     Running = 7,
+    /// Either way, before Hello: the authentication handshake (see `auth`).
+    Auth = 8,
 }
 
 impl Kind {
@@ -65,6 +67,7 @@ impl Kind {
             5 => Kind::Memory,
             6 => Kind::Complete,
             7 => Kind::Running,
+            8 => Kind::Auth,
             other => return Err(Error::UnknownKind(other)),
         })
     }

@@ -64,6 +64,9 @@ pub fn migrate(
     let mut stream = transport::connect(to).map_err(|e| chain(&e))?;
     stream.set_timeout(PEER_TIMEOUT).map_err(|e| e.to_string())?;
     let config = vm.config().clone();
+    if let Some(key) = &config.auth_key {
+        super::auth::prove_source(&mut stream, key)?;
+    }
     let hello = Hello {
         popek_version: env!("CARGO_PKG_VERSION").into(),
         memory_bytes: config.memory_bytes,

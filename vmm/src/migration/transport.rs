@@ -41,6 +41,19 @@ impl std::str::FromStr for Address {
     }
 }
 
+impl Address {
+    /// Whether only this host can reach the address (Unix socket or loopback).
+    pub fn is_local(&self) -> bool {
+        match self {
+            Address::Unix(_) => true,
+            Address::Tcp(a) => {
+                let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h).trim_matches(['[', ']']);
+                host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            }
+        }
+    }
+}
+
 impl std::fmt::Display for Address {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -115,6 +128,10 @@ mod tests {
     fn addresses() {
         assert_eq!("tcp:127.0.0.1:4444".parse::<Address>().unwrap(), Address::Tcp("127.0.0.1:4444".into()));
         assert_eq!("unix:/tmp/x".parse::<Address>().unwrap(), Address::Unix("/tmp/x".into()));
+        assert!("tcp:127.0.0.1:1".parse::<Address>().unwrap().is_local());
+        assert!("tcp:[::1]:1".parse::<Address>().unwrap().is_local());
+        assert!(!"tcp:0.0.0.0:1".parse::<Address>().unwrap().is_local());
+        assert!(!"tcp:10.0.0.2:1".parse::<Address>().unwrap().is_local());
         for bad in ["", "tcp:", "tcp:host", "tcp::1", "udp:1.2.3.4:5", "unix:"] {
             assert!(bad.parse::<Address>().is_err(), "{bad}");
         }
