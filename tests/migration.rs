@@ -95,12 +95,26 @@ fn source_moving(scratch: &Scratch, vcpus: &str, moves: u32) -> (Proc, String) {
 }
 
 fn migrate_to(api: &str, to: &str, report: &Path) -> Run {
-    popek(&["migrate", "--api-socket", api, "--to", to, "--report-json", report.to_str().unwrap()], None)
+    popek(
+        &["migrate", "--api-socket", api, "--to", to, "--verify-memory", "--report-json", report.to_str().unwrap()],
+        None,
+    )
 }
 
 fn precopy_to(api: &str, to: &str, report: &Path) -> Run {
     popek(
-        &["migrate", "--api-socket", api, "--to", to, "--mode", "precopy", "--report-json", report.to_str().unwrap()],
+        &[
+            "migrate",
+            "--api-socket",
+            api,
+            "--to",
+            to,
+            "--mode",
+            "precopy",
+            "--verify-memory",
+            "--report-json",
+            report.to_str().unwrap(),
+        ],
         None,
     )
 }
@@ -114,6 +128,7 @@ fn check_moved_as(scratch: &Scratch, src: Proc, dst: Proc, run: &Run, vcpus: u64
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(scratch.0.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["mode"], mode);
+    assert_eq!(report["memory_verified"], true, "the destination's RAM equals the source's at the pause");
     assert_eq!(report["vcpus"], vcpus);
     assert!(report["downtime_ms"].as_f64().unwrap() > 0.0);
     assert!(report["memory"]["zero_pages"].as_u64().unwrap() > 0, "zero pages are skipped");

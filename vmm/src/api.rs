@@ -32,7 +32,13 @@ pub enum Request {
     Status,
     Pause,
     Resume,
-    Migrate { to: String, mode: Option<String>, downtime_limit_ms: Option<f64>, max_rounds: Option<u32> },
+    Migrate {
+        to: String,
+        mode: Option<String>,
+        downtime_limit_ms: Option<f64>,
+        max_rounds: Option<u32>,
+        verify_memory: Option<bool>,
+    },
 }
 
 /// Parses one request line.
@@ -40,8 +46,9 @@ pub fn parse(line: &str) -> Result<Request, String> {
     let value: Value = serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))?;
     let object = value.as_object().ok_or("bad request: not a JSON object")?;
     // serde does not refuse extra fields next to a unit variant's tag: check by hand.
-    if let Some(key) =
-        object.keys().find(|k| !matches!(k.as_str(), "cmd" | "to" | "mode" | "downtime_limit_ms" | "max_rounds"))
+    if let Some(key) = object
+        .keys()
+        .find(|k| !matches!(k.as_str(), "cmd" | "to" | "mode" | "downtime_limit_ms" | "max_rounds" | "verify_memory"))
     {
         return Err(format!("bad request: unknown field '{key}'"));
     }
@@ -120,7 +127,7 @@ pub fn serve(vm: &mut Vm, call: Call) -> Option<VmExit> {
             vm.resume_all();
             (json!({"ok": true, "state": "running"}), None)
         }
-        Request::Migrate { to, mode, downtime_limit_ms, max_rounds } => {
+        Request::Migrate { to, mode, downtime_limit_ms, max_rounds, verify_memory } => {
             let mode = match mode.as_deref() {
                 None | Some("stop-copy") => Ok(crate::migration::source::Mode::StopCopy),
                 Some("precopy") => Ok(crate::migration::source::Mode::Precopy {
@@ -130,7 +137,7 @@ pub fn serve(vm: &mut Vm, call: Call) -> Option<VmExit> {
                 Some(other) => Err(format!("unknown migration mode '{other}' (stop-copy, precopy)")),
             };
             match mode {
-                Ok(mode) => migrate(vm, &to, mode, &call.reply),
+                Ok(mode) => migrate(vm, &to, mode, verify_memory.unwrap_or(false), &call.reply),
                 Err(e) => (json!({"ok": false, "error": e}), None),
             }
         }
@@ -147,6 +154,7 @@ fn migrate(
     vm: &mut Vm,
     to: &str,
     mode: crate::migration::source::Mode,
+    verify_memory: bool,
     progress: &Sender<Value>,
 ) -> (Value, Option<VmExit>) {
     let address: Address = match to.parse() {
@@ -156,7 +164,7 @@ fn migrate(
     let mut report_progress = |value: Value| {
         let _ = progress.send(json!({ "progress": value }));
     };
-    match crate::migration::source::migrate(vm, &address, mode, &mut report_progress) {
+    match crate::migration::source::migrate(vm, &address, mode, verify_memory, &mut report_progress) {
         Ok(report) => {
             vm.stop_all();
             let report = serde_json::to_value(&report).unwrap_or(Value::Null);
@@ -175,7 +183,13 @@ mod tests {
         assert_eq!(parse(r#"{"cmd":"status"}"#), Ok(Request::Status));
         assert_eq!(
             parse(r#"{"cmd":"migrate","to":"unix:/x"}"#),
-            Ok(Request::Migrate { to: "unix:/x".into(), mode: None, downtime_limit_ms: None, max_rounds: None })
+            Ok(Request::Migrate {
+                to: "unix:/x".into(),
+                mode: None,
+                downtime_limit_ms: None,
+                max_rounds: None,
+                verify_memory: None
+            })
         );
         for bad in ["", "{}", r#"{"cmd":"reboot"}"#, r#"{"cmd":"status","x":1}"#, "[1,2]", "\u{0}"] {
             assert!(parse(bad).is_err(), "{bad:?}");

@@ -79,6 +79,10 @@ enum Command {
         /// Write the report as JSON to FILE too.
         #[arg(long, value_name = "FILE")]
         report_json: Option<PathBuf>,
+        /// Test mode: the destination checks its RAM is byte for byte the source's at the
+        /// pause (costs a full read of memory on both sides, inside the downtime).
+        #[arg(long)]
+        verify_memory: bool,
     },
     /// Ask a running VM (started with --api-socket) for its status.
     Status {
@@ -197,9 +201,9 @@ fn main() -> ExitCode {
         Command::Classify { image, flat, bits, base, json } => {
             classify(&image, popek::classify::Options { flat, bits, base }, json)
         }
-        Command::Migrate { api_socket, to, mode, downtime_limit, max_rounds, report_json } => {
+        Command::Migrate { api_socket, to, mode, downtime_limit, max_rounds, report_json, verify_memory } => {
             let request = serde_json::json!({"cmd": "migrate", "to": to, "mode": mode,
-                "downtime_limit_ms": downtime_limit, "max_rounds": max_rounds});
+                "downtime_limit_ms": downtime_limit, "max_rounds": max_rounds, "verify_memory": verify_memory});
             api_call(&api_socket, &request, report_json.as_deref())
         }
         Command::Status { api_socket } => api_call(&api_socket, &serde_json::json!({"cmd": "status"}), None),

@@ -372,6 +372,22 @@ impl Vm {
         }
     }
 
+    /// CRC32 of the host's supported CPUID, which a migration destination must match.
+    pub fn cpuid_crc32(&self) -> Result<u32, Error> {
+        let cpuid = cpuid::supported(&self._kvm)?;
+        let mut crc = crc32fast::Hasher::new();
+        for e in cpuid.as_slice() {
+            // KVM reports the APIC ID of the host CPU the caller runs on (leaf 1 EBX[31:24],
+            // leaves 0xB/0x1F EDX): not a feature, and it changes from call to call.
+            let ebx = if e.function == 1 { e.ebx & 0x00ff_ffff } else { e.ebx };
+            let edx = if matches!(e.function, 0xb | 0x1f) { 0 } else { e.edx };
+            for v in [e.function, e.index, e.flags, e.eax, ebx, e.ecx, edx] {
+                crc.update(&v.to_le_bytes());
+            }
+        }
+        Ok(crc.finalize())
+    }
+
     /// KVM dirty-page logging on the RAM slots, for pre-copy.
     pub fn set_dirty_logging(&self, on: bool) -> Result<(), Error> {
         Ok(memory::set_dirty_logging(&self.fd, &self.ram, on)?)

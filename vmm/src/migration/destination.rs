@@ -65,6 +65,12 @@ fn receive_memory_and_state(vm: &Vm, stream: &mut Box<dyn Stream>) -> Result<(Ma
                         complete.memory_crc32
                     ));
                 }
+                if let Some(expected) = complete.ram_crc32 {
+                    let here = memory::ram_crc32(vm.ram()).map_err(|e| chain(&e))?;
+                    if here != expected {
+                        return Err(format!("guest RAM differs from the source's at the pause (CRC32 {here:#x} here, {expected:#x} there)"));
+                    }
+                }
                 return machine.ok_or_else(|| "the source completed without sending the machine state".to_string());
             }
             Kind::Refuse => return Err("the source aborted the migration".into()),
@@ -130,6 +136,19 @@ pub fn receive(
             return Err(reason);
         }
     };
+    match vm.cpuid_crc32() {
+        Ok(here) if here == hello.cpuid_crc32 => {}
+        Ok(_) => {
+            let reason = "this host's CPU features (KVM_GET_SUPPORTED_CPUID) differ from the source's: the guest may already use a feature it would lose here; migrate between hosts of the same CPU model and kernel".to_string();
+            refuse(stream.as_mut(), &reason);
+            return Err(reason);
+        }
+        Err(e) => {
+            let reason = format!("cannot read this host's CPUID: {}", chain(&e));
+            refuse(stream.as_mut(), &reason);
+            return Err(reason);
+        }
+    }
     protocol::write_json(&mut stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
     let (machine, state_arrived) = match receive_memory_and_state(&vm, &mut stream) {
         Ok(received) => received,

@@ -180,6 +180,23 @@ impl Outgoing {
     }
 }
 
+/// CRC32 of all guest RAM (test mode: proves both sides hold the same bytes).
+pub fn ram_crc32(ram: &GuestRam) -> Result<u32, Error> {
+    let mut crc = crc32fast::Hasher::new();
+    let mut chunk = vec![0u8; 1 << 20];
+    for region in ram.iter() {
+        let base = region.start_addr().0;
+        let mut offset = 0;
+        while offset < region.len() {
+            let len = chunk.len().min((region.len() - offset) as usize);
+            ram.read_slice(&mut chunk[..len], GuestAddress(base + offset))?;
+            crc.update(&chunk[..len]);
+            offset += len as u64;
+        }
+    }
+    Ok(crc.finalize())
+}
+
 /// Counts the pages set in per-region dirty bitmaps.
 pub fn count_dirty(dirty: &[Vec<u64>]) -> u64 {
     dirty.iter().flatten().map(|w| u64::from(w.count_ones())).sum()
@@ -275,7 +292,12 @@ mod tests {
         protocol::write_json(
             &mut wire,
             Kind::Complete,
-            &protocol::Complete { memory_crc32: sent.crc32, pages_sent: sent.pages, zero_pages: sent.zero_pages },
+            &protocol::Complete {
+                memory_crc32: sent.crc32,
+                pages_sent: sent.pages,
+                zero_pages: sent.zero_pages,
+                ram_crc32: None,
+            },
         )
         .unwrap();
         assert_eq!(sent.pages, 4096);

@@ -145,6 +145,10 @@ pub struct Hello {
     pub firmware: bool,
     pub msr_policy_zero: bool,
     pub tsc_khz: Option<u32>,
+    /// CRC32 of the host's KVM_GET_SUPPORTED_CPUID: a destination with other CPU features
+    /// refuses (the guest may already use a feature it would lose).
+    #[serde(default)]
+    pub cpuid_crc32: u32,
 }
 
 /// End of the stream.
@@ -153,6 +157,10 @@ pub struct Complete {
     pub memory_crc32: u32,
     pub pages_sent: u64,
     pub zero_pages: u64,
+    /// Test mode (`--verify-memory`): CRC32 of all guest RAM with the vCPUs paused; the
+    /// destination compares it with its own RAM before running the VM.
+    #[serde(default)]
+    pub ram_crc32: Option<u32>,
 }
 
 /// The destination's confirmation.
@@ -169,7 +177,12 @@ mod tests {
     #[test]
     fn frames_round_trip_and_bad_ones_are_refused() {
         let mut buf = Vec::new();
-        write_json(&mut buf, Kind::Complete, &Complete { memory_crc32: 7, pages_sent: 1, zero_pages: 2 }).unwrap();
+        write_json(
+            &mut buf,
+            Kind::Complete,
+            &Complete { memory_crc32: 7, pages_sent: 1, zero_pages: 2, ram_crc32: None },
+        )
+        .unwrap();
         let c: Complete = read_json(&mut buf.as_slice(), Kind::Complete).unwrap();
         assert_eq!(c.memory_crc32, 7);
         assert!(matches!(read_json::<Complete>(&mut buf.as_slice(), Kind::State), Err(Error::Unexpected { .. })));

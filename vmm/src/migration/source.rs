@@ -40,6 +40,8 @@ pub struct Report {
     pub final_pages: u64,
     /// Whether pre-copy converged under the downtime limit (false: it hit max rounds).
     pub converged: bool,
+    /// Test mode: the destination checked its RAM equals ours at the pause.
+    pub memory_verified: bool,
     pub to: String,
     pub total_ms: f64,
     /// Source vCPUs paused -> destination confirmed its vCPUs run (end to end).
@@ -58,6 +60,7 @@ pub fn migrate(
     vm: &mut Vm,
     to: &Address,
     mode: Mode,
+    verify_memory: bool,
     progress: &mut dyn FnMut(serde_json::Value),
 ) -> Result<Report, String> {
     let start = Instant::now();
@@ -74,6 +77,7 @@ pub fn migrate(
         firmware: config.boot == crate::config::BootMode::Firmware,
         msr_policy_zero: config.msr_policy == crate::trap::msr::UnknownMsrPolicy::Zero,
         tsc_khz: None,
+        cpuid_crc32: vm.cpuid_crc32().map_err(|e| chain(&e))?,
     };
     protocol::write_json(&mut stream, Kind::Hello, &hello).map_err(|e| chain(&e))?;
     let _: Answer = protocol::read_json(&mut stream, Kind::Accept).map_err(|e| chain(&e))?;
@@ -94,7 +98,7 @@ pub fn migrate(
 
     let paused = Instant::now();
     let vcpus = vm.pause_all()?;
-    let result = (|| -> Result<(u64, u64, Running), String> {
+    let result = (|| -> Result<(u64, u64, Running, Option<u32>), String> {
         let final_pages = if rounds.is_empty() {
             outgoing.send_all(vm.ram(), &mut stream).map_err(|e| chain(&e))?;
             outgoing.stats.pages
@@ -105,17 +109,19 @@ pub fn migrate(
         let machine = vm.save_machine(vcpus).map_err(|e| chain(&e))?;
         let state = serde_json::to_vec(&machine).map_err(|e| e.to_string())?;
         protocol::write_frame(&mut stream, Kind::State, &state).map_err(|e| chain(&e))?;
+        let ram_crc32 = if verify_memory { Some(memory::ram_crc32(vm.ram()).map_err(|e| chain(&e))?) } else { None };
         let complete = Complete {
             memory_crc32: outgoing.crc32(),
             pages_sent: outgoing.stats.pages,
             zero_pages: outgoing.stats.zero_pages,
+            ram_crc32,
         };
         protocol::write_json(&mut stream, Kind::Complete, &complete).map_err(|e| chain(&e))?;
         let running: Running = protocol::read_json(&mut stream, Kind::Running).map_err(|e| chain(&e))?;
-        Ok((final_pages, state.len() as u64, running))
+        Ok((final_pages, state.len() as u64, running, ram_crc32))
     })();
     match result {
-        Ok((final_pages, state_bytes, running)) => {
+        Ok((final_pages, state_bytes, running, ram_crc32)) => {
             let downtime = paused.elapsed();
             let total = start.elapsed();
             let mut memory = outgoing.stats;
@@ -125,6 +131,7 @@ pub fn migrate(
                 mode: if rounds.is_empty() { "stop-copy" } else { "precopy" },
                 rounds,
                 final_pages,
+                memory_verified: ram_crc32.is_some(),
                 converged,
                 to: to.to_string(),
                 total_ms: total.as_secs_f64() * 1e3,
