@@ -34,7 +34,7 @@ struct Sample {
     rounds: f64,
 }
 
-fn wait_for(path: &PathBuf, needle: &str, child: &mut Child) -> Result<(), String> {
+fn wait_for(path: &std::path::Path, needle: &str, child: &mut Child) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if std::fs::read_to_string(path).unwrap_or_default().contains(needle) {
@@ -47,7 +47,14 @@ fn wait_for(path: &PathBuf, needle: &str, child: &mut Child) -> Result<(), Strin
     }
 }
 
-fn one(popek: &PathBuf, dir: &PathBuf, memory: &str, mode: &str, pages: u32, port: u16) -> Result<Sample, String> {
+fn one(
+    popek: &PathBuf,
+    dir: &std::path::Path,
+    memory: &str,
+    mode: &str,
+    pages: u32,
+    port: u16,
+) -> Result<Sample, String> {
     let file = |n: &str| dir.join(n);
     let spawn = |args: &[&str], out: &str, err: &str| {
         Command::new(popek)
