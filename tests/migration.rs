@@ -358,3 +358,98 @@ fn non_loopback_incoming_needs_a_key_or_insecure() {
         .expect_status(4)
         .expect_stderr("shorter than 16 bytes");
 }
+
+fn write_frame(stream: &mut impl std::io::Write, kind: u16, payload: &[u8], version: u16) {
+    let mut header = Vec::with_capacity(16);
+    header.extend_from_slice(b"PPKM");
+    header.extend_from_slice(&version.to_le_bytes());
+    header.extend_from_slice(&kind.to_le_bytes());
+    header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    let _ = stream.write_all(&header);
+    let _ = stream.write_all(payload);
+}
+
+fn read_frame(stream: &mut impl std::io::Read) -> Option<(u16, Vec<u8>)> {
+    let mut header = [0u8; 16];
+    stream.read_exact(&mut header).ok()?;
+    let kind = u16::from_le_bytes([header[6], header[7]]);
+    let len = u64::from_le_bytes(header[8..16].try_into().unwrap()) as usize;
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).ok()?;
+    Some((kind, payload))
+}
+
+/// A destination that follows the protocol up to `phase`, then drops the connection.
+fn fake_destination(path: PathBuf, phase: &'static str) -> std::thread::JoinHandle<()> {
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let Some(_hello) = read_frame(&mut s) else { return };
+        if phase == "hello" {
+            return;
+        }
+        let version = if phase == "version" { 2 } else { 1 };
+        write_frame(&mut s, 2, br#"{"reason":""}"#, version);
+        if phase == "accept" || phase == "version" {
+            return;
+        }
+        let mut memory = 0;
+        while let Some((kind, payload)) = read_frame(&mut s) {
+            memory += payload.len();
+            if phase == "memory" && memory > 64 * 1024 {
+                return;
+            }
+            if kind == 6 {
+                // Complete: a dead destination never says Running.
+                return;
+            }
+        }
+    })
+}
+
+#[test]
+fn a_cut_at_each_phase_leaves_the_source_running() {
+    require_kvm();
+    let scratch = Scratch::new("mig-cuts");
+    let (src, api) = source(&scratch, "1");
+    for phase in ["hello", "version", "accept", "memory", "complete"] {
+        for mode in ["stop-copy", "precopy"] {
+            let path = scratch.0.join(format!("{phase}-{mode}.sock"));
+            let fake = fake_destination(path.clone(), phase);
+            let to = format!("unix:{}", path.display());
+            let run = popek(&["migrate", "--api-socket", &api, "--to", &to, "--mode", mode], None);
+            run.expect_status(18);
+            if phase == "version" {
+                run.expect_stderr("protocol version 2");
+            }
+            fake.join().unwrap();
+            popek(&["status", "--api-socket", &api], None).expect_status(0).expect_stdout("\"running\"");
+        }
+    }
+    // Ten failed attempts later the VM is intact: a real move verifies every page.
+    let dst_addr = format!("unix:{}", scratch.0.join("dst.sock").display());
+    let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &dst_addr]);
+    dst.listening();
+    let run = migrate_to(&api, &dst_addr, &scratch.0.join("report.json"));
+    check_moved(&scratch, src, dst, &run, 1);
+}
+
+#[test]
+fn a_destination_refuses_a_vm_it_cannot_host() {
+    require_kvm();
+    let scratch = Scratch::new("mig-size");
+    let path = scratch.0.join("dst.sock");
+    let addr = format!("unix:{}", path.display());
+    let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &addr]);
+    dst.listening();
+    let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let hello = br#"{"popek_version":"0.1.0","memory_bytes":1099511627776,"vcpus":1,"firmware":false,"msr_policy_zero":false,"tsc_khz":null,"cpuid_crc32":0}"#;
+    write_frame(&mut s, 1, hello, 1);
+    let (kind, payload) = read_frame(&mut s).expect("an answer");
+    assert_eq!(kind, 3, "Refuse");
+    let reason = String::from_utf8_lossy(&payload);
+    assert!(reason.contains("cannot host the VM") && reason.contains("too large"), "{reason}");
+    let (status, out, err) = dst.wait();
+    assert_eq!(status, 18, "{err}");
+    assert!(out.is_empty());
+}

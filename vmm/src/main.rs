@@ -294,6 +294,19 @@ fn api_call(socket: &std::path::Path, request: &serde_json::Value, report_json: 
         }
     };
     println!("{}", serde_json::to_string_pretty(&reply).unwrap_or(line.clone()));
+    if let Some(r) = reply.get("report") {
+        let rounds = r["rounds"].as_array().map_or(0, |v| v.len());
+        eprintln!(
+            "popek: migrated to {} ({}): downtime {:.2} ms, total {:.2} ms, {:.1} MB sent, {} pre-copy rounds, {} zero pages skipped",
+            r["to"].as_str().unwrap_or("?"),
+            r["mode"].as_str().unwrap_or("?"),
+            r["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+            r["total_ms"].as_f64().unwrap_or(f64::NAN),
+            (r["memory"]["bytes_on_wire"].as_f64().unwrap_or(0.0) + r["state_bytes"].as_f64().unwrap_or(0.0)) / 1e6,
+            rounds,
+            r["memory"]["zero_pages"].as_u64().unwrap_or(0)
+        );
+    }
     if let (Some(path), Some(report)) = (report_json, reply.get("report")) {
         if let Err(e) = std::fs::write(path, report.to_string()) {
             eprintln!("popek: cannot write {}: {e}", path.display());
