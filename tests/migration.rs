@@ -453,3 +453,120 @@ fn a_destination_refuses_a_vm_it_cannot_host() {
     assert_eq!(status, 18, "{err}");
     assert!(out.is_empty());
 }
+
+/// Two "hosts": network namespaces joined by a veth pair, 198.18.0.1 and 198.18.0.2 (the
+/// benchmarking range), removed on drop. Needs root (or passwordless sudo).
+struct Hosts {
+    names: [String; 2],
+}
+
+fn root_prefix() -> Vec<&'static str> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        vec![]
+    } else {
+        vec!["sudo", "-n"]
+    }
+}
+
+fn ip(args: &[&str]) {
+    let mut command: Vec<&str> = root_prefix();
+    command.push("ip");
+    command.extend_from_slice(args);
+    let status = Command::new(command[0]).args(&command[1..]).status().expect("run ip (iproute2)");
+    assert!(status.success(), "ip {args:?} failed: network namespaces need root");
+}
+
+impl Hosts {
+    fn new() -> Hosts {
+        let id = std::process::id() % 100_000;
+        let names = [format!("popek{id}a"), format!("popek{id}b")];
+        let veth = [format!("pv{id}a"), format!("pv{id}b")];
+        for n in &names {
+            ip(&["netns", "add", n]);
+        }
+        ip(&["link", "add", &veth[0], "type", "veth", "peer", "name", &veth[1]]);
+        for (i, n) in names.iter().enumerate() {
+            ip(&["link", "set", &veth[i], "netns", n]);
+            let addr = format!("198.18.0.{}/30", i + 1);
+            ip(&["-n", n, "addr", "add", &addr, "dev", &veth[i]]);
+            ip(&["-n", n, "link", "set", &veth[i], "up"]);
+            ip(&["-n", n, "link", "set", "lo", "up"]);
+        }
+        Hosts { names }
+    }
+
+    /// `popek ARGS` inside host `i`.
+    fn popek(&self, scratch: &Scratch, i: usize, tag: &str, args: &[&str]) -> Proc {
+        let out = scratch.0.join(format!("{tag}.out"));
+        let err = scratch.0.join(format!("{tag}.err"));
+        let mut command: Vec<&str> = root_prefix();
+        command.extend(["ip", "netns", "exec", &self.names[i], popek_bin()]);
+        command.extend_from_slice(args);
+        let child = Command::new(command[0])
+            .args(&command[1..])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        Proc { child, out, err }
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let mut command: Vec<&str> = root_prefix();
+            command.extend(["ip", "netns", "del", n]);
+            let _ = Command::new(command[0]).args(&command[1..]).status();
+        }
+    }
+}
+
+#[test]
+fn across_two_network_namespaces_back_and_forth_ten_times() {
+    require_kvm();
+    let scratch = Scratch::new("mig-netns");
+    let hosts = Hosts::new();
+    let key = scratch.file("key", b"the two hosts share this key\n");
+    let mut api = scratch.0.join("api0.sock").display().to_string();
+    let mut current = hosts.popek(
+        &scratch,
+        0,
+        "hop0",
+        &[
+            "run",
+            "--no-stdin",
+            "--auth-key",
+            &key,
+            "--api-socket",
+            &api,
+            "--cmdline",
+            "test=migrate pages=2048 seconds=60 moves=10",
+        ],
+    );
+    wait_for("the source workload", || current.stdout().contains("migrate: ready"));
+    for hop in 1..=10 {
+        let host = hop % 2;
+        let to = format!("tcp:198.18.0.{}:{}", host + 1, 7000 + hop);
+        let next_api = scratch.0.join(format!("api{hop}.sock")).display().to_string();
+        let next = hosts.popek(
+            &scratch,
+            host,
+            &format!("hop{hop}"),
+            &["run", "--no-stdin", "--auth-key", &key, "--incoming", &to, "--api-socket", &next_api],
+        );
+        next.listening();
+        let mode = if hop % 2 == 0 { "stop-copy" } else { "precopy" };
+        popek(&["migrate", "--api-socket", &api, "--to", &to, "--mode", mode, "--verify-memory"], None)
+            .expect_status(0);
+        let (status, _, err) = current.wait();
+        assert_eq!(status, 0, "hop {hop}: the previous host ends once the next one runs the VM: {err}");
+        current = next;
+        api = next_api;
+    }
+    let (status, out, err) = current.wait();
+    assert_eq!(status, 1, "{out}\n{err}");
+    assert!(out.contains("migrate: moved (generation 10)") && out.contains("2048 pages verified: ok"), "{out}");
+}
