@@ -570,3 +570,53 @@ fn across_two_network_namespaces_back_and_forth_ten_times() {
     assert_eq!(status, 1, "{out}\n{err}");
     assert!(out.contains("migrate: moved (generation 10)") && out.contains("2048 pages verified: ok"), "{out}");
 }
+
+#[test]
+fn rate_limited_precopy_of_a_rate_limited_dirtier_and_stats() {
+    require_kvm();
+    let scratch = Scratch::new("mig-rate");
+    let api = scratch.0.join("src.sock").display().to_string();
+    // 4096 pages at 5,000 pages/s (20 MB/s): a dirtier pre-copy at 64 MiB/s outruns.
+    let src = Proc::spawn(
+        &scratch,
+        "src",
+        &["run", "--no-stdin", "--api-socket", &api, "--cmdline", "test=migrate pages=4096 rate=5000 seconds=60"],
+    );
+    wait_for("the source workload", || src.stdout().contains("migrate: ready"));
+    popek(&["stats", "--api-socket", &api], None)
+        .expect_status(0)
+        .expect_stdout("\"exits\"")
+        .expect_stdout("\"hypercalls\"");
+    let dst_addr = format!("unix:{}", scratch.0.join("dst.sock").display());
+    let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &dst_addr]);
+    dst.listening();
+    let report = scratch.0.join("report.json");
+    let run = popek(
+        &[
+            "migrate",
+            "--api-socket",
+            &api,
+            "--to",
+            &dst_addr,
+            "--mode",
+            "precopy",
+            "--max-bandwidth",
+            "64M",
+            "--verify-memory",
+            "--report-json",
+            report.to_str().unwrap(),
+        ],
+        None,
+    );
+    run.expect_status(0).expect_stderr("popek: migrated to");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    // The first pass moves 16 MiB of stamped pages at most at 64 MiB/s: at least 0.2 s.
+    let first = &r["rounds"][0];
+    assert!(first["mb_s"].as_f64().unwrap() < 64.0 * 1.05 * 1.048_576, "{first}");
+    assert_eq!(r["memory_verified"], true);
+    assert_eq!(src.wait().0, 0);
+    let (status, out, _) = dst.wait();
+    assert_eq!(status, 1, "{out}");
+    assert!(out.contains("4096 pages verified: ok"), "{out}");
+    popek(&["migrate", "--api-socket", &api, "--to", &dst_addr, "--max-bandwidth", "fast"], None).expect_status(2);
+}

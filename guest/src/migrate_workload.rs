@@ -51,6 +51,8 @@ pub fn migrate_workload(context: &Context) -> u8 {
     let pages = arg(context.cmdline, "pages").and_then(parse_number).unwrap_or(4096);
     let seconds = arg(context.cmdline, "seconds").and_then(parse_number).unwrap_or(60);
     let moves = arg(context.cmdline, "moves").and_then(parse_number).unwrap_or(1);
+    // rate=N: stamp at most N pages per second (0: as fast as it can).
+    let rate = arg(context.cmdline, "rate").and_then(parse_number).unwrap_or(0);
     let ram = context.info.map_or(0, |i| i.ram_bytes());
     if WORKING_SET + pages * PAGE > ram {
         println!("migrate: {} pages do not fit in {} bytes of RAM", pages, ram);
@@ -76,7 +78,15 @@ pub fn migrate_workload(context: &Context) -> u8 {
             return FAILURE;
         }
         round += 1;
+        let pass_start = monotonic_ns();
         write(pages, round);
+        // Spread the pass over pages/rate seconds, sleeping in the VMM for the rest.
+        if let Some(due) = (pages * 1_000_000_000).checked_div(rate) {
+            let spent = monotonic_ns() - pass_start;
+            if due > spent {
+                call(hc::SLEEP, [(due - spent).min(hc::SLEEP_MAX_NS), 0, 0, 0]);
+            }
+        }
         let now = monotonic_ns();
         longest_gap = longest_gap.max(now - last);
         last = now;

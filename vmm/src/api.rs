@@ -30,6 +30,7 @@ pub struct Call {
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     Status,
+    Stats,
     Pause,
     Resume,
     Migrate {
@@ -38,6 +39,8 @@ pub enum Request {
         downtime_limit_ms: Option<f64>,
         max_rounds: Option<u32>,
         verify_memory: Option<bool>,
+        /// Bytes per second, at most.
+        max_bandwidth: Option<u64>,
     },
 }
 
@@ -46,10 +49,12 @@ pub fn parse(line: &str) -> Result<Request, String> {
     let value: Value = serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))?;
     let object = value.as_object().ok_or("bad request: not a JSON object")?;
     // serde does not refuse extra fields next to a unit variant's tag: check by hand.
-    if let Some(key) = object
-        .keys()
-        .find(|k| !matches!(k.as_str(), "cmd" | "to" | "mode" | "downtime_limit_ms" | "max_rounds" | "verify_memory"))
-    {
+    if let Some(key) = object.keys().find(|k| {
+        !matches!(
+            k.as_str(),
+            "cmd" | "to" | "mode" | "downtime_limit_ms" | "max_rounds" | "verify_memory" | "max_bandwidth"
+        )
+    }) {
         return Err(format!("bad request: unknown field '{key}'"));
     }
     serde_json::from_value(value).map_err(|e| format!("bad request: {e}"))
@@ -119,6 +124,7 @@ pub fn serve(vm: &mut Vm, call: Call) -> Option<VmExit> {
             json!({"ok": true, "state": if vm.is_paused() { "paused" } else { "running" }, "vcpus": vm.config().vcpus, "memory_bytes": vm.config().memory_bytes}),
             None,
         ),
+        Request::Stats => (json!({"ok": true, "stats": vm.stats_json()}), None),
         Request::Pause => match vm.pause_all() {
             Ok(_) => (json!({"ok": true, "state": "paused"}), None),
             Err(e) => (json!({"ok": false, "error": e}), None),
@@ -127,7 +133,7 @@ pub fn serve(vm: &mut Vm, call: Call) -> Option<VmExit> {
             vm.resume_all();
             (json!({"ok": true, "state": "running"}), None)
         }
-        Request::Migrate { to, mode, downtime_limit_ms, max_rounds, verify_memory } => {
+        Request::Migrate { to, mode, downtime_limit_ms, max_rounds, verify_memory, max_bandwidth } => {
             let mode = match mode.as_deref() {
                 None | Some("stop-copy") => Ok(crate::migration::source::Mode::StopCopy),
                 Some("precopy") => Ok(crate::migration::source::Mode::Precopy {
@@ -137,7 +143,7 @@ pub fn serve(vm: &mut Vm, call: Call) -> Option<VmExit> {
                 Some(other) => Err(format!("unknown migration mode '{other}' (stop-copy, precopy)")),
             };
             match mode {
-                Ok(mode) => migrate(vm, &to, mode, verify_memory.unwrap_or(false), &call.reply),
+                Ok(mode) => migrate(vm, &to, mode, (verify_memory.unwrap_or(false), max_bandwidth), &call.reply),
                 Err(e) => (json!({"ok": false, "error": e}), None),
             }
         }
@@ -154,7 +160,7 @@ fn migrate(
     vm: &mut Vm,
     to: &str,
     mode: crate::migration::source::Mode,
-    verify_memory: bool,
+    (verify_memory, max_bandwidth): (bool, Option<u64>),
     progress: &Sender<Value>,
 ) -> (Value, Option<VmExit>) {
     let address: Address = match to.parse() {
@@ -164,7 +170,7 @@ fn migrate(
     let mut report_progress = |value: Value| {
         let _ = progress.send(json!({ "progress": value }));
     };
-    match crate::migration::source::migrate(vm, &address, mode, verify_memory, &mut report_progress) {
+    match crate::migration::source::migrate(vm, &address, mode, verify_memory, max_bandwidth, &mut report_progress) {
         Ok(report) => {
             vm.stop_all();
             let report = serde_json::to_value(&report).unwrap_or(Value::Null);
@@ -188,7 +194,8 @@ mod tests {
                 mode: None,
                 downtime_limit_ms: None,
                 max_rounds: None,
-                verify_memory: None
+                verify_memory: None,
+                max_bandwidth: None
             })
         );
         for bad in ["", "{}", r#"{"cmd":"reboot"}"#, r#"{"cmd":"status","x":1}"#, "[1,2]", "\u{0}"] {

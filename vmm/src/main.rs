@@ -83,9 +83,17 @@ enum Command {
         /// pause (costs a full read of memory on both sides, inside the downtime).
         #[arg(long)]
         verify_memory: bool,
+        /// Send at most this many bytes per second (K/M/G suffixes, binary), e.g. 100M.
+        #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+        max_bandwidth: Option<u64>,
     },
     /// Ask a running VM (started with --api-socket) for its status.
     Status {
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
+    },
+    /// Ask a running VM for its exit, hypercall and device statistics (JSON).
+    Stats {
         #[arg(long, value_name = "PATH")]
         api_socket: PathBuf,
     },
@@ -201,12 +209,23 @@ fn main() -> ExitCode {
         Command::Classify { image, flat, bits, base, json } => {
             classify(&image, popek::classify::Options { flat, bits, base }, json)
         }
-        Command::Migrate { api_socket, to, mode, downtime_limit, max_rounds, report_json, verify_memory } => {
+        Command::Migrate {
+            api_socket,
+            to,
+            mode,
+            downtime_limit,
+            max_rounds,
+            report_json,
+            verify_memory,
+            max_bandwidth,
+        } => {
             let request = serde_json::json!({"cmd": "migrate", "to": to, "mode": mode,
-                "downtime_limit_ms": downtime_limit, "max_rounds": max_rounds, "verify_memory": verify_memory});
+                "downtime_limit_ms": downtime_limit, "max_rounds": max_rounds, "verify_memory": verify_memory,
+                "max_bandwidth": max_bandwidth});
             api_call(&api_socket, &request, report_json.as_deref())
         }
         Command::Status { api_socket } => api_call(&api_socket, &serde_json::json!({"cmd": "status"}), None),
+        Command::Stats { api_socket } => api_call(&api_socket, &serde_json::json!({"cmd": "stats"}), None),
         Command::Pause { api_socket } => api_call(&api_socket, &serde_json::json!({"cmd": "pause"}), None),
         Command::Resume { api_socket } => api_call(&api_socket, &serde_json::json!({"cmd": "resume"}), None),
         Command::ExportGuest { output } => match std::fs::write(&output, popek::bundled::GUEST_ELF) {
@@ -320,6 +339,18 @@ fn api_call(socket: &std::path::Path, request: &serde_json::Value, report_json: 
     }
 }
 
+/// A rate in bytes per second: a number with an optional K/M/G suffix (binary units).
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let (digits, shift) = match text.trim().to_ascii_uppercase().trim_end_matches("/S").trim_end_matches('B') {
+        t if t.ends_with('K') => (t[..t.len() - 1].to_string(), 10),
+        t if t.ends_with('M') => (t[..t.len() - 1].to_string(), 20),
+        t if t.ends_with('G') => (t[..t.len() - 1].to_string(), 30),
+        t => (t.to_string(), 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("'{text}' is not a rate (examples: 100M, 1G, 500000)"))?;
+    n.checked_mul(1 << shift).filter(|&r| r > 0).ok_or_else(|| format!("'{text}' is not a usable rate"))
+}
+
 fn parse_address(text: &str) -> Result<u64, String> {
     let parsed = match text.strip_prefix("0x") {
         Some(hex) => u64::from_str_radix(hex, 16),
@@ -423,23 +454,8 @@ fn report_stats(vm: &Vm, exit: &VmExit, table: bool, json: Option<&std::path::Pa
         eprint!("\n{}", exits.table());
     }
     if let Some(path) = json {
-        let (pio, mmio) = vm.unclaimed();
-        let hex = |m: std::collections::HashMap<u64, u64>| -> std::collections::BTreeMap<String, u64> {
-            m.into_iter().map(|(k, v)| (format!("{k:#x}"), v)).collect()
-        };
-        let hypercalls = vm.hypercalls();
-        let value = serde_json::json!({
-            "end": format!("{exit:?}"),
-            "exits": exits,
-            "unclaimed": { "pio": hex(pio), "mmio": hex(mmio) },
-            "hypercalls": {
-                "calls": hypercalls.call_counts().into_iter().map(|(nr, n)| (nr.to_string(), n)).collect::<std::collections::BTreeMap<_, _>>(),
-                "bad_requests": hypercalls.bad_calls(),
-                "free_pages": hypercalls.free_page_count(),
-            },
-            "rom_writes_dropped": vm.rom_writes_dropped(),
-            "audit": vm.audit_report(),
-        });
+        let mut value = vm.stats_json();
+        value["end"] = serde_json::Value::String(format!("{exit:?}"));
         let text = serde_json::to_string_pretty(&value).map_err(|e| e.to_string())?;
         std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }

@@ -216,6 +216,16 @@ impl Vcpu {
         self.id
     }
 
+    /// The vCPU's TSC frequency, when KVM reports it.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.fd.get_tsc_khz().ok()
+    }
+
+    /// Sets the vCPU's TSC frequency (needs TSC scaling in KVM).
+    pub fn set_tsc_khz(&self, khz: u32) -> Result<(), kvm_ioctls::Error> {
+        self.fd.set_tsc_khz(khz)
+    }
+
     /// Restores a migrated vCPU's state (before its thread starts).
     pub fn restore(&self, state: &crate::migration::state::VcpuState) -> Result<(), crate::migration::state::Error> {
         state.restore(&self.fd)

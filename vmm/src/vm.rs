@@ -109,6 +109,8 @@ pub struct Vm {
     threads: Vec<std::thread::JoinHandle<()>>,
     paused_rx: mpsc::Receiver<crate::vcpu::PausedReport>,
     config: VmConfig,
+    /// vCPU 0's TSC frequency, which a migration destination must be able to offer.
+    tsc_khz: Option<u32>,
 }
 
 impl Vm {
@@ -192,7 +194,9 @@ impl Vm {
             boot_vcpu.set_entry(&plan.entry)?;
         }
         install_kick_handler()?;
+        let tsc_khz = vcpus.first().and_then(|v| v.tsc_khz());
         Ok(Vm {
+            tsc_khz,
             _kvm: kvm,
             fd,
             ram,
@@ -370,6 +374,46 @@ impl Vm {
         for c in &self.controls {
             c.set(Wanted::Stop);
         }
+    }
+
+    /// The guest's TSC frequency in kHz, when KVM reports it.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.tsc_khz
+    }
+
+    /// Gives every (not yet running) vCPU the TSC frequency `khz`, if this KVM can scale
+    /// the TSC; the error says why not.
+    pub fn set_tsc_khz(&mut self, khz: u32) -> Result<(), String> {
+        if !self._kvm.check_extension(kvm_ioctls::Cap::TscControl) {
+            return Err("this KVM cannot scale the TSC (no KVM_CAP_TSC_CONTROL)".into());
+        }
+        for vcpu in &self.vcpus {
+            vcpu.set_tsc_khz(khz).map_err(|e| format!("KVM refused TSC frequency {khz} kHz: {e}"))?;
+        }
+        self.tsc_khz = Some(khz);
+        Ok(())
+    }
+
+    /// Everything `--stats-json` and the `stats` request report.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let (pio, mmio) = self.unclaimed();
+        let hex = |m: std::collections::HashMap<u64, u64>| -> std::collections::BTreeMap<String, u64> {
+            m.into_iter().map(|(k, v)| (format!("{k:#x}"), v)).collect()
+        };
+        let calls: std::collections::BTreeMap<String, u64> =
+            self.hypercalls.call_counts().into_iter().map(|(nr, n)| (nr.to_string(), n)).collect();
+        serde_json::json!({
+            "exits": self.exit_report(),
+            "unclaimed": { "pio": hex(pio), "mmio": hex(mmio) },
+            "hypercalls": {
+                "calls": calls,
+                "bad_requests": self.hypercalls.bad_calls(),
+                "free_pages": self.hypercalls.free_page_count(),
+                "generation": self.hypercalls.generation(),
+            },
+            "rom_writes_dropped": self.rom_writes_dropped(),
+            "audit": self.audit_report(),
+        })
     }
 
     /// CRC32 of the host's supported CPUID, which a migration destination must match.

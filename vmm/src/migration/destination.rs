@@ -136,6 +136,16 @@ pub fn receive(
             return Err(reason);
         }
     };
+    if let (Some(there), Some(here)) = (hello.tsc_khz, vm.tsc_khz()) {
+        // A guest's TSC must keep its frequency: scale it here, or refuse.
+        if there.abs_diff(here) > here / 1000 {
+            if let Err(why) = vm.set_tsc_khz(there) {
+                let reason = format!("the source's TSC runs at {there} kHz and this host's at {here} kHz, and {why}: migrate between hosts with the same TSC frequency");
+                refuse(stream.as_mut(), &reason);
+                return Err(reason);
+            }
+        }
+    }
     match vm.cpuid_crc32() {
         Ok(here) if here == hello.cpuid_crc32 => {}
         Ok(_) => {

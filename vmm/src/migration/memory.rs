@@ -63,6 +63,8 @@ pub struct Outgoing {
     pub stats: Transfer,
     zero_run: Option<(u64, u32, u32)>,
     page: Vec<u8>,
+    /// Bytes per second not to exceed, and since when we count.
+    limit: Option<(u64, std::time::Instant)>,
 }
 
 impl Default for Outgoing {
@@ -73,11 +75,27 @@ impl Default for Outgoing {
             stats: Transfer::default(),
             zero_run: None,
             page: vec![0u8; PAGE as usize],
+            limit: None,
         }
     }
 }
 
 impl Outgoing {
+    /// Caps the rate at `bytes_per_s` (`--max-bandwidth`), averaged from now on.
+    pub fn with_limit(bytes_per_s: Option<u64>) -> Self {
+        Outgoing { limit: bytes_per_s.map(|r| (r.max(1), std::time::Instant::now())), ..Default::default() }
+    }
+
+    /// Sleeps as long as the bytes sent so far are ahead of the rate cap.
+    fn throttle(&self) {
+        if let Some((rate, since)) = self.limit {
+            let due = std::time::Duration::from_secs_f64(self.stats.bytes_on_wire as f64 / rate as f64);
+            if let Some(ahead) = due.checked_sub(since.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
+    }
+
     fn flush_zero_run(&mut self) {
         if let Some((gpa, n, flags)) = self.zero_run.take() {
             self.frame.extend_from_slice(&gpa.to_le_bytes());
@@ -123,6 +141,7 @@ impl Outgoing {
             protocol::write_frame(out, Kind::Memory, &self.frame)?;
             self.stats.bytes_on_wire += self.frame.len() as u64 + 16;
             self.frame.clear();
+            self.throttle();
         }
         Ok(())
     }

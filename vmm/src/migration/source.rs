@@ -61,6 +61,7 @@ pub fn migrate(
     to: &Address,
     mode: Mode,
     verify_memory: bool,
+    max_bandwidth: Option<u64>,
     progress: &mut dyn FnMut(serde_json::Value),
 ) -> Result<Report, String> {
     let start = Instant::now();
@@ -76,13 +77,13 @@ pub fn migrate(
         vcpus: config.vcpus,
         firmware: config.boot == crate::config::BootMode::Firmware,
         msr_policy_zero: config.msr_policy == crate::trap::msr::UnknownMsrPolicy::Zero,
-        tsc_khz: None,
+        tsc_khz: vm.tsc_khz(),
         cpuid_crc32: vm.cpuid_crc32().map_err(|e| chain(&e))?,
     };
     protocol::write_json(&mut stream, Kind::Hello, &hello).map_err(|e| chain(&e))?;
     let _: Answer = protocol::read_json(&mut stream, Kind::Accept).map_err(|e| chain(&e))?;
 
-    let mut outgoing = Outgoing::default();
+    let mut outgoing = Outgoing::with_limit(max_bandwidth);
     let mut rounds = Vec::new();
     let mut converged = true;
     if let Mode::Precopy { downtime_limit_ms, max_rounds } = mode {
