@@ -136,7 +136,11 @@ impl Vm {
         // Memory slots (the ROM's too) go in before the irqchip: on some hosts (seen on PVM) the first slot
         // added after KVM_CREATE_IRQCHIP waits ~5 ms for an SRCU grace period, which would
         // be half of Popek's time to first guest byte.
-        let ram = memory::create_ram(config.memory_bytes)?;
+        let ram = if load_kernel {
+            memory::create_ram(config.memory_bytes)?
+        } else {
+            memory::create_ram_for_incoming(config.memory_bytes)?
+        };
         let slots = memory::register_ram(&fd, &ram)?;
         let plan = if load_kernel {
             boot::load(config, &ram)?

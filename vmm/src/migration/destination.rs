@@ -43,12 +43,19 @@ fn receive_memory_and_state(vm: &Vm, stream: &mut Box<dyn Stream>) -> Result<(Ma
     let mut stats = memory::Transfer::default();
     let mut crc = crc32fast::Hasher::new();
     let mut machine = None;
+    let (mut t_read, mut t_crc, mut t_apply) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     loop {
+        let t = Instant::now();
         let (kind, payload) = protocol::read_frame(stream).map_err(|e| chain(&e))?;
+        t_read += t.elapsed();
         match kind {
             Kind::Memory => {
+                let t = Instant::now();
                 crc.update(&payload);
+                t_crc += t.elapsed();
+                let t = Instant::now();
                 memory::apply(vm.ram(), &payload, &mut stats).map_err(|e| chain(&e))?;
+                t_apply += t.elapsed();
             }
             Kind::State => {
                 let state: MachineState =
@@ -56,6 +63,7 @@ fn receive_memory_and_state(vm: &Vm, stream: &mut Box<dyn Stream>) -> Result<(Ma
                 machine = Some((state, Instant::now()));
             }
             Kind::Complete => {
+                log::debug!("receive: read {t_read:?}, crc {t_crc:?}, apply {t_apply:?}");
                 let complete: protocol::Complete =
                     serde_json::from_slice(&payload).map_err(|e| format!("malformed Complete message: {e}"))?;
                 let received = crc.finalize();

@@ -22,6 +22,15 @@ pub enum Mode {
     Precopy { downtime_limit_ms: f64, max_rounds: u32 },
 }
 
+/// The downtime window, phase by phase (milliseconds).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Breakdown {
+    pub pause: f64,
+    pub final_memory: f64,
+    pub state: f64,
+    pub until_running: f64,
+}
+
 /// One pre-copy round.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Round {
@@ -42,6 +51,9 @@ pub struct Report {
     pub converged: bool,
     /// Test mode: the destination checked its RAM equals ours at the pause.
     pub memory_verified: bool,
+    /// Where the downtime went: pausing the vCPUs (and saving their state), the last
+    /// memory, the machine state, and waiting for the destination to run the VM.
+    pub downtime_breakdown_ms: Breakdown,
     pub to: String,
     pub total_ms: f64,
     /// Source vCPUs paused -> destination confirmed its vCPUs run (end to end).
@@ -99,6 +111,12 @@ pub fn migrate(
 
     let paused = Instant::now();
     let vcpus = vm.pause_all()?;
+    let mut breakdown = Breakdown { pause: paused.elapsed().as_secs_f64() * 1e3, ..Default::default() };
+    let mut lap = Instant::now();
+    let mut mark = |slot: &mut f64| {
+        *slot = lap.elapsed().as_secs_f64() * 1e3;
+        lap = Instant::now();
+    };
     let result = (|| -> Result<(u64, u64, Running, Option<u32>), String> {
         let final_pages = if rounds.is_empty() {
             outgoing.send_all(vm.ram(), &mut stream).map_err(|e| chain(&e))?;
@@ -107,6 +125,7 @@ pub fn migrate(
             let dirty = vm.take_dirty().map_err(|e| chain(&e))?;
             outgoing.send_dirty(vm.ram(), &dirty, &mut stream).map_err(|e| chain(&e))?
         };
+        mark(&mut breakdown.final_memory);
         let machine = vm.save_machine(vcpus).map_err(|e| chain(&e))?;
         let state = serde_json::to_vec(&machine).map_err(|e| e.to_string())?;
         protocol::write_frame(&mut stream, Kind::State, &state).map_err(|e| chain(&e))?;
@@ -118,7 +137,9 @@ pub fn migrate(
             ram_crc32,
         };
         protocol::write_json(&mut stream, Kind::Complete, &complete).map_err(|e| chain(&e))?;
+        mark(&mut breakdown.state);
         let running: Running = protocol::read_json(&mut stream, Kind::Running).map_err(|e| chain(&e))?;
+        mark(&mut breakdown.until_running);
         Ok((final_pages, state.len() as u64, running, ram_crc32))
     })();
     match result {
@@ -133,6 +154,7 @@ pub fn migrate(
                 rounds,
                 final_pages,
                 memory_verified: ram_crc32.is_some(),
+                downtime_breakdown_ms: breakdown,
                 converged,
                 to: to.to_string(),
                 total_ms: total.as_secs_f64() * 1e3,
