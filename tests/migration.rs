@@ -249,22 +249,31 @@ fn precopy_with_the_guest_dirtying_memory_one_and_two_vcpus() {
 fn back_and_forth_ten_times() {
     require_kvm();
     let scratch = Scratch::new("mig-10");
-    let (mut current, api0) = source_moving(&scratch, "1", 10);
-    let mut api = api0;
-    for hop in 0..10 {
-        let dst_sock = scratch.0.join(format!("dst{hop}.sock"));
-        let dst_api = scratch.0.join(format!("api{hop}.sock")).display().to_string();
-        let dst_addr = format!("unix:{}", dst_sock.display());
+    let (current, api) = source_moving(&scratch, "1", 10);
+    hop_ten_times(current, api, |hop| {
+        let to = format!("unix:{}", scratch.0.join(format!("dst{hop}.sock")).display());
+        let api = scratch.0.join(format!("api{hop}.sock")).display().to_string();
         let dst = Proc::spawn(
             &scratch,
             &format!("hop{hop}"),
-            &["run", "--no-stdin", "--incoming", &dst_addr, "--api-socket", &dst_api],
+            &["run", "--no-stdin", "--incoming", &to, "--api-socket", &api],
         );
+        (dst, to, api)
+    });
+}
+
+/// Moves the VM ten times: `next(hop)` starts the next destination and returns it with its
+/// migration address and control socket. Alternates the modes; checks each previous host
+/// ends once the next runs the VM, and that the guest verified its memory after the last.
+fn hop_ten_times(mut current: Proc, mut api: String, mut next: impl FnMut(u16) -> (Proc, String, String)) {
+    for hop in 1..=10u16 {
+        let (dst, to, dst_api) = next(hop);
         dst.listening();
-        let mode = if hop % 2 == 0 { "precopy" } else { "stop-copy" };
-        popek(&["migrate", "--api-socket", &api, "--to", &dst_addr, "--mode", mode], None).expect_status(0);
+        let mode = if hop % 2 == 0 { "stop-copy" } else { "precopy" };
+        popek(&["migrate", "--api-socket", &api, "--to", &to, "--mode", mode, "--verify-memory"], None)
+            .expect_status(0);
         let (status, _, err) = current.wait();
-        assert_eq!(status, 0, "hop {hop}: the previous host ends: {err}");
+        assert_eq!(status, 0, "hop {hop}: the previous host ends once the next one runs the VM: {err}");
         current = dst;
         api = dst_api;
     }
@@ -530,8 +539,8 @@ fn across_two_network_namespaces_back_and_forth_ten_times() {
     let scratch = Scratch::new("mig-netns");
     let hosts = Hosts::new();
     let key = scratch.file("key", b"the two hosts share this key\n");
-    let mut api = scratch.0.join("api0.sock").display().to_string();
-    let mut current = hosts.popek(
+    let api = scratch.0.join("api0.sock").display().to_string();
+    let current = hosts.popek(
         &scratch,
         0,
         "hop0",
@@ -547,28 +556,14 @@ fn across_two_network_namespaces_back_and_forth_ten_times() {
         ],
     );
     wait_for("the source workload", || current.stdout().contains("migrate: ready"));
-    for hop in 1..=10 {
-        let host = hop % 2;
+    hop_ten_times(current, api, |hop| {
+        let host = usize::from(hop % 2);
         let to = format!("tcp:198.18.0.{}:{}", host + 1, 7000 + hop);
-        let next_api = scratch.0.join(format!("api{hop}.sock")).display().to_string();
-        let next = hosts.popek(
-            &scratch,
-            host,
-            &format!("hop{hop}"),
-            &["run", "--no-stdin", "--auth-key", &key, "--incoming", &to, "--api-socket", &next_api],
-        );
-        next.listening();
-        let mode = if hop % 2 == 0 { "stop-copy" } else { "precopy" };
-        popek(&["migrate", "--api-socket", &api, "--to", &to, "--mode", mode, "--verify-memory"], None)
-            .expect_status(0);
-        let (status, _, err) = current.wait();
-        assert_eq!(status, 0, "hop {hop}: the previous host ends once the next one runs the VM: {err}");
-        current = next;
-        api = next_api;
-    }
-    let (status, out, err) = current.wait();
-    assert_eq!(status, 1, "{out}\n{err}");
-    assert!(out.contains("migrate: moved (generation 10)") && out.contains("2048 pages verified: ok"), "{out}");
+        let api = scratch.0.join(format!("api{hop}.sock")).display().to_string();
+        let args = ["run", "--no-stdin", "--auth-key", &key, "--incoming", &to, "--api-socket", &api];
+        let dst = hosts.popek(&scratch, host, &format!("hop{hop}"), &args);
+        (dst, to, api)
+    });
 }
 
 #[test]

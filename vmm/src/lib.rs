@@ -16,3 +16,15 @@ pub mod migration;
 pub mod trap;
 pub mod vcpu;
 pub mod vm;
+
+/// An error and its causes on one line, "outer: inner: innermost", the way users read them.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -505,14 +505,7 @@ fn creation_status(e: &vm::Error) -> u8 {
 
 /// "outer: inner: innermost", the way a user reads a cause chain on one line.
 fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    popek::error_chain(e)
 }
 
 fn fail(code: u8, message: &str) -> ExitCode {
