@@ -119,6 +119,16 @@ fn precopy_to(api: &str, to: &str, report: &Path) -> Run {
     )
 }
 
+/// Stop-and-copy to a fresh destination on a Unix socket; checks the move and the guest's
+/// memory on arrival (1 vCPU).
+fn move_intact(scratch: &Scratch, src: Proc, api: &str) {
+    let dst_addr = format!("unix:{}", scratch.0.join("dst.sock").display());
+    let dst = Proc::spawn(scratch, "dst", &["run", "--no-stdin", "--incoming", &dst_addr]);
+    dst.listening();
+    let run = migrate_to(api, &dst_addr, &scratch.0.join("report.json"));
+    check_moved(scratch, src, dst, &run, 1);
+}
+
 fn check_moved(scratch: &Scratch, src: Proc, dst: Proc, run: &Run, vcpus: u64) {
     check_moved_as(scratch, src, dst, run, vcpus, "stop-copy")
 }
@@ -191,11 +201,7 @@ fn failed_migrations_leave_the_source_running() {
     popek(&["migrate", "--api-socket", &api, "--to", &nowhere, "--mode", "teleport"], None).expect_status(18);
     // Still running, and its memory intact: a real migration afterwards verifies it.
     popek(&["status", "--api-socket", &api], None).expect_status(0).expect_stdout("\"running\"");
-    let dst_addr = format!("unix:{}", scratch.0.join("dst.sock").display());
-    let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &dst_addr]);
-    dst.listening();
-    let run = migrate_to(&api, &dst_addr, &scratch.0.join("report.json"));
-    check_moved(&scratch, src, dst, &run, 1);
+    move_intact(&scratch, src, &api);
 }
 
 #[test]
@@ -303,11 +309,7 @@ fn a_killed_destination_leaves_the_source_running() {
     killer.join().unwrap();
     popek(&["status", "--api-socket", &api], None).expect_status(0).expect_stdout("\"running\"");
     // And it still moves, intact, to a real destination.
-    let dst_addr = format!("unix:{}", scratch.0.join("dst.sock").display());
-    let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &dst_addr]);
-    dst.listening();
-    let run = migrate_to(&api, &dst_addr, &scratch.0.join("report.json"));
-    check_moved(&scratch, src, dst, &run, 1);
+    move_intact(&scratch, src, &api);
 }
 
 #[test]
@@ -436,11 +438,7 @@ fn a_cut_at_each_phase_leaves_the_source_running() {
         }
     }
     // Ten failed attempts later the VM is intact: a real move verifies every page.
-    let dst_addr = format!("unix:{}", scratch.0.join("dst.sock").display());
-    let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &dst_addr]);
-    dst.listening();
-    let run = migrate_to(&api, &dst_addr, &scratch.0.join("report.json"));
-    check_moved(&scratch, src, dst, &run, 1);
+    move_intact(&scratch, src, &api);
 }
 
 #[test]

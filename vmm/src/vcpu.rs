@@ -95,6 +95,7 @@ pub enum VmExit {
 
 /// What the VM wants a vCPU thread to do; checked before every KVM_RUN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Wanted {
     Run,
     /// Complete in-flight I/O, save the state, report it, and wait.
@@ -103,34 +104,45 @@ pub enum Wanted {
     Stop,
 }
 
-/// How the VM steers one vCPU thread from outside.
+/// How the VM steers one vCPU thread from outside. The vCPU reads `wanted` before every
+/// KVM_RUN (an atomic load on the exit path); the lock and condvar are only for waiting.
 pub struct VcpuControl {
-    wanted: Mutex<Wanted>,
+    wanted: std::sync::atomic::AtomicU8,
+    lock: Mutex<()>,
     changed: Condvar,
 }
 
 impl Default for VcpuControl {
     fn default() -> Self {
-        VcpuControl { wanted: Mutex::new(Wanted::Run), changed: Condvar::new() }
+        VcpuControl {
+            wanted: std::sync::atomic::AtomicU8::new(Wanted::Run as u8),
+            lock: Mutex::new(()),
+            changed: Condvar::new(),
+        }
     }
 }
 
 impl VcpuControl {
     pub fn set(&self, wanted: Wanted) {
-        *self.wanted.lock().unwrap_or_else(|p| p.into_inner()) = wanted;
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.wanted.store(wanted as u8, std::sync::atomic::Ordering::SeqCst);
         self.changed.notify_all();
     }
 
     pub fn get(&self) -> Wanted {
-        *self.wanted.lock().unwrap_or_else(|p| p.into_inner())
+        match self.wanted.load(std::sync::atomic::Ordering::SeqCst) {
+            x if x == Wanted::Pause as u8 => Wanted::Pause,
+            x if x == Wanted::Stop as u8 => Wanted::Stop,
+            _ => Wanted::Run,
+        }
     }
 
     fn wait_while_paused(&self) -> Wanted {
-        let mut wanted = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
-        while *wanted == Wanted::Pause {
-            wanted = self.changed.wait(wanted).unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.get() == Wanted::Pause {
+            guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
         }
-        *wanted
+        self.get()
     }
 }
 
