@@ -613,3 +613,42 @@ fn rate_limited_precopy_of_a_rate_limited_dirtier_and_stats() {
     assert!(out.contains("4096 pages verified: ok"), "{out}");
     popek(&["migrate", "--api-socket", &api, "--to", &dst_addr, "--max-bandwidth", "fast"], None).expect_status(2);
 }
+
+#[test]
+fn precopy_with_auto_converge_moves_a_fast_dirtier_intact() {
+    require_kvm();
+    let scratch = Scratch::new("mig-ac");
+    let api = scratch.0.join("src.sock").display().to_string();
+    let src = Proc::spawn(
+        &scratch,
+        "src",
+        &["run", "--no-stdin", "--api-socket", &api, "--cmdline", "test=migrate pages=8192 seconds=60"],
+    );
+    wait_for("the source workload", || src.stdout().contains("migrate: ready"));
+    let dst_addr = format!("unix:{}", scratch.0.join("dst.sock").display());
+    let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &dst_addr]);
+    dst.listening();
+    let report = scratch.0.join("report.json");
+    let args = [
+        "migrate",
+        "--api-socket",
+        &api,
+        "--to",
+        &dst_addr,
+        "--mode",
+        "precopy",
+        "--auto-converge",
+        "--max-rounds",
+        "20",
+        "--verify-memory",
+        "--report-json",
+        report.to_str().unwrap(),
+    ];
+    popek(&args, None).expect_status(0);
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["memory_verified"], true);
+    assert_eq!(src.wait().0, 0);
+    let (status, out, _) = dst.wait();
+    assert_eq!(status, 1, "{out}");
+    assert!(out.contains("8192 pages verified: ok"), "{out}");
+}

@@ -41,6 +41,8 @@ pub enum Request {
         verify_memory: Option<bool>,
         /// Bytes per second, at most.
         max_bandwidth: Option<u64>,
+        /// Pre-copy: throttle the vCPUs when the rounds stop shrinking.
+        auto_converge: Option<bool>,
     },
 }
 
@@ -52,7 +54,14 @@ pub fn parse(line: &str) -> Result<Request, String> {
     if let Some(key) = object.keys().find(|k| {
         !matches!(
             k.as_str(),
-            "cmd" | "to" | "mode" | "downtime_limit_ms" | "max_rounds" | "verify_memory" | "max_bandwidth"
+            "cmd"
+                | "to"
+                | "mode"
+                | "downtime_limit_ms"
+                | "max_rounds"
+                | "verify_memory"
+                | "max_bandwidth"
+                | "auto_converge"
         )
     }) {
         return Err(format!("bad request: unknown field '{key}'"));
@@ -133,12 +142,13 @@ pub fn serve(vm: &mut Vm, call: Call) -> Option<VmExit> {
             vm.resume_all();
             (json!({"ok": true, "state": "running"}), None)
         }
-        Request::Migrate { to, mode, downtime_limit_ms, max_rounds, verify_memory, max_bandwidth } => {
+        Request::Migrate { to, mode, downtime_limit_ms, max_rounds, verify_memory, max_bandwidth, auto_converge } => {
             let mode = match mode.as_deref() {
                 None | Some("stop-copy") => Ok(crate::migration::source::Mode::StopCopy),
                 Some("precopy") => Ok(crate::migration::source::Mode::Precopy {
                     downtime_limit_ms: downtime_limit_ms.unwrap_or(1.0),
                     max_rounds: max_rounds.unwrap_or(30),
+                    auto_converge: auto_converge.unwrap_or(false),
                 }),
                 Some(other) => Err(format!("unknown migration mode '{other}' (stop-copy, precopy)")),
             };
@@ -195,7 +205,8 @@ mod tests {
                 downtime_limit_ms: None,
                 max_rounds: None,
                 verify_memory: None,
-                max_bandwidth: None
+                max_bandwidth: None,
+                auto_converge: None
             })
         );
         for bad in ["", "{}", r#"{"cmd":"reboot"}"#, r#"{"cmd":"status","x":1}"#, "[1,2]", "\u{0}"] {

@@ -86,6 +86,10 @@ enum Command {
         /// Send at most this many bytes per second (K/M/G suffixes, binary), e.g. 100M.
         #[arg(long, value_name = "RATE", value_parser = parse_rate)]
         max_bandwidth: Option<u64>,
+        /// Pre-copy: when the rounds stop shrinking, stall the vCPUs for a growing share of
+        /// each 10 ms (20%, 40%, ... 90%) until it converges.
+        #[arg(long)]
+        auto_converge: bool,
     },
     /// Ask a running VM (started with --api-socket) for its status.
     Status {
@@ -218,10 +222,11 @@ fn main() -> ExitCode {
             report_json,
             verify_memory,
             max_bandwidth,
+            auto_converge,
         } => {
             let request = serde_json::json!({"cmd": "migrate", "to": to, "mode": mode,
                 "downtime_limit_ms": downtime_limit, "max_rounds": max_rounds, "verify_memory": verify_memory,
-                "max_bandwidth": max_bandwidth});
+                "max_bandwidth": max_bandwidth, "auto_converge": auto_converge});
             api_call(&api_socket, &request, report_json.as_deref())
         }
         Command::Status { api_socket } => api_call(&api_socket, &serde_json::json!({"cmd": "status"}), None),

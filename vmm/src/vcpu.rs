@@ -102,6 +102,9 @@ pub enum Wanted {
     Pause,
     /// End the thread (after a migration).
     Stop,
+    /// Sleep without saving anything: pre-copy's throttle slows a guest that dirties
+    /// memory faster than the link carries it.
+    Stall,
 }
 
 /// How the VM steers one vCPU thread from outside. The vCPU reads `wanted` before every
@@ -133,16 +136,16 @@ impl VcpuControl {
         match self.wanted.load(std::sync::atomic::Ordering::SeqCst) {
             x if x == Wanted::Pause as u8 => Wanted::Pause,
             x if x == Wanted::Stop as u8 => Wanted::Stop,
+            x if x == Wanted::Stall as u8 => Wanted::Stall,
             _ => Wanted::Run,
         }
     }
 
-    fn wait_while_paused(&self) -> Wanted {
+    fn wait_while(&self, state: Wanted) {
         let mut guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        while self.get() == Wanted::Pause {
+        while self.get() == state {
             guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner());
         }
-        self.get()
     }
 }
 
@@ -243,18 +246,28 @@ impl Vcpu {
         state.restore(&self.fd)
     }
 
-    /// Pauses here: completes in-flight I/O (a KVM_RUN with `immediate_exit` finishes a
-    /// pending port or MMIO read without entering the guest), saves the state, reports
-    /// it, and waits. Returns false when the thread must end.
+    /// Stops here while the VM wants it. For a pause: completes in-flight I/O (a KVM_RUN
+    /// with `immediate_exit` finishes a pending port or MMIO read without entering the
+    /// guest), saves the state, reports it, and waits. For a stall (the throttle): just
+    /// waits. Returns false when the thread must end.
     fn park(&mut self, handlers: &Handlers, control: &VcpuControl) -> bool {
-        self.fd.set_kvm_immediate_exit(1);
-        let _ = self.fd.run();
-        self.fd.set_kvm_immediate_exit(0);
-        let state = crate::migration::state::VcpuState::save(&handlers.msr_indexes, &self.fd, self.id)
-            .map_err(|e| e.to_string());
-        let sender = handlers.paused.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let _ = sender.send((self.id, state));
-        control.wait_while_paused() == Wanted::Run
+        loop {
+            match control.get() {
+                Wanted::Run => return true,
+                Wanted::Stop => return false,
+                Wanted::Stall => control.wait_while(Wanted::Stall),
+                Wanted::Pause => {
+                    self.fd.set_kvm_immediate_exit(1);
+                    let _ = self.fd.run();
+                    self.fd.set_kvm_immediate_exit(0);
+                    let state = crate::migration::state::VcpuState::save(&handlers.msr_indexes, &self.fd, self.id)
+                        .map_err(|e| e.to_string());
+                    let sender = handlers.paused.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                    let _ = sender.send((self.id, state));
+                    control.wait_while(Wanted::Pause);
+                }
+            }
+        }
     }
 
     fn run(&mut self, handlers: &Handlers, control: &VcpuControl) -> VmExit {

@@ -461,6 +461,40 @@ impl Vm {
         }
     }
 
+    /// A throttle for pre-copy, at 0% until told otherwise.
+    pub fn throttle(&self) -> Throttle {
+        use std::os::unix::thread::JoinHandleExt;
+        use std::sync::atomic::Ordering::SeqCst;
+        let percent = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let controls = self.controls.clone();
+        let threads: Vec<libc::pthread_t> = self.threads.iter().map(|t| t.as_pthread_t()).collect();
+        let (p, s, c) = (percent.clone(), stop.clone(), controls.clone());
+        let thread = std::thread::Builder::new()
+            .name("throttle".into())
+            .spawn(move || {
+                const PERIOD_US: u64 = 10_000;
+                while !s.load(SeqCst) {
+                    let share = u64::from(p.load(SeqCst));
+                    if share == 0 {
+                        std::thread::sleep(std::time::Duration::from_micros(PERIOD_US));
+                        continue;
+                    }
+                    for (control, thread) in c.iter().zip(&threads) {
+                        control.set(Wanted::Stall);
+                        kick_pthread(*thread);
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(PERIOD_US * share / 100));
+                    for control in &c {
+                        control.set(Wanted::Run);
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(PERIOD_US * (100 - share) / 100));
+                }
+            })
+            .ok();
+        Throttle { percent, stop, thread, controls }
+    }
+
     /// Whether the vCPUs are paused.
     pub fn is_paused(&self) -> bool {
         self.controls.first().is_some_and(|c| c.get() == Wanted::Pause)
@@ -500,9 +534,45 @@ impl Vm {
 /// Kicks a vCPU thread out of KVM_RUN.
 fn kick(thread: &std::thread::JoinHandle<()>) {
     use std::os::unix::thread::JoinHandleExt;
-    // SAFETY: the thread is alive (its JoinHandle is held) and the kick signal has a
-    // handler that does nothing, so delivery only interrupts KVM_RUN with EINTR.
-    unsafe { libc::pthread_kill(thread.as_pthread_t(), vmm_sys_util::signal::SIGRTMIN()) };
+    kick_pthread(thread.as_pthread_t());
+}
+
+fn kick_pthread(thread: libc::pthread_t) {
+    // SAFETY: the VM holds the thread's JoinHandle for as long as it can be kicked, so the
+    // thread exists; the kick signal's handler does nothing, so delivery only interrupts
+    // KVM_RUN with EINTR.
+    unsafe { libc::pthread_kill(thread, vmm_sys_util::signal::SIGRTMIN()) };
+}
+
+/// Pre-copy's vCPU throttle: every 10 ms, stalls the vCPUs for `percent` of it, so a guest
+/// that dirties memory faster than the link carries it slows down until pre-copy
+/// converges (QEMU calls this auto-converge). Stopped (vCPUs running) on drop.
+pub struct Throttle {
+    percent: Arc<std::sync::atomic::AtomicU32>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    controls: Vec<Arc<VcpuControl>>,
+}
+
+impl Throttle {
+    /// Sets the share of time the vCPUs are stalled (0 to 90).
+    pub fn set(&self, percent: u32) {
+        self.percent.store(percent.min(90), std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        for c in &self.controls {
+            if c.get() == Wanted::Stall {
+                c.set(Wanted::Run);
+            }
+        }
+    }
 }
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}

@@ -19,7 +19,7 @@ pub enum Mode {
     /// Copy while the guest runs, in rounds of the pages it dirtied, until what is left
     /// fits the downtime limit at the measured bandwidth (or `max_rounds` is reached: then
     /// stop and copy the rest anyway).
-    Precopy { downtime_limit_ms: f64, max_rounds: u32 },
+    Precopy { downtime_limit_ms: f64, max_rounds: u32, auto_converge: bool },
 }
 
 /// The downtime window, phase by phase (milliseconds).
@@ -98,8 +98,9 @@ pub fn migrate(
     let mut outgoing = Outgoing::with_limit(max_bandwidth);
     let mut rounds = Vec::new();
     let mut converged = true;
-    if let Mode::Precopy { downtime_limit_ms, max_rounds } = mode {
-        let result = precopy(vm, &mut stream, &mut outgoing, &mut rounds, downtime_limit_ms, max_rounds, progress);
+    if let Mode::Precopy { downtime_limit_ms, max_rounds, auto_converge } = mode {
+        let limits = (downtime_limit_ms, max_rounds, auto_converge);
+        let result = precopy(vm, &mut stream, &mut outgoing, &mut rounds, limits, progress);
         match result {
             Ok(c) => converged = c,
             Err(e) => {
@@ -181,11 +182,14 @@ fn precopy(
     stream: &mut Box<dyn transport::Stream>,
     outgoing: &mut Outgoing,
     rounds: &mut Vec<Round>,
-    downtime_limit_ms: f64,
-    max_rounds: u32,
+    (downtime_limit_ms, max_rounds, auto_converge): (f64, u32, bool),
     progress: &mut dyn FnMut(serde_json::Value),
 ) -> Result<bool, String> {
     vm.set_dirty_logging(true).map_err(|e| chain(&e))?;
+    // Stopped (vCPUs back to full speed) when this function returns, before the pause.
+    let throttle = vm.throttle();
+    let mut throttle_percent = 0;
+    let mut last_pending = u64::MAX;
     // Start from a clean slate: everything written from now on is dirty.
     vm.take_dirty().map_err(|e| chain(&e))?;
     let t = Instant::now();
@@ -209,6 +213,18 @@ fn precopy(
             );
             return Ok(true);
         }
+        // With auto-converge: not shrinking by a tenth a round after a few rounds means the
+        // guest outruns the link; slow it down step by step.
+        if auto_converge
+            && round >= 4
+            && pending.saturating_mul(10) > last_pending.saturating_mul(9)
+            && throttle_percent < 90
+        {
+            throttle_percent = (throttle_percent + 20).min(90);
+            throttle.set(throttle_percent);
+            progress(serde_json::json!({"round": round, "throttle_percent": throttle_percent}));
+        }
+        last_pending = pending;
         let before = outgoing.stats.bytes_on_wire;
         let t = Instant::now();
         let sent = outgoing.send_dirty(vm.ram(), &dirty, stream).map_err(|e| chain(&e))?;
