@@ -21,6 +21,8 @@ done
 missing=()
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
+# ip (iproute2) builds the two-host network for the cross-namespace migration test.
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}" >&2
     sudo=""
