@@ -93,7 +93,7 @@ const SERIAL_GSI: u32 = 4;
 
 /// A built VM, ready to run.
 pub struct Vm {
-    _kvm: Kvm,
+    kvm: Kvm,
     fd: VmFd,
     ram: GuestRam,
     rom: Option<Rom>,
@@ -201,7 +201,7 @@ impl Vm {
         let tsc_khz = vcpus.first().and_then(|v| v.tsc_khz());
         Ok(Vm {
             tsc_khz,
-            _kvm: kvm,
+            kvm,
             fd,
             ram,
             rom,
@@ -388,7 +388,7 @@ impl Vm {
     /// Gives every (not yet running) vCPU the TSC frequency `khz`, if this KVM can scale
     /// the TSC; the error says why not.
     pub fn set_tsc_khz(&mut self, khz: u32) -> Result<(), String> {
-        if !self._kvm.check_extension(kvm_ioctls::Cap::TscControl) {
+        if !self.kvm.check_extension(kvm_ioctls::Cap::TscControl) {
             return Err("this KVM cannot scale the TSC (no KVM_CAP_TSC_CONTROL)".into());
         }
         for vcpu in &self.vcpus {
@@ -422,7 +422,7 @@ impl Vm {
 
     /// CRC32 of the host's supported CPUID, which a migration destination must match.
     pub fn cpuid_crc32(&self) -> Result<u32, Error> {
-        let cpuid = cpuid::supported(&self._kvm)?;
+        let cpuid = cpuid::supported(&self.kvm)?;
         let mut crc = crc32fast::Hasher::new();
         for e in cpuid.as_slice() {
             // KVM reports the APIC ID of the host CPU the caller runs on (leaf 1 EBX[31:24],
