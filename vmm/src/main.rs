@@ -272,8 +272,10 @@ fn run_incoming(
         Err(e) => return fail(status::MIGRATION, &format!("incoming migration failed: {e}")),
     };
     let popek::migration::destination::Incoming { mut vm, mut stream, state_arrived } = incoming;
+    log::debug!("incoming: machine restored {:?} after the state arrived", state_arrived.elapsed());
     let confirm = move |_: &mut Vm| {
         let running = popek::migration::protocol::Running { restore_us: state_arrived.elapsed().as_micros() as u64 };
+        log::debug!("incoming: vCPUs started {:?} after the state arrived", state_arrived.elapsed());
         if let Err(e) =
             popek::migration::protocol::write_json(&mut stream, popek::migration::protocol::Kind::Running, &running)
         {
