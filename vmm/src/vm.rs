@@ -474,21 +474,25 @@ impl Vm {
             .name("throttle".into())
             .spawn(move || {
                 const PERIOD_US: u64 = 10_000;
+                // park_timeout, not sleep: dropping the throttle unparks it at once, so the
+                // migration never waits for the rest of a period before it pauses.
                 while !s.load(SeqCst) {
                     let share = u64::from(p.load(SeqCst));
                     if share == 0 {
-                        std::thread::sleep(std::time::Duration::from_micros(PERIOD_US));
+                        std::thread::park_timeout(std::time::Duration::from_micros(PERIOD_US));
                         continue;
                     }
                     for (control, thread) in c.iter().zip(&threads) {
                         control.set(Wanted::Stall);
                         kick_pthread(*thread);
                     }
-                    std::thread::sleep(std::time::Duration::from_micros(PERIOD_US * share / 100));
+                    std::thread::park_timeout(std::time::Duration::from_micros(PERIOD_US * share / 100));
                     for control in &c {
                         control.set(Wanted::Run);
                     }
-                    std::thread::sleep(std::time::Duration::from_micros(PERIOD_US * (100 - share) / 100));
+                    if !s.load(SeqCst) {
+                        std::thread::park_timeout(std::time::Duration::from_micros(PERIOD_US * (100 - share) / 100));
+                    }
                 }
             })
             .ok();
@@ -565,6 +569,7 @@ impl Drop for Throttle {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
         for c in &self.controls {

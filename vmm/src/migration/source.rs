@@ -186,8 +186,9 @@ fn precopy(
     progress: &mut dyn FnMut(serde_json::Value),
 ) -> Result<bool, String> {
     vm.set_dirty_logging(true).map_err(|e| chain(&e))?;
-    // Stopped (vCPUs back to full speed) when this function returns, before the pause.
-    let throttle = vm.throttle();
+    // Only with auto-converge; stopped (vCPUs back to full speed) when this function
+    // returns, before the pause.
+    let throttle = auto_converge.then(|| vm.throttle());
     let mut throttle_percent = 0;
     let mut last_pending = u64::MAX;
     // Start from a clean slate: everything written from now on is dirty.
@@ -215,11 +216,8 @@ fn precopy(
         }
         // With auto-converge: not shrinking by a tenth a round after a few rounds means the
         // guest outruns the link; slow it down step by step.
-        if auto_converge
-            && round >= 4
-            && pending.saturating_mul(10) > last_pending.saturating_mul(9)
-            && throttle_percent < 90
-        {
+        let outrun = round >= 4 && pending.saturating_mul(10) > last_pending.saturating_mul(9);
+        if let (Some(throttle), true) = (&throttle, outrun && throttle_percent < 90) {
             throttle_percent = (throttle_percent + 20).min(90);
             throttle.set(throttle_percent);
             progress(serde_json::json!({"round": round, "throttle_percent": throttle_percent}));
