@@ -229,8 +229,51 @@ pub fn send_all<W: Write>(ram: &GuestRam, out: &mut W) -> Result<Transfer, Error
     Ok(outgoing.stats)
 }
 
+/// Faults in, in one call per contiguous run, the destination pages a payload's data
+/// records are about to fill: one `MADV_POPULATE_WRITE` over 4 MiB costs far less than a
+/// thousand separate first-touch faults (each a trap, ~9 us on this project's test host).
+/// Best effort: kernels before 5.14 refuse it and the copy faults the pages in as usual.
+fn prefault(ram: &GuestRam, payload: &[u8]) {
+    use vm_memory::GuestMemoryBackend;
+    let mut run: Option<(u64, u64)> = None;
+    let flush = |run: Option<(u64, u64)>| {
+        if let Some((gpa, len)) = run {
+            if let Ok(host) = ram.get_host_address(GuestAddress(gpa)) {
+                if memory::is_ram(ram, gpa, len) {
+                    // SAFETY: advice on `len` bytes of a live guest RAM mapping checked
+                    // above; it writes nothing the guest could see (pages stay zero).
+                    unsafe {
+                        libc::madvise(host.cast(), len as usize, 23 /* MADV_POPULATE_WRITE */)
+                    };
+                }
+            }
+        }
+    };
+    let mut rest = payload;
+    while rest.len() >= RECORD_HEADER {
+        let gpa = u64::from_le_bytes(rest[..8].try_into().unwrap_or([0; 8]));
+        let pages = u64::from(u32::from_le_bytes(rest[8..12].try_into().unwrap_or([0; 4])));
+        let flags = u32::from_le_bytes(rest[12..16].try_into().unwrap_or([0; 4]));
+        rest = &rest[RECORD_HEADER..];
+        if flags & ZERO != 0 {
+            continue;
+        }
+        let len = pages.saturating_mul(PAGE);
+        run = match run {
+            Some((start, l)) if start + l == gpa => Some((start, l + len)),
+            other => {
+                flush(other);
+                Some((gpa, len))
+            }
+        };
+        rest = rest.get(len as usize..).unwrap_or(&[]);
+    }
+    flush(run);
+}
+
 /// Applies one Memory payload to guest RAM, checking every record against RAM.
 pub fn apply(ram: &GuestRam, payload: &[u8], stats: &mut Transfer) -> Result<(), Error> {
+    prefault(ram, payload);
     let mut rest = payload;
     while !rest.is_empty() {
         if rest.len() < RECORD_HEADER {
