@@ -40,45 +40,22 @@ impl Write for WriteAdapter<'_> {
 
 /// Memory frames (any number of rounds), the State, then Complete with the checksum.
 fn receive_memory_and_state(vm: &Vm, stream: &mut Box<dyn Stream>) -> Result<(MachineState, Instant), String> {
-    let mut stats = memory::Transfer::default();
-    let mut crc = crc32fast::Hasher::new();
+    let mut incoming = memory::Incoming::default();
     let mut machine = None;
-    let (mut t_read, mut t_crc, mut t_apply) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     loop {
-        let t = Instant::now();
         let (kind, payload) = protocol::read_frame(stream).map_err(|e| chain(&e))?;
-        t_read += t.elapsed();
         match kind {
-            Kind::Memory => {
-                let t = Instant::now();
-                crc.update(&payload);
-                t_crc += t.elapsed();
-                let t = Instant::now();
-                memory::apply(vm.ram(), &payload, &mut stats).map_err(|e| chain(&e))?;
-                t_apply += t.elapsed();
-            }
+            Kind::Memory => incoming.memory(vm.ram(), &payload).map_err(|e| chain(&e))?,
             Kind::State => {
                 let state: MachineState =
                     serde_json::from_slice(&payload).map_err(|e| format!("malformed machine state: {e}"))?;
                 machine = Some((state, Instant::now()));
             }
             Kind::Complete => {
-                log::debug!("receive: read {t_read:?}, crc {t_crc:?}, apply {t_apply:?}");
                 let complete: protocol::Complete =
                     serde_json::from_slice(&payload).map_err(|e| format!("malformed Complete message: {e}"))?;
-                let received = crc.finalize();
-                if complete.memory_crc32 != received {
-                    return Err(format!(
-                        "memory checksum mismatch: received {received:#x}, the source sent {:#x}",
-                        complete.memory_crc32
-                    ));
-                }
-                if let Some(expected) = complete.ram_crc32 {
-                    let here = memory::ram_crc32(vm.ram()).map_err(|e| chain(&e))?;
-                    if here != expected {
-                        return Err(format!("guest RAM differs from the source's at the pause (CRC32 {here:#x} here, {expected:#x} there)"));
-                    }
-                }
+                incoming.complete(vm.ram(), &complete).map_err(|e| chain(&e))?;
+                log::debug!("received {} pages, {} bytes", incoming.stats.pages, incoming.stats.bytes_on_wire);
                 return machine.ok_or_else(|| "the source completed without sending the machine state".to_string());
             }
             Kind::Refuse => return Err("the source aborted the migration".into()),

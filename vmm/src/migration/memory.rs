@@ -8,7 +8,7 @@
 
 use super::protocol::{self, Kind};
 use crate::memory::{self, GuestRam};
-use std::io::{Read, Write};
+use std::io::Write;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 pub const PAGE: u64 = 4096;
@@ -38,6 +38,8 @@ pub enum Error {
     OutsideRam { gpa: u64, pages: u64 },
     #[error("Memory checksum mismatch: received {received:#x}, the source sent {sent:#x}")]
     Checksum { received: u32, sent: u32 },
+    #[error("Guest RAM differs from the source's at the pause (CRC32 {here:#x} here, {expected:#x} there)")]
+    RamDiffers { here: u32, expected: u32 },
     #[error("Guest memory access failed")]
     Guest(#[from] vm_memory::GuestMemoryError),
 }
@@ -221,14 +223,6 @@ pub fn count_dirty(dirty: &[Vec<u64>]) -> u64 {
     dirty.iter().flatten().map(|w| u64::from(w.count_ones())).sum()
 }
 
-/// Sends every page of guest RAM (stop-and-copy in one pass).
-pub fn send_all<W: Write>(ram: &GuestRam, out: &mut W) -> Result<Transfer, Error> {
-    let mut outgoing = Outgoing::default();
-    outgoing.send_all(ram, out)?;
-    outgoing.stats.crc32 = outgoing.crc32();
-    Ok(outgoing.stats)
-}
-
 /// Faults in, in one call per contiguous run, the destination pages a payload's data
 /// records are about to fill: one `MADV_POPULATE_WRITE` over 4 MiB costs far less than a
 /// thousand separate first-touch faults (each a trap, ~9 us on this project's test host).
@@ -322,34 +316,35 @@ fn write_ram(ram: &GuestRam, gpa: u64, data: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
-/// Receives Memory frames until Complete, then checks the checksum.
-pub fn receive_all<R: Read>(ram: &GuestRam, input: &mut R) -> Result<Transfer, Error> {
-    let mut stats = Transfer::default();
-    let mut crc = crc32fast::Hasher::new();
-    loop {
-        let (kind, payload) = protocol::read_frame(input)?;
-        match kind {
-            Kind::Memory => {
-                crc.update(&payload);
-                stats.bytes_on_wire += payload.len() as u64 + 16;
-                apply(ram, &payload, &mut stats)?;
-            }
-            Kind::Complete => {
-                let complete: protocol::Complete = serde_json::from_slice(&payload)
-                    .map_err(|e| protocol::Error::Malformed(Kind::Complete, e.to_string()))?;
-                stats.crc32 = crc.finalize();
-                if complete.memory_crc32 != stats.crc32 {
-                    return Err(Error::Checksum { received: stats.crc32, sent: complete.memory_crc32 });
-                }
-                return Ok(stats);
-            }
-            Kind::Refuse => {
-                let answer: protocol::Answer =
-                    serde_json::from_slice(&payload).unwrap_or(protocol::Answer { reason: "?".into() });
-                return Err(protocol::Error::Refused(answer.reason).into());
-            }
-            other => return Err(protocol::Error::Unexpected { expected: Kind::Memory, got: other }.into()),
+/// The receiving side of memory transfer: applies Memory payloads as they come and, at
+/// Complete, checks the stream's CRC32 (and, in test mode, the CRC32 of all of RAM).
+#[derive(Default)]
+pub struct Incoming {
+    crc: crc32fast::Hasher,
+    pub stats: Transfer,
+}
+
+impl Incoming {
+    /// Applies one Memory payload.
+    pub fn memory(&mut self, ram: &GuestRam, payload: &[u8]) -> Result<(), Error> {
+        self.crc.update(payload);
+        self.stats.bytes_on_wire += payload.len() as u64 + 16;
+        apply(ram, payload, &mut self.stats)
+    }
+
+    /// Checks what arrived against the source's Complete message.
+    pub fn complete(&mut self, ram: &GuestRam, complete: &protocol::Complete) -> Result<(), Error> {
+        self.stats.crc32 = self.crc.clone().finalize();
+        if complete.memory_crc32 != self.stats.crc32 {
+            return Err(Error::Checksum { received: self.stats.crc32, sent: complete.memory_crc32 });
         }
+        if let Some(expected) = complete.ram_crc32 {
+            let here = ram_crc32(ram)?;
+            if here != expected {
+                return Err(Error::RamDiffers { here, expected });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -363,22 +358,30 @@ mod tests {
         src.write_slice(b"hello", GuestAddress(0x5000)).unwrap();
         src.write_slice(&[7u8; 4096], GuestAddress(0x80_0000)).unwrap();
         let mut wire = Vec::new();
-        let sent = send_all(&src, &mut wire).unwrap();
-        protocol::write_json(
-            &mut wire,
-            Kind::Complete,
-            &protocol::Complete {
-                memory_crc32: sent.crc32,
-                pages_sent: sent.pages,
-                zero_pages: sent.zero_pages,
-                ram_crc32: None,
-            },
-        )
-        .unwrap();
-        assert_eq!(sent.pages, 4096);
-        assert_eq!(sent.zero_pages, 4094);
-        let dst = memory::create_ram(16 << 20).unwrap();
-        let got = receive_all(&dst, &mut wire.as_slice()).unwrap();
+        let mut outgoing = Outgoing::default();
+        outgoing.send_all(&src, &mut wire).unwrap();
+        let complete = protocol::Complete {
+            memory_crc32: outgoing.crc32(),
+            pages_sent: outgoing.stats.pages,
+            zero_pages: outgoing.stats.zero_pages,
+            ram_crc32: Some(ram_crc32(&src).unwrap()),
+        };
+        assert_eq!(outgoing.stats.pages, 4096);
+        assert_eq!(outgoing.stats.zero_pages, 4094);
+        // Receives `wire` into fresh RAM the way the destination does.
+        let receive = |wire: &[u8]| -> Result<(GuestRam, Transfer), Error> {
+            let dst = memory::create_ram(16 << 20).unwrap();
+            let mut incoming = Incoming::default();
+            let mut rest = wire;
+            while !rest.is_empty() {
+                let (kind, payload) = protocol::read_frame(&mut rest)?;
+                assert_eq!(kind, Kind::Memory);
+                incoming.memory(&dst, &payload)?;
+            }
+            incoming.complete(&dst, &complete)?;
+            Ok((dst, incoming.stats))
+        };
+        let (dst, got) = receive(&wire).unwrap();
         assert_eq!(got.pages, 4096);
         let mut buf = [0u8; 5];
         dst.read_slice(&mut buf, GuestAddress(0x5000)).unwrap();
@@ -401,6 +404,6 @@ mod tests {
         let mut bad = wire.clone();
         let at = bad.len() / 2;
         bad[at] ^= 0xff;
-        assert!(receive_all(&memory::create_ram(16 << 20).unwrap(), &mut bad.as_slice()).is_err());
+        assert!(receive(&bad).is_err());
     }
 }
