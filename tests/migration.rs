@@ -75,23 +75,36 @@ fn source(scratch: &Scratch, vcpus: &str) -> (Proc, String) {
 }
 
 fn source_moving(scratch: &Scratch, vcpus: &str, moves: u32) -> (Proc, String) {
+    workload(scratch, &["--vcpus", vcpus], &format!("test=migrate pages=2048 seconds=60 moves={moves}"))
+}
+
+/// Starts a source VM (control socket `src.sock`, `extra` run arguments) running the
+/// migrate workload `cmdline`, and waits until the workload has stamped its pages.
+fn workload(scratch: &Scratch, extra: &[&str], cmdline: &str) -> (Proc, String) {
     let api = scratch.0.join("src.sock").display().to_string();
-    let src = Proc::spawn(
-        scratch,
-        "src",
-        &[
-            "run",
-            "--no-stdin",
-            "--vcpus",
-            vcpus,
-            "--api-socket",
-            &api,
-            "--cmdline",
-            &format!("test=migrate pages=2048 seconds=60 moves={moves}"),
-        ],
-    );
+    let mut args = vec!["run", "--no-stdin", "--api-socket", &api];
+    args.extend_from_slice(extra);
+    args.extend(["--cmdline", cmdline]);
+    let src = Proc::spawn(scratch, "src", &args);
     wait_for("the source workload", || src.stdout().contains("migrate: ready"));
     (src, api)
+}
+
+/// A destination listening on `dst.sock` in the scratch directory; returns its address.
+fn destination(scratch: &Scratch) -> (Proc, String) {
+    let addr = format!("unix:{}", scratch.0.join("dst.sock").display());
+    let dst = Proc::spawn(scratch, "dst", &["run", "--no-stdin", "--incoming", &addr]);
+    dst.listening();
+    (dst, addr)
+}
+
+/// The source ended once the destination ran the VM, and the guest found all `pages`
+/// pages intact there.
+fn expect_arrived(src: Proc, dst: Proc, pages: u32) {
+    assert_eq!(src.wait().0, 0);
+    let (status, out, _) = dst.wait();
+    assert_eq!(status, 1, "{out}");
+    assert!(out.contains(&format!("{pages} pages verified: ok")), "{out}");
 }
 
 fn migrate_to(api: &str, to: &str, report: &Path) -> Run {
@@ -122,9 +135,7 @@ fn precopy_to(api: &str, to: &str, report: &Path) -> Run {
 /// Stop-and-copy to a fresh destination on a Unix socket; checks the move and the guest's
 /// memory on arrival (1 vCPU).
 fn move_intact(scratch: &Scratch, src: Proc, api: &str) {
-    let dst_addr = format!("unix:{}", scratch.0.join("dst.sock").display());
-    let dst = Proc::spawn(scratch, "dst", &["run", "--no-stdin", "--incoming", &dst_addr]);
-    dst.listening();
+    let (dst, dst_addr) = destination(scratch);
     let run = migrate_to(api, &dst_addr, &scratch.0.join("report.json"));
     check_moved(scratch, src, dst, &run, 1);
 }
@@ -155,12 +166,8 @@ fn check_moved_as(scratch: &Scratch, src: Proc, dst: Proc, run: &Run, vcpus: u64
 fn stop_copy_over_a_unix_socket_one_vcpu() {
     require_kvm();
     let scratch = Scratch::new("mig-unix");
-    let dst_addr = format!("unix:{}", scratch.0.join("dst.sock").display());
-    let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &dst_addr]);
     let (src, api) = source(&scratch, "1");
-    dst.listening();
-    let run = migrate_to(&api, &dst_addr, &scratch.0.join("report.json"));
-    check_moved(&scratch, src, dst, &run, 1);
+    move_intact(&scratch, src, &api);
 }
 
 #[test]
@@ -237,10 +244,8 @@ fn precopy_with_the_guest_dirtying_memory_one_and_two_vcpus() {
     require_kvm();
     for vcpus in ["1", "2"] {
         let scratch = Scratch::new(&format!("mig-pre{vcpus}"));
-        let dst_addr = format!("unix:{}", scratch.0.join("dst.sock").display());
-        let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &dst_addr]);
         let (src, api) = source(&scratch, vcpus);
-        dst.listening();
+        let (dst, dst_addr) = destination(&scratch);
         let run = precopy_to(&api, &dst_addr, &scratch.0.join("report.json"));
         // Progress: one line per round on stderr.
         run.expect_stderr("popek: migration {").expect_stderr("\"round\":0");
@@ -318,22 +323,7 @@ fn authentication_with_a_shared_key() {
     let scratch = Scratch::new("mig-auth");
     let key = scratch.file("key", b"a shared secret of some length\n");
     let other = scratch.file("other", b"another secret, not the same one\n");
-    let api = scratch.0.join("src.sock").display().to_string();
-    let src = Proc::spawn(
-        &scratch,
-        "src",
-        &[
-            "run",
-            "--no-stdin",
-            "--auth-key",
-            &key,
-            "--api-socket",
-            &api,
-            "--cmdline",
-            "test=migrate pages=512 seconds=60",
-        ],
-    );
-    wait_for("the source workload", || src.stdout().contains("migrate: ready"));
+    let (src, api) = workload(&scratch, &["--auth-key", &key], "test=migrate pages=512 seconds=60");
     // A destination with another key, and one with none: both refuse; the source runs on.
     for (i, dst_key) in [Some(other.as_str()), None].iter().enumerate() {
         let addr = format!("unix:{}", scratch.0.join(format!("bad{i}.sock")).display());
@@ -354,10 +344,7 @@ fn authentication_with_a_shared_key() {
     let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &addr, "--auth-key", &key]);
     dst.listening();
     migrate_to(&api, &addr, &scratch.0.join("report.json")).expect_status(0);
-    assert_eq!(src.wait().0, 0);
-    let (status, out, _) = dst.wait();
-    assert_eq!(status, 1, "{out}");
-    assert!(out.contains("512 pages verified: ok"), "{out}");
+    expect_arrived(src, dst, 512);
 }
 
 #[test]
@@ -568,21 +555,13 @@ fn across_two_network_namespaces_back_and_forth_ten_times() {
 fn rate_limited_precopy_of_a_rate_limited_dirtier_and_stats() {
     require_kvm();
     let scratch = Scratch::new("mig-rate");
-    let api = scratch.0.join("src.sock").display().to_string();
     // 4096 pages at 5,000 pages/s (20 MB/s): a dirtier pre-copy at 64 MiB/s outruns.
-    let src = Proc::spawn(
-        &scratch,
-        "src",
-        &["run", "--no-stdin", "--api-socket", &api, "--cmdline", "test=migrate pages=4096 rate=5000 seconds=60"],
-    );
-    wait_for("the source workload", || src.stdout().contains("migrate: ready"));
+    let (src, api) = workload(&scratch, &[], "test=migrate pages=4096 rate=5000 seconds=60");
     popek(&["stats", "--api-socket", &api], None)
         .expect_status(0)
         .expect_stdout("\"exits\"")
         .expect_stdout("\"hypercalls\"");
-    let dst_addr = format!("unix:{}", scratch.0.join("dst.sock").display());
-    let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &dst_addr]);
-    dst.listening();
+    let (dst, dst_addr) = destination(&scratch);
     let report = scratch.0.join("report.json");
     let run = popek(
         &[
@@ -607,10 +586,7 @@ fn rate_limited_precopy_of_a_rate_limited_dirtier_and_stats() {
     let first = &r["rounds"][0];
     assert!(first["mb_s"].as_f64().unwrap() < 64.0 * 1.05 * 1.048_576, "{first}");
     assert_eq!(r["memory_verified"], true);
-    assert_eq!(src.wait().0, 0);
-    let (status, out, _) = dst.wait();
-    assert_eq!(status, 1, "{out}");
-    assert!(out.contains("4096 pages verified: ok"), "{out}");
+    expect_arrived(src, dst, 4096);
     popek(&["migrate", "--api-socket", &api, "--to", &dst_addr, "--max-bandwidth", "fast"], None).expect_status(2);
 }
 
@@ -618,16 +594,8 @@ fn rate_limited_precopy_of_a_rate_limited_dirtier_and_stats() {
 fn precopy_with_auto_converge_moves_a_fast_dirtier_intact() {
     require_kvm();
     let scratch = Scratch::new("mig-ac");
-    let api = scratch.0.join("src.sock").display().to_string();
-    let src = Proc::spawn(
-        &scratch,
-        "src",
-        &["run", "--no-stdin", "--api-socket", &api, "--cmdline", "test=migrate pages=8192 seconds=60"],
-    );
-    wait_for("the source workload", || src.stdout().contains("migrate: ready"));
-    let dst_addr = format!("unix:{}", scratch.0.join("dst.sock").display());
-    let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--incoming", &dst_addr]);
-    dst.listening();
+    let (src, api) = workload(&scratch, &[], "test=migrate pages=8192 seconds=60");
+    let (dst, dst_addr) = destination(&scratch);
     let report = scratch.0.join("report.json");
     let args = [
         "migrate",
@@ -647,8 +615,5 @@ fn precopy_with_auto_converge_moves_a_fast_dirtier_intact() {
     popek(&args, None).expect_status(0);
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(r["memory_verified"], true);
-    assert_eq!(src.wait().0, 0);
-    let (status, out, _) = dst.wait();
-    assert_eq!(status, 1, "{out}");
-    assert!(out.contains("8192 pages verified: ok"), "{out}");
+    expect_arrived(src, dst, 8192);
 }
