@@ -21,8 +21,11 @@ done
 missing=()
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
-# ip (iproute2) builds the two-host network for the cross-namespace migration test.
+# ip and tc (iproute2) build the two-host network of the cross-namespace migration tests
+# and shape its link.
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+# libclang builds the userfaultfd bindings (post-copy migration).
+dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}" >&2
     sudo=""

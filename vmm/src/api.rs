@@ -1,6 +1,7 @@
 //! The control socket (`popek run --api-socket PATH`): one JSON request per line, one JSON
 //! reply per line. Requests: `{"cmd":"status"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`,
-//! `{"cmd":"migrate","to":"tcp:HOST:PORT"|"unix:PATH","mode":"stop-copy"}`. Requests are
+//! `{"cmd":"migrate","to":"tcp:HOST:PORT"|"unix:PATH","mode":"stop-copy"}`,
+//! `{"cmd":"migrate-postcopy"}` (answered at once: a hybrid migration switches). Requests are
 //! served by the VM's own thread between vCPU events, so they never race a vCPU.
 
 use crate::migration::transport::Address;
@@ -43,7 +44,11 @@ pub enum Request {
         max_bandwidth: Option<u64>,
         /// Pre-copy: throttle the vCPUs when the rounds stop shrinking.
         auto_converge: Option<bool>,
+        /// Post-copy: seconds to keep re-establishing a broken link.
+        recover_timeout_s: Option<u64>,
     },
+    /// Hybrid migration in progress: switch to post-copy after the current round.
+    MigratePostcopy,
 }
 
 /// Parses one request line.
@@ -62,6 +67,7 @@ pub fn parse(line: &str) -> Result<Request, String> {
                 | "verify_memory"
                 | "max_bandwidth"
                 | "auto_converge"
+                | "recover_timeout_s"
         )
     }) {
         return Err(format!("bad request: unknown field '{key}'"));
@@ -91,6 +97,11 @@ fn serve_client(stream: UnixStream, tx: Sender<Call>) {
     let mut line = String::new();
     while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
         let reply = match parse(line.trim()) {
+            // Answered here, not by the VM's thread, which is busy migrating.
+            Ok(Request::MigratePostcopy) => {
+                crate::migration::source::SWITCH_TO_POSTCOPY.store(true, std::sync::atomic::Ordering::SeqCst);
+                json!({"ok": true, "note": "a hybrid migration switches to post-copy after its current round"})
+            }
             Ok(request) => {
                 let (reply_tx, reply_rx) = mpsc::channel();
                 let (written_tx, written_rx) = mpsc::channel();
@@ -142,18 +153,36 @@ pub fn serve(vm: &mut Vm, call: Call) -> Option<VmExit> {
             vm.resume_all();
             (json!({"ok": true, "state": "running"}), None)
         }
-        Request::Migrate { to, mode, downtime_limit_ms, max_rounds, verify_memory, max_bandwidth, auto_converge } => {
+        Request::MigratePostcopy => (json!({"ok": false, "error": "no migration in progress"}), None),
+        Request::Migrate {
+            to,
+            mode,
+            downtime_limit_ms,
+            max_rounds,
+            verify_memory,
+            max_bandwidth,
+            auto_converge,
+            recover_timeout_s,
+        } => {
+            use crate::migration::source::Mode;
+            let downtime_limit_ms = downtime_limit_ms.unwrap_or(1.0);
+            let max_rounds = max_rounds.unwrap_or(30);
             let mode = match mode.as_deref() {
-                None | Some("stop-copy") => Ok(crate::migration::source::Mode::StopCopy),
-                Some("precopy") => Ok(crate::migration::source::Mode::Precopy {
-                    downtime_limit_ms: downtime_limit_ms.unwrap_or(1.0),
-                    max_rounds: max_rounds.unwrap_or(30),
-                    auto_converge: auto_converge.unwrap_or(false),
-                }),
-                Some(other) => Err(format!("unknown migration mode '{other}' (stop-copy, precopy)")),
+                None | Some("stop-copy") => Ok(Mode::StopCopy),
+                Some("precopy") => {
+                    Ok(Mode::Precopy { downtime_limit_ms, max_rounds, auto_converge: auto_converge.unwrap_or(false) })
+                }
+                Some("postcopy") => Ok(Mode::Postcopy),
+                Some("hybrid") => Ok(Mode::Hybrid { downtime_limit_ms, max_rounds }),
+                Some(other) => Err(format!("unknown migration mode '{other}' (stop-copy, precopy, postcopy, hybrid)")),
+            };
+            let options = crate::migration::source::Options {
+                verify_memory: verify_memory.unwrap_or(false),
+                max_bandwidth,
+                recover_timeout: Duration::from_secs(recover_timeout_s.unwrap_or(60)),
             };
             match mode {
-                Ok(mode) => migrate(vm, &to, mode, (verify_memory.unwrap_or(false), max_bandwidth), &call.reply),
+                Ok(mode) => migrate(vm, &to, mode, &options, &call.reply),
                 Err(e) => (json!({"ok": false, "error": e}), None),
             }
         }
@@ -170,7 +199,7 @@ fn migrate(
     vm: &mut Vm,
     to: &str,
     mode: crate::migration::source::Mode,
-    (verify_memory, max_bandwidth): (bool, Option<u64>),
+    options: &crate::migration::source::Options,
     progress: &Sender<Value>,
 ) -> (Value, Option<VmExit>) {
     let address: Address = match to.parse() {
@@ -180,13 +209,19 @@ fn migrate(
     let mut report_progress = |value: Value| {
         let _ = progress.send(json!({ "progress": value }));
     };
-    match crate::migration::source::migrate(vm, &address, mode, verify_memory, max_bandwidth, &mut report_progress) {
+    match crate::migration::source::migrate(vm, &address, mode, options, &mut report_progress) {
         Ok(report) => {
             vm.stop_all();
             let report = serde_json::to_value(&report).unwrap_or(Value::Null);
             (json!({"ok": true, "report": report}), Some(VmExit::Migrated(report.to_string())))
         }
-        Err(e) => (json!({"ok": false, "error": e, "state": "running"}), None),
+        Err(e) if e.vm_here => (json!({"ok": false, "error": e.reason, "state": "running"}), None),
+        Err(e) => {
+            // Post-copy lost its link for good after the VM started there: nothing to
+            // resume here; say so and end.
+            vm.stop_all();
+            (json!({"ok": false, "error": e.reason, "state": "lost"}), Some(VmExit::MigrationLost(e.reason)))
+        }
     }
 }
 
@@ -197,6 +232,7 @@ mod tests {
     #[test]
     fn requests() {
         assert_eq!(parse(r#"{"cmd":"status"}"#), Ok(Request::Status));
+        assert_eq!(parse(r#"{"cmd":"migrate-postcopy"}"#), Ok(Request::MigratePostcopy));
         assert_eq!(
             parse(r#"{"cmd":"migrate","to":"unix:/x"}"#),
             Ok(Request::Migrate {
@@ -206,7 +242,8 @@ mod tests {
                 max_rounds: None,
                 verify_memory: None,
                 max_bandwidth: None,
-                auto_converge: None
+                auto_converge: None,
+                recover_timeout_s: None
             })
         );
         for bad in ["", "{}", r#"{"cmd":"reboot"}"#, r#"{"cmd":"status","x":1}"#, "[1,2]", "\u{0}"] {

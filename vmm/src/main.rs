@@ -66,10 +66,15 @@ enum Command {
         /// Destination: tcp:HOST:PORT or unix:PATH.
         #[arg(long, value_name = "ADDR")]
         to: String,
-        /// How to move it: stop-copy (pause, copy everything, run there) or precopy (copy
-        /// while it runs, in rounds, then pause for the rest).
+        /// How to move it: stop-copy (pause, copy everything, run there), precopy (copy
+        /// while it runs, in rounds, then pause for the rest), postcopy (move the vCPUs at
+        /// once, memory follows on demand and in the background) or hybrid (pre-copy
+        /// rounds, then post-copy when they stop converging or on `popek migrate-postcopy`).
         #[arg(long, default_value = "stop-copy")]
         mode: String,
+        /// Post-copy: how long to keep re-establishing a broken link before giving up.
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        recover_timeout: u64,
         /// Pre-copy: stop when what is left would take at most this long to send.
         #[arg(long, default_value_t = 1.0, value_name = "MS")]
         downtime_limit: f64,
@@ -90,6 +95,11 @@ enum Command {
         /// each 10 ms (20%, 40%, ... 90%) until it converges.
         #[arg(long)]
         auto_converge: bool,
+    },
+    /// Switch a running hybrid migration to post-copy after its current round.
+    MigratePostcopy {
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
     },
     /// Ask a running VM (started with --api-socket) for its status.
     Status {
@@ -167,6 +177,10 @@ struct RunArgs {
     /// Allow --incoming on a non-loopback address without --auth-key.
     #[arg(long)]
     insecure: bool,
+    /// With --incoming, in post-copy: how long the VM waits on its missing pages for the
+    /// source to come back after a broken link before giving up (the VM is then lost).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    recover_timeout: u64,
     /// Print a table of VM exits (per kind and vCPU, busiest ports/addresses/MSRs) to
     /// stderr when the VM ends.
     #[arg(long)]
@@ -223,11 +237,15 @@ fn main() -> ExitCode {
             verify_memory,
             max_bandwidth,
             auto_converge,
+            recover_timeout,
         } => {
             let request = serde_json::json!({"cmd": "migrate", "to": to, "mode": mode,
                 "downtime_limit_ms": downtime_limit, "max_rounds": max_rounds, "verify_memory": verify_memory,
-                "max_bandwidth": max_bandwidth, "auto_converge": auto_converge});
+                "max_bandwidth": max_bandwidth, "auto_converge": auto_converge, "recover_timeout_s": recover_timeout});
             api_call(&api_socket, &request, report_json.as_deref())
+        }
+        Command::MigratePostcopy { api_socket } => {
+            api_call(&api_socket, &serde_json::json!({"cmd": "migrate-postcopy"}), None)
         }
         Command::Status { api_socket } => api_call(&api_socket, &serde_json::json!({"cmd": "status"}), None),
         Command::Stats { api_socket } => api_call(&api_socket, &serde_json::json!({"cmd": "stats"}), None),
@@ -245,8 +263,7 @@ fn run_incoming(
     address: &str,
     config: &VmConfig,
     requests: Option<std::sync::mpsc::Receiver<popek::api::Call>>,
-    stdin: bool,
-    insecure: bool,
+    (stdin, insecure, recover_timeout): (bool, bool, std::time::Duration),
 ) -> ExitCode {
     let address: popek::migration::transport::Address = match address.parse() {
         Ok(a) => a,
@@ -267,26 +284,38 @@ fn run_incoming(
         config.kvm_device.clone(),
         config.auth_key.as_ref(),
         console,
+        recover_timeout,
     ) {
         Ok(incoming) => incoming,
         Err(e) => return fail(status::MIGRATION, &format!("incoming migration failed: {e}")),
     };
-    let popek::migration::destination::Incoming { mut vm, mut stream, state_arrived } = incoming;
+    use popek::migration::destination::Link;
+    let popek::migration::destination::Incoming { mut vm, mut link, state_arrived } = incoming;
     log::debug!("incoming: machine restored {:?} after the state arrived", state_arrived.elapsed());
-    let confirm = move |_: &mut Vm| {
+    let confirm = |_: &mut Vm| {
         let running = popek::migration::protocol::Running { restore_us: state_arrived.elapsed().as_micros() as u64 };
         log::debug!("incoming: vCPUs started {:?} after the state arrived", state_arrived.elapsed());
-        if let Err(e) =
-            popek::migration::protocol::write_json(&mut stream, popek::migration::protocol::Kind::Running, &running)
-        {
+        if let Err(e) = link.confirm_running(&running) {
             log::warn!("could not confirm to the source: {e}");
         }
     };
     let input = stdin.then(std::io::stdin);
-    match vm.run_with(input, requests, confirm) {
-        Ok(exit) => finish(exit),
-        Err(e) => fail(status::VMM_ERROR, &chain(&e)),
+    let exit = match vm.run_with(input, requests, confirm) {
+        Ok(exit) => exit,
+        Err(e) => return fail(status::VMM_ERROR, &chain(&e)),
+    };
+    if let Link::Postcopy(postcopy) = link {
+        // The guest ended before all of its memory arrived: let the source finish, so it
+        // learns the move completed, before this process goes.
+        if postcopy.missing() > 0 {
+            eprintln!("popek: the VM ended during post-copy; receiving the last {} pages", postcopy.missing());
+        }
+        match postcopy.wait() {
+            Ok(done) => log::debug!("post-copy done: {done:?}"),
+            Err(e) => eprintln!("popek: post-copy: {e}"),
+        }
     }
+    finish(exit)
 }
 
 /// Sends one request to a VM's control socket and prints the reply.
@@ -332,6 +361,16 @@ fn api_call(socket: &std::path::Path, request: &serde_json::Value, report_json: 
             rounds,
             r["memory"]["zero_pages"].as_u64().unwrap_or(0)
         );
+        let p = &r["postcopy"];
+        if !p.is_null() {
+            let d = &p["destination"];
+            eprintln!(
+                "popek: post-copy: {} pages needed, {} sent on request, {} pushed; {} demand faults, latency p50 {} us, p99 {} us; {:.1} ms; {} reconnects",
+                p["pages_needed"], p["pages_requested_sent"], p["pages_pushed"], d["demand_faults"],
+                d["fault_latency_p50_us"], d["fault_latency_p99_us"], d["postcopy_ms"].as_f64().unwrap_or(f64::NAN),
+                p["reconnects"]
+            );
+        }
     }
     if let (Some(path), Some(report)) = (report_json, reply.get("report")) {
         if let Err(e) = std::fs::write(path, report.to_string()) {
@@ -430,7 +469,8 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(status::BAD_INPUT, &format!("cannot serve the API socket: {e}")),
     };
     if let Some(address) = &args.incoming {
-        return run_incoming(address, &config, requests, !args.no_stdin, args.insecure);
+        let recover = std::time::Duration::from_secs(args.recover_timeout);
+        return run_incoming(address, &config, requests, (!args.no_stdin, args.insecure, recover));
     }
     let mut vm = match Vm::new(&config, Box::new(std::io::stdout())) {
         Ok(vm) => vm,
@@ -483,6 +523,10 @@ fn finish(exit: VmExit) -> ExitCode {
         VmExit::Migrated(report) => {
             eprintln!("popek: the VM moved away; report: {report}");
             0
+        }
+        VmExit::MigrationLost(reason) => {
+            eprintln!("popek: error: {reason}");
+            i32::from(status::MIGRATION)
         }
         VmExit::Stopped => i32::from(status::VMM_ERROR),
         VmExit::Fault(fault) => {

@@ -91,6 +91,9 @@ pub enum VmExit {
     Stopped,
     /// The VM now runs on another host; the report, as JSON.
     Migrated(String),
+    /// A post-copy migration lost its link for good after the destination started the
+    /// VM: it is neither here nor whole there.
+    MigrationLost(String),
 }
 
 /// What the VM wants a vCPU thread to do; checked before every KVM_RUN.

@@ -55,7 +55,7 @@ struct Auth {
     mac: Vec<u8>,
 }
 
-fn nonce() -> Result<Vec<u8>, String> {
+pub fn nonce() -> Result<Vec<u8>, String> {
     let mut n = vec![0u8; 32];
     // SAFETY: getrandom writes at most n.len() bytes into n.
     let got = unsafe { libc::getrandom(n.as_mut_ptr().cast(), n.len(), 0) };

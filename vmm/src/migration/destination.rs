@@ -3,6 +3,8 @@
 //! run from partial state: any failure before the VM starts discards it.
 
 use super::memory;
+use super::pages::PageSet;
+use super::postcopy_destination::{Postcopy, Recovery};
 use super::protocol::{self, Answer, Hello, Kind};
 use super::source::chain;
 use super::state::MachineState;
@@ -17,9 +19,35 @@ use std::time::{Duration, Instant};
 /// A received VM, not yet running, and the connection to confirm on.
 pub struct Incoming {
     pub vm: Vm,
-    pub stream: Box<dyn Stream>,
+    pub link: Link,
     /// When the first state byte arrived (the destination's share of the downtime starts).
     pub state_arrived: Instant,
+}
+
+/// Where the destination confirms Running.
+pub enum Link {
+    /// All of memory is here: the plain connection.
+    Complete(Box<dyn Stream>),
+    /// Memory is still arriving (post-copy).
+    Postcopy(Postcopy),
+}
+
+impl Link {
+    /// Tells the source the VM runs here.
+    pub fn confirm_running(&mut self, running: &protocol::Running) -> Result<(), String> {
+        match self {
+            Link::Complete(stream) => protocol::write_json(stream, Kind::Running, running).map_err(|e| chain(&e)),
+            Link::Postcopy(p) => p.confirm_running(running),
+        }
+    }
+}
+
+/// What the source sent before the VM could start.
+enum Received {
+    /// Everything (stop-copy, pre-copy).
+    Complete(MachineState, Instant),
+    /// The state and the switch to post-copy: memory follows while the VM runs.
+    Postcopy { machine: MachineState, arrived: Instant, switch: protocol::Postcopy, have: Option<PageSet> },
 }
 
 fn refuse(stream: &mut dyn Stream, reason: &str) {
@@ -38,17 +66,28 @@ impl Write for WriteAdapter<'_> {
     }
 }
 
-/// Memory frames (any number of rounds), the State, then Complete with the checksum.
-fn receive_memory_and_state(vm: &Vm, stream: &mut Box<dyn Stream>) -> Result<(MachineState, Instant), String> {
+/// Memory frames (any number of rounds), the State, then Complete with the checksum; or,
+/// for post-copy, the Postcopy switch and the State.
+fn receive_memory_and_state(vm: &Vm, stream: &mut Box<dyn Stream>) -> Result<Received, String> {
     let mut incoming = memory::Incoming::default();
     let mut machine = None;
+    let mut switch = None;
     loop {
         let (kind, payload) = protocol::read_frame(stream).map_err(|e| chain(&e))?;
         match kind {
             Kind::Memory => incoming.memory(vm.ram(), &payload).map_err(|e| chain(&e))?,
+            Kind::Postcopy => {
+                let postcopy: protocol::Postcopy =
+                    serde_json::from_slice(&payload).map_err(|e| format!("malformed Postcopy message: {e}"))?;
+                switch = Some(postcopy);
+            }
             Kind::State => {
                 let state: MachineState =
                     serde_json::from_slice(&payload).map_err(|e| format!("malformed machine state: {e}"))?;
+                if let Some(switch) = switch.take() {
+                    let have = incoming.take_received();
+                    return Ok(Received::Postcopy { machine: state, arrived: Instant::now(), switch, have });
+                }
                 machine = Some((state, Instant::now()));
             }
             Kind::Complete => {
@@ -56,7 +95,9 @@ fn receive_memory_and_state(vm: &Vm, stream: &mut Box<dyn Stream>) -> Result<(Ma
                     serde_json::from_slice(&payload).map_err(|e| format!("malformed Complete message: {e}"))?;
                 incoming.complete(vm.ram(), &complete).map_err(|e| chain(&e))?;
                 log::debug!("received {} pages, {} bytes", incoming.stats.pages, incoming.stats.bytes_on_wire);
-                return machine.ok_or_else(|| "the source completed without sending the machine state".to_string());
+                let (machine, arrived) =
+                    machine.ok_or_else(|| "the source completed without sending the machine state".to_string())?;
+                return Ok(Received::Complete(machine, arrived));
             }
             Kind::Refuse => return Err("the source aborted the migration".into()),
             other => return Err(format!("unexpected {other:?} message during the transfer")),
@@ -64,12 +105,14 @@ fn receive_memory_and_state(vm: &Vm, stream: &mut Box<dyn Stream>) -> Result<(Ma
     }
 }
 
-/// Waits for a source on `address` and receives its VM.
+/// Waits for a source on `address` and receives its VM. `recover_timeout`: in post-copy,
+/// how long to wait for the source to come back after a broken link.
 pub fn receive(
     address: &Address,
     kvm_device: PathBuf,
     auth_key: Option<&super::auth::Key>,
     console: Box<dyn Write + Send>,
+    recover_timeout: Duration,
 ) -> Result<Incoming, String> {
     let mut stream = transport::accept_one(address).map_err(|e| chain(&e))?;
     stream.set_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
@@ -145,17 +188,45 @@ pub fn receive(
         }
     }
     protocol::write_json(&mut stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
-    let (machine, state_arrived) = match receive_memory_and_state(&vm, &mut stream) {
+    let received = match receive_memory_and_state(&vm, &mut stream) {
         Ok(received) => received,
         Err(reason) => {
             refuse(stream.as_mut(), &reason);
             return Err(reason);
         }
     };
+    let (machine, state_arrived, mut link) = match received {
+        Received::Complete(machine, arrived) => (machine, arrived, Link::Complete(stream)),
+        Received::Postcopy { machine, arrived, switch, have } => {
+            // RAM is registered with userfaultfd before the restore below or any vCPU can
+            // touch it: a page touched first would read as zero and could not be filled.
+            let recovery = Recovery {
+                address: address.clone(),
+                auth_key: auth_key.cloned(),
+                migration_id: hello.migration_id,
+                timeout: recover_timeout,
+            };
+            let mut spare = stream.try_clone_stream().map_err(|e| e.to_string())?;
+            match Postcopy::start(vm.ram(), stream, have, &switch.discard, recovery) {
+                Ok(postcopy) => {
+                    log::debug!("incoming: post-copy started {:?} after the state arrived", arrived.elapsed());
+                    (machine, arrived, Link::Postcopy(postcopy))
+                }
+                Err(reason) => {
+                    refuse(spare.as_mut(), &reason);
+                    return Err(reason);
+                }
+            }
+        }
+    };
     if let Err(e) = vm.restore_machine(&machine) {
         let reason = format!("restoring the VM failed: {}", chain(&e));
-        refuse(stream.as_mut(), &reason);
+        if let Link::Complete(stream) = &mut link {
+            refuse(stream.as_mut(), &reason);
+        }
+        // In post-copy, this process ends and the source sees the link drop before
+        // Running: it resumes the VM.
         return Err(reason);
     }
-    Ok(Incoming { vm, stream, state_arrived })
+    Ok(Incoming { vm, link, state_arrived })
 }

@@ -6,12 +6,13 @@
 //! do not (the destination must clear a page it received earlier). A CRC32 over every
 //! Memory payload is checked at Complete.
 
+use super::pages::{PageMap, PageSet};
 use super::protocol::{self, Kind};
 use crate::memory::{self, GuestRam};
 use std::io::Write;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-pub const PAGE: u64 = 4096;
+pub use super::pages::PAGE;
 const ZERO: u32 = 1;
 const FRESH: u32 = 2;
 const RECORD_HEADER: usize = 16;
@@ -45,7 +46,7 @@ pub enum Error {
 }
 
 /// Which pages of `[host, host + len)` are resident, one bool per page.
-fn residency(host: *mut u8, len: usize) -> Vec<bool> {
+pub fn residency(host: *mut u8, len: usize) -> Vec<bool> {
     let pages = len.div_ceil(PAGE as usize);
     let mut vec = vec![0u8; pages];
     // SAFETY: `host` is the start of a live, page-aligned guest RAM mapping of `len` bytes,
@@ -67,6 +68,8 @@ pub struct Outgoing {
     page: Vec<u8>,
     /// Bytes per second not to exceed, and since when we count.
     limit: Option<(u64, std::time::Instant)>,
+    /// Post-copy: frames are PostcopyPages, each starting with the CRC32 of its records.
+    postcopy: bool,
 }
 
 impl Default for Outgoing {
@@ -78,6 +81,7 @@ impl Default for Outgoing {
             zero_run: None,
             page: vec![0u8; PAGE as usize],
             limit: None,
+            postcopy: false,
         }
     }
 }
@@ -86,6 +90,47 @@ impl Outgoing {
     /// Caps the rate at `bytes_per_s` (`--max-bandwidth`), averaged from now on.
     pub fn with_limit(bytes_per_s: Option<u64>) -> Self {
         Outgoing { limit: bytes_per_s.map(|r| (r.max(1), std::time::Instant::now())), ..Default::default() }
+    }
+
+    /// Switches to post-copy frames (each checked on its own: a post-copy stream may break
+    /// and resume, so no running checksum spans it).
+    pub fn start_postcopy(&mut self) {
+        self.flush_zero_run();
+        self.postcopy = true;
+        self.frame.clear();
+        self.frame.extend_from_slice(&[0; 4]);
+    }
+
+    fn frame_header(&self) -> usize {
+        if self.postcopy {
+            4
+        } else {
+            0
+        }
+    }
+
+    /// Queues page `gpa` of a post-copy (non-resident pages go as zeros unread); `flush`
+    /// sends what is queued.
+    pub fn queue(&mut self, ram: &GuestRam, gpa: u64, resident: bool) -> Result<(), Error> {
+        if resident {
+            self.page(ram, gpa, false)
+        } else {
+            self.stats.pages += 1;
+            self.zero_page(gpa, false);
+            Ok(())
+        }
+    }
+
+    /// Bytes queued and not yet sent.
+    pub fn queued(&self) -> usize {
+        self.frame.len() - self.frame_header()
+    }
+
+    /// Sends whatever is queued.
+    pub fn flush<W: Write>(&mut self, out: &mut W) -> Result<(), Error> {
+        self.maybe_send(out, true)?;
+        out.flush().map_err(protocol::Error::from)?;
+        Ok(())
     }
 
     /// Sleeps as long as the bytes sent so far are ahead of the rate cap.
@@ -138,11 +183,19 @@ impl Outgoing {
         if force {
             self.flush_zero_run();
         }
-        if self.frame.len() >= FRAME_TARGET || (force && !self.frame.is_empty()) {
-            self.crc.update(&self.frame);
-            protocol::write_frame(out, Kind::Memory, &self.frame)?;
+        let header = self.frame_header();
+        if self.frame.len() >= FRAME_TARGET || (force && self.frame.len() > header) {
+            let kind = if self.postcopy {
+                let crc = crc32fast::hash(&self.frame[header..]);
+                self.frame[..4].copy_from_slice(&crc.to_le_bytes());
+                Kind::PostcopyPages
+            } else {
+                self.crc.update(&self.frame);
+                Kind::Memory
+            };
+            protocol::write_frame(out, kind, &self.frame)?;
             self.stats.bytes_on_wire += self.frame.len() as u64 + 16;
-            self.frame.clear();
+            self.frame.truncate(header);
             self.throttle();
         }
         Ok(())
@@ -223,44 +276,89 @@ pub fn count_dirty(dirty: &[Vec<u64>]) -> u64 {
     dirty.iter().flatten().map(|w| u64::from(w.count_ones())).sum()
 }
 
+/// One page record, checked against guest RAM.
+pub struct Record<'a> {
+    pub gpa: u64,
+    pub pages: u64,
+    pub flags: u32,
+    /// The pages' bytes (empty for a ZERO record).
+    pub data: &'a [u8],
+}
+
+impl Record<'_> {
+    pub fn is_zero(&self) -> bool {
+        self.flags & ZERO != 0
+    }
+}
+
+/// The records of a Memory (or PostcopyPages) payload, each checked: aligned, non-empty,
+/// inside one RAM region, known flags, all its bytes present.
+pub fn records<'a>(ram: &'a GuestRam, payload: &'a [u8]) -> impl Iterator<Item = Result<Record<'a>, Error>> + 'a {
+    let mut rest = payload;
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if rest.is_empty() || failed {
+            return None;
+        }
+        let record = next_record(ram, &mut rest);
+        failed = record.is_err();
+        Some(record)
+    })
+}
+
+fn next_record<'a>(ram: &GuestRam, rest: &mut &'a [u8]) -> Result<Record<'a>, Error> {
+    if rest.len() < RECORD_HEADER {
+        return Err(Error::Record("truncated record header".into()));
+    }
+    let gpa = u64::from_le_bytes(rest[..8].try_into().unwrap_or([0; 8]));
+    let pages = u64::from(u32::from_le_bytes(rest[8..12].try_into().unwrap_or([0; 4])));
+    let flags = u32::from_le_bytes(rest[12..16].try_into().unwrap_or([0; 4]));
+    *rest = &rest[RECORD_HEADER..];
+    let len = pages.checked_mul(PAGE).ok_or(Error::OutsideRam { gpa, pages })?;
+    if gpa % PAGE != 0 || pages == 0 || !memory::is_ram(ram, gpa, len) {
+        return Err(Error::OutsideRam { gpa, pages });
+    }
+    if flags & !(ZERO | FRESH) != 0 || flags == FRESH {
+        return Err(Error::Record(format!("unknown flags {flags:#x}")));
+    }
+    if flags & ZERO != 0 {
+        return Ok(Record { gpa, pages, flags, data: &[] });
+    }
+    let data = rest.get(..len as usize).ok_or_else(|| Error::Record("record data past the frame".into()))?;
+    *rest = &rest[len as usize..];
+    Ok(Record { gpa, pages, flags, data })
+}
+
 /// Faults in, in one call per contiguous run, the destination pages a payload's data
 /// records are about to fill: one `MADV_POPULATE_WRITE` over 4 MiB costs far less than a
 /// thousand separate first-touch faults (each a trap, ~9 us on this project's test host).
 /// Best effort: kernels before 5.14 refuse it and the copy faults the pages in as usual.
 fn prefault(ram: &GuestRam, payload: &[u8]) {
     use vm_memory::GuestMemoryBackend;
-    let mut run: Option<(u64, u64)> = None;
     let flush = |run: Option<(u64, u64)>| {
         if let Some((gpa, len)) = run {
             if let Ok(host) = ram.get_host_address(GuestAddress(gpa)) {
-                if memory::is_ram(ram, gpa, len) {
-                    // SAFETY: advice on `len` bytes of a live guest RAM mapping checked
-                    // above; it writes nothing the guest could see (pages stay zero).
-                    unsafe {
-                        libc::madvise(host.cast(), len as usize, 23 /* MADV_POPULATE_WRITE */)
-                    };
-                }
+                // SAFETY: advice on `len` bytes of a live guest RAM mapping (`records`
+                // checked each record lies in one region, and a run only joins adjacent
+                // records); it writes nothing the guest could see (pages stay zero).
+                unsafe {
+                    libc::madvise(host.cast(), len as usize, 23 /* MADV_POPULATE_WRITE */)
+                };
             }
         }
     };
-    let mut rest = payload;
-    while rest.len() >= RECORD_HEADER {
-        let gpa = u64::from_le_bytes(rest[..8].try_into().unwrap_or([0; 8]));
-        let pages = u64::from(u32::from_le_bytes(rest[8..12].try_into().unwrap_or([0; 4])));
-        let flags = u32::from_le_bytes(rest[12..16].try_into().unwrap_or([0; 4]));
-        rest = &rest[RECORD_HEADER..];
-        if flags & ZERO != 0 {
-            continue;
-        }
-        let len = pages.saturating_mul(PAGE);
+    let mut run: Option<(u64, u64)> = None;
+    for record in records(ram, payload).map_while(Result::ok).filter(|r| !r.is_zero()) {
+        let len = record.pages * PAGE;
         run = match run {
-            Some((start, l)) if start + l == gpa => Some((start, l + len)),
+            Some((start, l)) if start + l == record.gpa && memory::is_ram(ram, start, l + len) => {
+                Some((start, l + len))
+            }
             other => {
                 flush(other);
-                Some((gpa, len))
+                Some((record.gpa, len))
             }
         };
-        rest = rest.get(len as usize..).unwrap_or(&[]);
     }
     flush(run);
 }
@@ -268,37 +366,21 @@ fn prefault(ram: &GuestRam, payload: &[u8]) {
 /// Applies one Memory payload to guest RAM, checking every record against RAM.
 pub fn apply(ram: &GuestRam, payload: &[u8], stats: &mut Transfer) -> Result<(), Error> {
     prefault(ram, payload);
-    let mut rest = payload;
-    while !rest.is_empty() {
-        if rest.len() < RECORD_HEADER {
-            return Err(Error::Record("truncated record header".into()));
-        }
-        let gpa = u64::from_le_bytes(rest[..8].try_into().unwrap_or([0; 8]));
-        let pages = u64::from(u32::from_le_bytes(rest[8..12].try_into().unwrap_or([0; 4])));
-        let flags = u32::from_le_bytes(rest[12..16].try_into().unwrap_or([0; 4]));
-        rest = &rest[RECORD_HEADER..];
-        let len = pages.checked_mul(PAGE).ok_or(Error::OutsideRam { gpa, pages })?;
-        if gpa % PAGE != 0 || pages == 0 || !memory::is_ram(ram, gpa, len) {
-            return Err(Error::OutsideRam { gpa, pages });
-        }
-        stats.pages += pages;
-        if flags & !(ZERO | FRESH) != 0 || flags == FRESH {
-            return Err(Error::Record(format!("unknown flags {flags:#x}")));
-        }
-        if flags & ZERO != 0 {
-            stats.zero_pages += pages;
-            if flags & FRESH == 0 {
+    for record in records(ram, payload) {
+        let record = record?;
+        stats.pages += record.pages;
+        if record.is_zero() {
+            stats.zero_pages += record.pages;
+            if record.flags & FRESH == 0 {
                 // A page sent earlier became zero: clear it.
                 let zero = [0u8; PAGE as usize];
-                for p in 0..pages {
-                    ram.write_slice(&zero, GuestAddress(gpa + p * PAGE))?;
+                for p in 0..record.pages {
+                    ram.write_slice(&zero, GuestAddress(record.gpa + p * PAGE))?;
                 }
             }
-            continue;
+        } else {
+            write_ram(ram, record.gpa, record.data)?;
         }
-        let data = rest.get(..len as usize).ok_or_else(|| Error::Record("record data past the frame".into()))?;
-        write_ram(ram, gpa, data)?;
-        rest = &rest[len as usize..];
     }
     Ok(())
 }
@@ -322,6 +404,8 @@ fn write_ram(ram: &GuestRam, gpa: u64, data: &[u8]) -> Result<(), Error> {
 pub struct Incoming {
     crc: crc32fast::Hasher,
     pub stats: Transfer,
+    /// Every page some record covered (a hybrid migration's destination has these).
+    received: Option<(PageMap, PageSet)>,
 }
 
 impl Incoming {
@@ -329,7 +413,21 @@ impl Incoming {
     pub fn memory(&mut self, ram: &GuestRam, payload: &[u8]) -> Result<(), Error> {
         self.crc.update(payload);
         self.stats.bytes_on_wire += payload.len() as u64 + 16;
-        apply(ram, payload, &mut self.stats)
+        apply(ram, payload, &mut self.stats)?;
+        let (map, set) = self.received.get_or_insert_with(|| {
+            let map = PageMap::new(ram);
+            let set = PageSet::new(map.total());
+            (map, set)
+        });
+        for record in records(ram, payload).flatten() {
+            set.insert_ranges(map, &[(record.gpa, record.pages)]).map_err(Error::Record)?;
+        }
+        Ok(())
+    }
+
+    /// The pages received so far (none yet: `None`).
+    pub fn take_received(&mut self) -> Option<PageSet> {
+        self.received.take().map(|(_, set)| set)
     }
 
     /// Checks what arrived against the source's Complete message.

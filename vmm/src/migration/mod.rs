@@ -4,6 +4,9 @@
 pub mod auth;
 pub mod destination;
 pub mod memory;
+pub mod pages;
+pub mod postcopy_destination;
+pub mod postcopy_source;
 pub mod protocol;
 pub mod source;
 pub mod state;

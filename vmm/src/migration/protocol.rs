@@ -55,6 +55,22 @@ pub enum Kind {
     Running = 7,
     /// Either way, before Hello: the authentication handshake (see `auth`).
     Auth = 8,
+    /// Source -> destination, before State: switch to post-copy; the pages listed as
+    /// discarded were re-dirtied since they were sent (JSON `Postcopy`).
+    Postcopy = 9,
+    /// Destination -> source: the guest faulted on these pages (gpa u64 each, binary).
+    PageRequest = 10,
+    /// Source -> destination during post-copy: `crc32 u32` of the records, then page
+    /// records (checked before a single page is installed: installed pages cannot be
+    /// taken back once the guest ran).
+    PostcopyPages = 11,
+    /// Destination -> source: every page arrived; the source may go (JSON `Done`).
+    Done = 12,
+    /// Source -> destination on a new connection after a broken post-copy link
+    /// (JSON `Resume`).
+    Resume = 13,
+    /// Destination -> source, answering Resume: the pages still missing (JSON `Missing`).
+    Missing = 14,
 }
 
 impl Kind {
@@ -68,6 +84,12 @@ impl Kind {
             6 => Kind::Complete,
             7 => Kind::Running,
             8 => Kind::Auth,
+            9 => Kind::Postcopy,
+            10 => Kind::PageRequest,
+            11 => Kind::PostcopyPages,
+            12 => Kind::Done,
+            13 => Kind::Resume,
+            14 => Kind::Missing,
             other => return Err(Error::UnknownKind(other)),
         })
     }
@@ -149,6 +171,49 @@ pub struct Hello {
     /// refuses (the guest may already use a feature it would lose).
     #[serde(default)]
     pub cpuid_crc32: u32,
+    /// Random per migration: a post-copy reconnection must name it (a stray source cannot
+    /// take over a half-moved VM).
+    #[serde(default)]
+    pub migration_id: u64,
+}
+
+/// The switch to post-copy. Ranges are `(gpa, pages)`.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Postcopy {
+    pub discard: Vec<(u64, u64)>,
+}
+
+/// A post-copy reconnection.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Resume {
+    pub migration_id: u64,
+}
+
+/// The pages a destination still lacks, as `(gpa, pages)` ranges.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Missing {
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// The destination's account of a post-copy: sent with Done.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Done {
+    /// Faults the guest (or KVM, or the VMM's own threads) took on missing pages.
+    pub demand_faults: u64,
+    /// Pages asked of the source.
+    pub requested_pages: u64,
+    /// Pages installed from the source's stream (pushed or requested).
+    pub received_pages: u64,
+    /// Pages filled with zeros here without asking (known zero from pre-copy).
+    pub local_zero_pages: u64,
+    /// Request -> page installed, in microseconds.
+    pub fault_latency_p50_us: u64,
+    pub fault_latency_p99_us: u64,
+    pub fault_latency_max_us: u64,
+    /// Times the link broke and was re-established.
+    pub recoveries: u32,
+    /// Post-copy start -> last page installed, in milliseconds.
+    pub postcopy_ms: f64,
 }
 
 /// End of the stream.

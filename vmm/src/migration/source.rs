@@ -20,6 +20,77 @@ pub enum Mode {
     /// fits the downtime limit at the measured bandwidth (or `max_rounds` is reached: then
     /// stop and copy the rest anyway).
     Precopy { downtime_limit_ms: f64, max_rounds: u32, auto_converge: bool },
+    /// Move the vCPUs at once; memory follows, on demand and pushed in the background.
+    Postcopy,
+    /// Pre-copy rounds; switch to post-copy when they stop converging, after
+    /// `max_rounds`, or when asked (`migrate-postcopy`). Converging first ends as pre-copy.
+    Hybrid { downtime_limit_ms: f64, max_rounds: u32 },
+}
+
+impl Mode {
+    fn name(&self) -> &'static str {
+        match self {
+            Mode::StopCopy => "stop-copy",
+            Mode::Precopy { .. } => "precopy",
+            Mode::Postcopy => "postcopy",
+            Mode::Hybrid { .. } => "hybrid",
+        }
+    }
+}
+
+/// Everything about a migration besides its mode.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Test mode: the destination checks its RAM against ours at the pause.
+    pub verify_memory: bool,
+    /// Bytes per second, at most.
+    pub max_bandwidth: Option<u64>,
+    /// Post-copy: how long to keep trying to re-establish a broken link.
+    pub recover_timeout: Duration,
+}
+
+/// Set by the control socket's `migrate-postcopy` request: a hybrid migration switches to
+/// post-copy after the current round. (One VM per process, so one flag.)
+pub static SWITCH_TO_POSTCOPY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A migration that did not complete.
+#[derive(Debug)]
+pub struct Failed {
+    pub reason: String,
+    /// Whether the VM still runs here (always, except after a post-copy lost its link for
+    /// good once the destination had started the VM).
+    pub vm_here: bool,
+}
+
+impl From<String> for Failed {
+    fn from(reason: String) -> Failed {
+        Failed { reason, vm_here: true }
+    }
+}
+
+/// How the pre-copy rounds ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum RoundsEnd {
+    Converged,
+    /// `max_rounds` reached: copy the rest with the VM paused.
+    GaveUp,
+    /// Hybrid: go on in post-copy.
+    Switch,
+}
+
+/// Post-copy figures, from both sides.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PostcopyReport {
+    /// Pages the destination lacked when the vCPUs moved.
+    pub pages_needed: u64,
+    /// Pages sent because the destination asked (and the few after each).
+    pub pages_requested_sent: u64,
+    /// Pages sent by the background push.
+    pub pages_pushed: u64,
+    /// Times the source re-established a broken link.
+    pub reconnects: u32,
+    /// The destination's side: faults, requests, latency, duration.
+    pub destination: protocol::Done,
 }
 
 /// The downtime window, phase by phase (milliseconds).
@@ -64,6 +135,8 @@ pub struct Report {
     pub state_bytes: u64,
     pub bandwidth_mb_s: f64,
     pub vcpus: u32,
+    /// Post-copy and hybrid (when it switched): the post-copy phase.
+    pub postcopy: Option<PostcopyReport>,
 }
 
 /// Migrates `vm` to the destination listening at `to`; `progress` gets one JSON value per
@@ -72,11 +145,15 @@ pub fn migrate(
     vm: &mut Vm,
     to: &Address,
     mode: Mode,
-    verify_memory: bool,
-    max_bandwidth: Option<u64>,
+    options: &Options,
     progress: &mut dyn FnMut(serde_json::Value),
-) -> Result<Report, String> {
+) -> Result<Report, Failed> {
     let start = Instant::now();
+    SWITCH_TO_POSTCOPY.store(false, std::sync::atomic::Ordering::SeqCst);
+    if options.verify_memory && matches!(mode, Mode::Postcopy | Mode::Hybrid { .. }) {
+        return Err(Failed::from("--verify-memory needs all of memory at the pause, which post-copy moves later; the guest's own self-check covers post-copy".to_string()));
+    }
+    let migration_id = super::auth::nonce()?.iter().take(8).fold(0u64, |id, b| id << 8 | u64::from(*b));
     let mut stream = transport::connect(to).map_err(|e| chain(&e))?;
     stream.set_timeout(PEER_TIMEOUT).map_err(|e| e.to_string())?;
     let config = vm.config().clone();
@@ -91,23 +168,41 @@ pub fn migrate(
         msr_policy_zero: config.msr_policy == crate::trap::msr::UnknownMsrPolicy::Zero,
         tsc_khz: vm.tsc_khz(),
         cpuid_crc32: vm.cpuid_crc32().map_err(|e| chain(&e))?,
+        migration_id,
     };
     protocol::write_json(&mut stream, Kind::Hello, &hello).map_err(|e| chain(&e))?;
     let _: Answer = protocol::read_json(&mut stream, Kind::Accept).map_err(|e| chain(&e))?;
 
-    let mut outgoing = Outgoing::with_limit(max_bandwidth);
+    let mut outgoing = Outgoing::with_limit(options.max_bandwidth);
     let mut rounds = Vec::new();
-    let mut converged = true;
-    if let Mode::Precopy { downtime_limit_ms, max_rounds, auto_converge } = mode {
-        let limits = (downtime_limit_ms, max_rounds, auto_converge);
-        let result = precopy(vm, &mut stream, &mut outgoing, &mut rounds, limits, progress);
-        match result {
-            Ok(c) => converged = c,
+    let limits = match mode {
+        Mode::Precopy { downtime_limit_ms, max_rounds, auto_converge } => {
+            Some((downtime_limit_ms, max_rounds, auto_converge, false))
+        }
+        Mode::Hybrid { downtime_limit_ms, max_rounds } => Some((downtime_limit_ms, max_rounds, false, true)),
+        Mode::StopCopy | Mode::Postcopy => None,
+    };
+    let end = match limits {
+        Some(limits) => match precopy(vm, &mut stream, &mut outgoing, &mut rounds, limits, progress) {
+            Ok(end) => end,
             Err(e) => {
                 let _ = vm.set_dirty_logging(false);
-                return Err(e);
+                return Err(e.into());
             }
-        }
+        },
+        None if mode == Mode::Postcopy => RoundsEnd::Switch,
+        None => RoundsEnd::Converged,
+    };
+    let converged = end == RoundsEnd::Converged;
+    if end == RoundsEnd::Switch {
+        let reconnect = super::postcopy_source::Reconnect {
+            to,
+            auth_key: config.auth_key.as_ref(),
+            migration_id,
+            timeout: options.recover_timeout,
+        };
+        let phase = Postcopy { stream, outgoing, rounds, start, hybrid: mode != Mode::Postcopy };
+        return postcopy(vm, phase, &reconnect, mode, progress);
     }
 
     let paused = Instant::now();
@@ -130,7 +225,8 @@ pub fn migrate(
         let machine = vm.save_machine(vcpus).map_err(|e| chain(&e))?;
         let state = serde_json::to_vec(&machine).map_err(|e| e.to_string())?;
         protocol::write_frame(&mut stream, Kind::State, &state).map_err(|e| chain(&e))?;
-        let ram_crc32 = if verify_memory { Some(memory::ram_crc32(vm.ram()).map_err(|e| chain(&e))?) } else { None };
+        let ram_crc32 =
+            if options.verify_memory { Some(memory::ram_crc32(vm.ram()).map_err(|e| chain(&e))?) } else { None };
         let complete = Complete {
             memory_crc32: outgoing.crc32(),
             pages_sent: outgoing.stats.pages,
@@ -151,7 +247,7 @@ pub fn migrate(
             memory.crc32 = outgoing.crc32();
             let bytes = memory.bytes_on_wire + state_bytes;
             Ok(Report {
-                mode: if rounds.is_empty() { "stop-copy" } else { "precopy" },
+                mode: mode.name(),
                 rounds,
                 final_pages,
                 memory_verified: ram_crc32.is_some(),
@@ -165,15 +261,109 @@ pub fn migrate(
                 state_bytes,
                 bandwidth_mb_s: bytes as f64 / total.as_secs_f64().max(1e-9) / 1e6,
                 vcpus: config.vcpus,
+                postcopy: None,
             })
         }
         Err(e) => {
             // Nothing was confirmed: the VM goes on here.
             let _ = vm.set_dirty_logging(false);
             vm.resume_all();
-            Err(e)
+            Err(e.into())
         }
     }
+}
+
+/// A migration at the point of switching to post-copy.
+struct Postcopy {
+    stream: Box<dyn transport::Stream>,
+    outgoing: Outgoing,
+    rounds: Vec<Round>,
+    start: Instant,
+    /// Pre-copy rounds ran: only the pages dirtied since are needed (and discarded there).
+    hybrid: bool,
+}
+
+/// Pauses the vCPUs, sends the switch and the machine state, and serves memory until the
+/// destination has all of it.
+fn postcopy(
+    vm: &mut Vm,
+    phase: Postcopy,
+    reconnect: &super::postcopy_source::Reconnect,
+    mode: Mode,
+    progress: &mut dyn FnMut(serde_json::Value),
+) -> Result<Report, Failed> {
+    use super::pages::{PageMap, PageSet};
+    use super::postcopy_source::Failure;
+    let Postcopy { mut stream, mut outgoing, rounds, start, hybrid } = phase;
+    let paused = Instant::now();
+    let vcpus = vm.pause_all()?;
+    let mut breakdown = Breakdown { pause: paused.elapsed().as_secs_f64() * 1e3, ..Default::default() };
+    let lap = Instant::now();
+    let map = PageMap::new(vm.ram());
+    let switched = (|| -> Result<(PageSet, u64), String> {
+        let needed = if hybrid {
+            let dirty = vm.take_dirty().map_err(|e| chain(&e))?;
+            PageSet::from_bitmaps(&map, &dirty)
+        } else {
+            PageSet::full(map.total())
+        };
+        let discard = if hybrid { needed.ranges(&map) } else { Vec::new() };
+        protocol::write_json(&mut stream, Kind::Postcopy, &protocol::Postcopy { discard })
+            .map_err(|e| chain(&e))?;
+        let machine = vm.save_machine(vcpus).map_err(|e| chain(&e))?;
+        let state = serde_json::to_vec(&machine).map_err(|e| e.to_string())?;
+        protocol::write_frame(&mut stream, Kind::State, &state).map_err(|e| chain(&e))?;
+        std::io::Write::flush(&mut stream).map_err(|e| e.to_string())?;
+        Ok((needed, state.len() as u64))
+    })();
+    let (needed, state_bytes) = match switched {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = vm.set_dirty_logging(false);
+            vm.resume_all();
+            return Err(e.into());
+        }
+    };
+    let _ = vm.set_dirty_logging(false);
+    breakdown.state = lap.elapsed().as_secs_f64() * 1e3;
+    let pages_needed = needed.count();
+    progress(serde_json::json!({"postcopy": "switched", "pages_needed": pages_needed}));
+    let outcome = match super::postcopy_source::serve(vm.ram(), stream, needed, &mut outgoing, reconnect, progress) {
+        Ok(outcome) => outcome,
+        Err(Failure::VmHere(reason)) => {
+            vm.resume_all();
+            return Err(Failed { reason, vm_here: true });
+        }
+        Err(Failure::VmGone(reason)) => return Err(Failed { reason, vm_here: false }),
+    };
+    let downtime = outcome.running_at.duration_since(paused);
+    breakdown.until_running = downtime.as_secs_f64() * 1e3 - breakdown.pause - breakdown.state;
+    let total = start.elapsed();
+    let memory = outgoing.stats;
+    let bytes = memory.bytes_on_wire + state_bytes;
+    Ok(Report {
+        mode: mode.name(),
+        rounds,
+        final_pages: 0,
+        converged: false,
+        memory_verified: false,
+        downtime_breakdown_ms: breakdown,
+        to: reconnect.to.to_string(),
+        total_ms: total.as_secs_f64() * 1e3,
+        downtime_ms: downtime.as_secs_f64() * 1e3,
+        destination_restore_ms: outcome.running.restore_us as f64 / 1e3,
+        memory,
+        state_bytes,
+        bandwidth_mb_s: bytes as f64 / total.as_secs_f64().max(1e-9) / 1e6,
+        vcpus: vm.config().vcpus,
+        postcopy: Some(PostcopyReport {
+            pages_needed,
+            pages_requested_sent: outcome.requested_sent,
+            pages_pushed: outcome.pushed,
+            reconnects: outcome.reconnects,
+            destination: outcome.done,
+        }),
+    })
 }
 
 /// The pre-copy rounds while the guest runs. Returns whether it converged.
@@ -182,9 +372,9 @@ fn precopy(
     stream: &mut Box<dyn transport::Stream>,
     outgoing: &mut Outgoing,
     rounds: &mut Vec<Round>,
-    (downtime_limit_ms, max_rounds, auto_converge): (f64, u32, bool),
+    (downtime_limit_ms, max_rounds, auto_converge, hybrid): (f64, u32, bool, bool),
     progress: &mut dyn FnMut(serde_json::Value),
-) -> Result<bool, String> {
+) -> Result<RoundsEnd, String> {
     vm.set_dirty_logging(true).map_err(|e| chain(&e))?;
     // Only with auto-converge; stopped (vCPUs back to full speed) when this function
     // returns, before the pause.
@@ -212,11 +402,18 @@ fn precopy(
             progress(
                 serde_json::json!({"round": round, "pending_pages": pending, "estimate_ms": estimate_ms, "converged": true}),
             );
-            return Ok(true);
+            return Ok(RoundsEnd::Converged);
         }
         // With auto-converge: not shrinking by a tenth a round after a few rounds means the
         // guest outruns the link; slow it down step by step.
         let outrun = round >= 4 && pending.saturating_mul(10) > last_pending.saturating_mul(9);
+        if hybrid && (outrun || SWITCH_TO_POSTCOPY.load(std::sync::atomic::Ordering::SeqCst)) {
+            // These pages were not sent this round: they are what post-copy must move.
+            vm.redirty(&dirty);
+            let why = if outrun { "the rounds stopped converging" } else { "asked to (migrate-postcopy)" };
+            progress(serde_json::json!({"round": round, "pending_pages": pending, "switch_to_postcopy": why}));
+            return Ok(RoundsEnd::Switch);
+        }
         if let (Some(throttle), true) = (&throttle, outrun && throttle_percent < 90) {
             throttle_percent = (throttle_percent + 20).min(90);
             throttle.set(throttle_percent);
@@ -233,10 +430,16 @@ fn precopy(
             serde_json::json!({"round": round, "pages": sent, "ms": secs * 1e3, "mb_s": bandwidth / 1e6, "estimate_ms": estimate_ms}),
         );
     }
+    if hybrid {
+        progress(
+            serde_json::json!({"converged": false, "switch_to_postcopy": format!("not under {downtime_limit_ms} ms after {max_rounds} rounds")}),
+        );
+        return Ok(RoundsEnd::Switch);
+    }
     progress(
         serde_json::json!({"converged": false, "note": format!("not under {downtime_limit_ms} ms after {max_rounds} rounds: stopping and copying the rest")}),
     );
-    Ok(false)
+    Ok(RoundsEnd::GaveUp)
 }
 
 /// "outer: inner: innermost".

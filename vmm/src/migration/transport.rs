@@ -67,6 +67,31 @@ impl std::fmt::Display for Address {
 pub trait Stream: Read + Write + Send {
     /// Gives up on a peer that says nothing for this long (a dead peer must not hang us).
     fn set_timeout(&self, timeout: Duration) -> std::io::Result<()>;
+    /// A second handle on the same connection (post-copy reads and writes from two threads).
+    fn try_clone_stream(&self) -> std::io::Result<Box<dyn Stream>>;
+    /// Closes both directions (wakes a thread blocked reading the other handle).
+    fn shutdown_both(&self);
+    /// Caps the kernel's send and receive buffers: in post-copy, a requested page queues
+    /// behind whatever the background push has in flight, so less in flight means a
+    /// shorter wait for a faulting vCPU.
+    fn limit_buffers(&self, bytes: usize);
+}
+
+/// SO_SNDBUF and SO_RCVBUF on a socket, best effort (the kernel may round them).
+fn set_buffers(fd: std::os::unix::io::RawFd, bytes: usize) {
+    let value = bytes.min(i32::MAX as usize) as libc::c_int;
+    for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt reads one c_int from `value`, which lives across the call.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                option,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    }
 }
 
 impl Stream for TcpStream {
@@ -74,12 +99,30 @@ impl Stream for TcpStream {
         self.set_read_timeout(Some(t))?;
         self.set_write_timeout(Some(t))
     }
+    fn try_clone_stream(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+    fn limit_buffers(&self, bytes: usize) {
+        set_buffers(std::os::unix::io::AsRawFd::as_raw_fd(self), bytes);
+    }
 }
 
 impl Stream for UnixStream {
     fn set_timeout(&self, t: Duration) -> std::io::Result<()> {
         self.set_read_timeout(Some(t))?;
         self.set_write_timeout(Some(t))
+    }
+    fn try_clone_stream(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+    fn limit_buffers(&self, bytes: usize) {
+        set_buffers(std::os::unix::io::AsRawFd::as_raw_fd(self), bytes);
     }
 }
 
@@ -93,6 +136,49 @@ pub fn connect(address: &Address) -> Result<Box<dyn Stream>, Error> {
             Box::new(s)
         }
         Address::Unix(p) => Box::new(UnixStream::connect(p).map_err(err)?),
+    })
+}
+
+/// Listens on `address` again (a post-copy destination waiting for its source to come
+/// back) and accepts one connection, giving up at `deadline`.
+pub fn accept_until(address: &Address, deadline: std::time::Instant) -> Result<Box<dyn Stream>, Error> {
+    let listen_err = |e| Error::Listen(address.to_string(), e);
+    let accept_err = |e| Error::Accept(address.to_string(), e);
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "nobody connected in time");
+    // Non-blocking accept polled every 20 ms: std has no accept timeout.
+    macro_rules! poll_accept {
+        ($listener:expr, $wrap:expr) => {{
+            $listener.set_nonblocking(true).map_err(listen_err)?;
+            loop {
+                match $listener.accept() {
+                    Ok((s, _)) => {
+                        s.set_nonblocking(false).map_err(accept_err)?;
+                        break $wrap(s);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if std::time::Instant::now() >= deadline {
+                            return Err(accept_err(timed_out()));
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(accept_err(e)),
+                }
+            }
+        }};
+    }
+    Ok(match address {
+        Address::Tcp(a) => {
+            let l = TcpListener::bind(a).map_err(listen_err)?;
+            poll_accept!(l, |s: TcpStream| -> Box<dyn Stream> {
+                let _ = s.set_nodelay(true);
+                Box::new(s)
+            })
+        }
+        Address::Unix(p) => {
+            let _ = std::fs::remove_file(p);
+            let l = UnixListener::bind(p).map_err(listen_err)?;
+            poll_accept!(l, |s: UnixStream| -> Box<dyn Stream> { Box::new(s) })
+        }
     })
 }
 

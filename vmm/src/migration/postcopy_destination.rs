@@ -1,0 +1,445 @@
+//! Post-copy, destination side: the VM runs before its memory has arrived. Guest RAM is
+//! registered with userfaultfd (missing-page mode) before anything can touch it; a fault
+//! thread turns each fault on a page still to come into a request to the source, and a
+//! receiver thread installs the pages the source sends (requested ones first, then its
+//! background push) atomically with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE`, which also wakes the
+//! faulting thread (a vCPU inside KVM, or a device thread of the VMM). If the link breaks,
+//! the guest waits on its missing pages while this side listens again for the source.
+
+use super::auth::Key;
+use super::memory;
+use super::pages::{PageMap, PageSet, PAGE};
+use super::protocol::{self, Done, Kind, Missing, Resume, Running};
+use super::source::chain;
+use super::transport::{self, Address, Stream};
+use crate::memory::GuestRam;
+use std::collections::HashMap;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use userfaultfd::{Event, Uffd, UffdBuilder};
+
+/// How to find the source again after a broken link.
+#[derive(Clone)]
+pub struct Recovery {
+    pub address: Address,
+    pub auth_key: Option<Key>,
+    pub migration_id: u64,
+    pub timeout: Duration,
+}
+
+/// State both post-copy threads share.
+struct Shared {
+    uffd: Uffd,
+    map: PageMap,
+    /// Pages still to come from the source (removed once installed).
+    need: PageSet,
+    /// Pages asked for and not yet installed, with when they were asked for.
+    pending: Mutex<HashMap<u64, Instant>>,
+    latencies_us: Mutex<Vec<u64>>,
+    /// Where requests and the final Done go; `None` while the link is down.
+    writer: Mutex<Option<Box<dyn Stream>>>,
+    finished: AtomicBool,
+    faults: AtomicU64,
+    requested: AtomicU64,
+    received: AtomicU64,
+    local_zero: AtomicU64,
+}
+
+/// A running post-copy.
+pub struct Postcopy {
+    shared: Arc<Shared>,
+    receiver: JoinHandle<Result<Done, String>>,
+}
+
+/// Post-copy errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("userfaultfd is not available (root or vm.unprivileged_userfaultfd=1 is needed)")]
+    Create(#[source] userfaultfd::Error),
+    #[error("Cannot register guest RAM with userfaultfd")]
+    Register(#[source] userfaultfd::Error),
+    #[error("Cannot start a post-copy thread")]
+    Thread(#[source] std::io::Error),
+    #[error("Cannot split the migration connection")]
+    Clone(#[source] std::io::Error),
+}
+
+impl Postcopy {
+    /// Drops the discarded pages, registers all of guest RAM and starts the fault and
+    /// receiver threads. `have` holds the pages pre-copy already delivered (none in pure
+    /// post-copy); everything else, and everything discarded, will come from the source.
+    pub fn start(
+        ram: &GuestRam,
+        stream: Box<dyn Stream>,
+        have: Option<PageSet>,
+        discard: &[(u64, u64)],
+        recovery: Recovery,
+    ) -> Result<Postcopy, String> {
+        let map = PageMap::new(ram);
+        let need = PageSet::full(map.total());
+        if let Some(have) = &have {
+            let mut at = 0;
+            while let Some(i) = have.next_from(at) {
+                need.remove(i);
+                at = i + 1;
+            }
+        }
+        need.insert_ranges(&map, discard)?;
+        for &(gpa, pages) in discard {
+            let host = map.index_of_gpa(gpa).map(|i| map.host(i)).unwrap_or(0);
+            // SAFETY: `insert_ranges` checked the range lies in one RAM region of this
+            // process; dropping the pages makes the next access fault into userfaultfd.
+            let rc = unsafe { libc::madvise(host as *mut libc::c_void, (pages * PAGE) as usize, libc::MADV_DONTNEED) };
+            if rc != 0 {
+                return Err(format!("cannot discard re-dirtied pages: {}", std::io::Error::last_os_error()));
+            }
+        }
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .create()
+            .map_err(|e| chain(&Error::Create(e)))?;
+        for region in vm_memory::GuestMemoryBackend::iter(ram) {
+            use vm_memory::GuestMemoryRegion;
+            uffd.register(region.as_ptr().cast(), region.len() as usize).map_err(|e| chain(&Error::Register(e)))?;
+        }
+        stream.limit_buffers(super::postcopy_source::POSTCOPY_BUFFERS);
+        let writer = stream.try_clone_stream().map_err(|e| chain(&Error::Clone(e)))?;
+        let shared = Arc::new(Shared {
+            uffd,
+            map,
+            need,
+            pending: Mutex::new(HashMap::new()),
+            latencies_us: Mutex::new(Vec::new()),
+            writer: Mutex::new(Some(writer)),
+            finished: AtomicBool::new(false),
+            faults: AtomicU64::new(0),
+            requested: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            local_zero: AtomicU64::new(0),
+        });
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("postcopy-faults".into())
+            .spawn(move || fault_loop(&s))
+            .map_err(|e| chain(&Error::Thread(e)))?;
+        let s = shared.clone();
+        let ram = ram.clone();
+        let receiver = std::thread::Builder::new()
+            .name("postcopy-receiver".into())
+            .spawn(move || receive_loop(&s, &ram, stream, &recovery))
+            .map_err(|e| chain(&Error::Thread(e)))?;
+        Ok(Postcopy { shared, receiver })
+    }
+
+    /// Tells the source the VM runs here.
+    pub fn confirm_running(&self, running: &Running) -> Result<(), String> {
+        match self.shared.writer.lock().map_err(|_| "post-copy writer poisoned")?.as_mut() {
+            Some(w) => protocol::write_json(w, Kind::Running, running).map_err(|e| chain(&e)),
+            None => Err("the link to the source is down".into()),
+        }
+    }
+
+    /// Pages still missing.
+    pub fn missing(&self) -> u64 {
+        self.shared.need.count()
+    }
+
+    /// Waits until every page arrived (or post-copy failed for good).
+    pub fn wait(self) -> Result<Done, String> {
+        self.receiver.join().map_err(|_| "the post-copy receiver panicked".to_string())?
+    }
+}
+
+/// Reads fault events until post-copy is finished, then unregisters RAM (which wakes any
+/// thread still waiting: those pages are zero, and now fault in as zero pages).
+fn fault_loop(shared: &Shared) {
+    let mut events = userfaultfd::EventBuffer::new(64);
+    let fd = shared.uffd.as_raw_fd();
+    while !shared.finished.load(Relaxed) {
+        let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut poll, 1, 50) } <= 0 {
+            continue;
+        }
+        let Ok(batch) = shared.uffd.read_events(&mut events) else {
+            continue;
+        };
+        for event in batch.flatten() {
+            if let Event::Pagefault { addr, .. } = event {
+                on_fault(shared, addr as usize);
+            }
+        }
+    }
+    let _ = shared.unregister_all();
+}
+
+fn on_fault(shared: &Shared, addr: usize) {
+    shared.faults.fetch_add(1, Relaxed);
+    let Some(index) = shared.map.index_of_host(addr) else {
+        log::warn!("post-copy: fault at {addr:#x} outside guest RAM");
+        return;
+    };
+    let host = shared.map.host(index);
+    if !shared.need.contains(index) {
+        // Already installed (the fault raced the install), or a page pre-copy left zero:
+        // zero-fill it here; EEXIST means it is there, and the install woke the thread.
+        // SAFETY: one page of registered guest RAM.
+        match unsafe { shared.uffd.zeropage(host as *mut libc::c_void, PAGE as usize, true) } {
+            Ok(_) => {
+                shared.local_zero.fetch_add(1, Relaxed);
+            }
+            Err(_) => {
+                let _ = shared.uffd.wake(host as *mut libc::c_void, PAGE as usize);
+            }
+        }
+        return;
+    }
+    let mut pending = match shared.pending.lock() {
+        Ok(p) => p,
+        Err(p) => p.into_inner(),
+    };
+    if pending.contains_key(&index) {
+        return;
+    }
+    pending.insert(index, Instant::now());
+    drop(pending);
+    shared.requested.fetch_add(1, Relaxed);
+    shared.request(&[index]);
+}
+
+impl Shared {
+    /// Asks the source for pages; while the link is down the request stays pending and
+    /// is sent again after the reconnection.
+    fn request(&self, indices: &[u64]) {
+        let mut payload = Vec::with_capacity(indices.len() * 8);
+        for &i in indices {
+            payload.extend_from_slice(&self.map.gpa(i).to_le_bytes());
+        }
+        let mut writer = match self.writer.lock() {
+            Ok(w) => w,
+            Err(w) => w.into_inner(),
+        };
+        if let Some(w) = writer.as_mut() {
+            if protocol::write_frame(w, Kind::PageRequest, &payload).and_then(|()| Ok(w.flush()?)).is_err() {
+                // The receiver notices the broken link too and starts the recovery.
+                *writer = None;
+            }
+        }
+    }
+
+    fn unregister_all(&self) -> Result<(), userfaultfd::Error> {
+        // Region by region as the page map knows them.
+        let mut index = 0;
+        while index < self.map.total() {
+            let run = self.map.run_limit(index);
+            self.uffd.unregister(self.map.host(index) as *mut libc::c_void, (run * PAGE) as usize)?;
+            index += run;
+        }
+        Ok(())
+    }
+
+    /// Installs `pages` pages at page `first` from `data` (or zeros when `data` is None),
+    /// skipping the ones already here, and records the latency of requested ones.
+    fn install(&self, first: u64, pages: u64, data: Option<&[u8]>) -> Result<(), String> {
+        let mut i = 0;
+        while i < pages {
+            if !self.need.contains(first + i) {
+                i += 1;
+                continue;
+            }
+            let mut run = 1;
+            while i + run < pages && self.need.contains(first + i + run) {
+                run += 1;
+            }
+            let dst = self.map.host(first + i) as *mut libc::c_void;
+            let len = (run * PAGE) as usize;
+            // SAFETY: `dst..dst+len` is registered guest RAM within one region (the record
+            // was checked against RAM), `src` points to `len` bytes of the received frame.
+            let result = unsafe {
+                match data {
+                    Some(d) => self.uffd.copy(d[(i * PAGE) as usize..].as_ptr().cast(), dst, len, true),
+                    None => self.uffd.zeropage(dst, len, true),
+                }
+            };
+            // A partial install stops at a page that exists already: skip it.
+            use userfaultfd::Error::{CopyFailed, PartiallyCopied, ZeropageFailed};
+            let done = match result {
+                Ok(n) => (n as u64 / PAGE).max(1),
+                Err(PartiallyCopied(n)) => n as u64 / PAGE + 1,
+                Err(CopyFailed(e) | ZeropageFailed(e)) if e as i32 == libc::EEXIST => 1,
+                Err(e) => return Err(format!("installing page {:#x} failed: {e}", self.map.gpa(first + i))),
+            }
+            .min(run);
+            for p in first + i..first + i + done {
+                self.installed(p);
+            }
+            i += done;
+        }
+        Ok(())
+    }
+
+    fn installed(&self, index: u64) {
+        if !self.need.remove(index) {
+            return;
+        }
+        self.received.fetch_add(1, Relaxed);
+        let asked = match self.pending.lock() {
+            Ok(mut p) => p.remove(&index),
+            Err(p) => p.into_inner().remove(&index),
+        };
+        if let Some(asked) = asked {
+            if let Ok(mut l) = self.latencies_us.lock() {
+                l.push(asked.elapsed().as_micros() as u64);
+            }
+        }
+    }
+
+    /// Checks one PostcopyPages payload (CRC32 first, then every record) and installs it.
+    fn apply(&self, ram: &GuestRam, payload: &[u8]) -> Result<(), String> {
+        let (crc, records) = payload.split_at_checked(4).ok_or("post-copy frame without a checksum")?;
+        let crc = u32::from_le_bytes(crc.try_into().unwrap_or([0; 4]));
+        if crc32fast::hash(records) != crc {
+            return Err("post-copy frame checksum mismatch".into());
+        }
+        let parsed: Result<Vec<memory::Record>, memory::Error> = memory::records(ram, records).collect();
+        for record in parsed.map_err(|e| chain(&e))? {
+            let first = self.map.index_of_gpa(record.gpa).ok_or("record outside RAM")?;
+            self.install(first, record.pages, (!record.is_zero()).then_some(record.data))?;
+        }
+        Ok(())
+    }
+
+    fn done(&self, started: Instant, recoveries: u32) -> Done {
+        let mut latencies = match self.latencies_us.lock() {
+            Ok(l) => l.clone(),
+            Err(l) => l.into_inner().clone(),
+        };
+        latencies.sort_unstable();
+        let pick = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0);
+        Done {
+            demand_faults: self.faults.load(Relaxed),
+            requested_pages: self.requested.load(Relaxed),
+            received_pages: self.received.load(Relaxed),
+            local_zero_pages: self.local_zero.load(Relaxed),
+            fault_latency_p50_us: pick(0.5),
+            fault_latency_p99_us: pick(0.99),
+            fault_latency_max_us: latencies.last().copied().unwrap_or(0),
+            recoveries,
+            postcopy_ms: started.elapsed().as_secs_f64() * 1e3,
+        }
+    }
+}
+
+/// Installs what the source sends until it says it sent everything, recovering from
+/// broken links; then reports Done. A failure for good ends the process: the VM cannot
+/// go on without its memory, and the user must hear why.
+fn receive_loop(
+    shared: &Shared,
+    ram: &GuestRam,
+    mut stream: Box<dyn Stream>,
+    recovery: &Recovery,
+) -> Result<Done, String> {
+    let started = Instant::now();
+    let mut recoveries = 0;
+    loop {
+        let failure = match protocol::read_frame(&mut stream) {
+            Ok((Kind::PostcopyPages, payload)) => match shared.apply(ram, &payload) {
+                Ok(()) => continue,
+                Err(e) => e,
+            },
+            Ok((Kind::Complete, _)) => {
+                let missing = shared.need.count();
+                if missing != 0 {
+                    unrecoverable(&format!("the source says it sent everything, but {missing} pages never arrived"));
+                }
+                let done = shared.done(started, recoveries);
+                shared.finished.store(true, Relaxed);
+                if let Some(w) = shared.writer.lock().map_err(|_| "post-copy writer poisoned")?.as_mut() {
+                    let _ = protocol::write_json(w, Kind::Done, &done);
+                }
+                return Ok(done);
+            }
+            Ok((Kind::Refuse, _)) => unrecoverable("the source aborted during post-copy"),
+            Ok((other, _)) => format!("unexpected {other:?} message during post-copy"),
+            Err(e) => chain(&e),
+        };
+        stream.shutdown_both();
+        stream = match reconnect(shared, recovery, &failure) {
+            Ok(s) => s,
+            Err(e) => unrecoverable(&e),
+        };
+        recoveries += 1;
+    }
+}
+
+/// Waits for the source to come back, bounded by the recovery timeout.
+fn reconnect(shared: &Shared, recovery: &Recovery, why: &str) -> Result<Box<dyn Stream>, String> {
+    if let Ok(mut w) = shared.writer.lock() {
+        *w = None;
+    }
+    eprintln!(
+        "popek: post-copy link lost ({why}); the guest waits on {} missing pages; waiting up to {} s for the source on {}",
+        shared.need.count(),
+        recovery.timeout.as_secs(),
+        recovery.address
+    );
+    let deadline = Instant::now() + recovery.timeout;
+    loop {
+        let mut stream = transport::accept_until(&recovery.address, deadline).map_err(|e| chain(&e))?;
+        match resume_handshake(shared, recovery, &mut stream) {
+            Ok(()) => {
+                stream.limit_buffers(super::postcopy_source::POSTCOPY_BUFFERS);
+                eprintln!("popek: post-copy link re-established; {} pages to go", shared.need.count());
+                return Ok(stream);
+            }
+            Err(e) => eprintln!("popek: refused a post-copy reconnection: {e}"),
+        }
+    }
+}
+
+fn resume_handshake(shared: &Shared, recovery: &Recovery, stream: &mut Box<dyn Stream>) -> Result<(), String> {
+    stream.set_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
+    let mut first = protocol::read_frame(stream).map_err(|e| chain(&e))?;
+    if let Some(key) = &recovery.auth_key {
+        super::auth::verify_source(stream, key, first)?;
+        first = protocol::read_frame(stream).map_err(|e| chain(&e))?;
+    }
+    if first.0 != Kind::Resume {
+        return Err(format!("expected Resume, got {:?}", first.0));
+    }
+    let resume: Resume = serde_json::from_slice(&first.1).map_err(|e| format!("malformed Resume: {e}"))?;
+    if resume.migration_id != recovery.migration_id {
+        let reason = "this destination is finishing another migration".to_string();
+        let _ = protocol::write_json(stream, Kind::Refuse, &protocol::Answer { reason: reason.clone() });
+        return Err(reason);
+    }
+    let missing = Missing { ranges: shared.need.ranges(&shared.map) };
+    protocol::write_json(stream, Kind::Missing, &missing).map_err(|e| chain(&e))?;
+    let writer = stream.try_clone_stream().map_err(|e| e.to_string())?;
+    *shared.writer.lock().map_err(|_| "post-copy writer poisoned")? = Some(writer);
+    // The requests sent on the broken link may be lost: ask again.
+    let pending: Vec<u64> = match shared.pending.lock() {
+        Ok(p) => p.keys().copied().collect(),
+        Err(p) => p.into_inner().keys().copied().collect(),
+    };
+    if !pending.is_empty() {
+        shared.request(&pending);
+    }
+    Ok(())
+}
+
+/// The one case post-copy cannot survive: one side has part of the memory, the other
+/// side the rest and the vCPUs, and one of them is gone.
+fn unrecoverable(why: &str) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    eprintln!(
+        "popek: post-copy failed for good: {why}. The VM cannot continue: its vCPUs are here and part of its memory was only on the source (unrecoverable)."
+    );
+    std::process::exit(18)
+}

@@ -1,0 +1,297 @@
+//! Post-copy, source side: the vCPUs have moved (or are moving); this side keeps the
+//! whole of memory and serves it. Page requests from the destination go first (with a few
+//! pages after each, which a guest walking memory will want next); between them a
+//! background push sends the pages still needed, continuing after the last requested one.
+//! Before the destination says Running, any failure leaves the VM here (the caller resumes
+//! it); after, a broken link is re-established for a bounded time, and only the loss of
+//! the destination itself is final.
+
+use super::auth::Key;
+use super::memory::{self, Outgoing};
+use super::pages::{PageMap, PageSet};
+use super::protocol::{self, Complete, Done, Kind, Missing, Resume, Running};
+use super::source::chain;
+use super::transport::{self, Address, Stream};
+use crate::memory::GuestRam;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+/// Pages sent after each requested one.
+const PREFETCH: u64 = 15;
+/// Pages per background frame: small enough that a request waits little behind it.
+const PUSH_CHUNK: u64 = 64;
+
+/// What the reader thread saw.
+enum Event {
+    Requests(Vec<u64>),
+    /// With when it arrived (downtime ends then, not when the sender gets to it).
+    Running(Running, Instant),
+    Done(Done),
+    Lost(String),
+}
+
+/// How to reach the destination again.
+pub struct Reconnect<'a> {
+    pub to: &'a Address,
+    pub auth_key: Option<&'a Key>,
+    pub migration_id: u64,
+    pub timeout: Duration,
+}
+
+/// A finished post-copy.
+pub struct Outcome {
+    pub running: Running,
+    pub running_at: Instant,
+    pub done: Done,
+    /// Pages sent because the destination asked (prefetch included).
+    pub requested_sent: u64,
+    /// Pages sent by the background push.
+    pub pushed: u64,
+    pub reconnects: u32,
+}
+
+/// Why post-copy ended early.
+pub enum Failure {
+    /// Before Running: the VM never ran there; resume it here.
+    VmHere(String),
+    /// After Running: the VM is (half) there and the link could not be re-established.
+    VmGone(String),
+}
+
+struct Link {
+    stream: Box<dyn Stream>,
+    events: Receiver<Event>,
+}
+
+/// Socket buffers during post-copy (see `Stream::limit_buffers`).
+pub const POSTCOPY_BUFFERS: usize = 256 << 10;
+
+fn open_link(stream: Box<dyn Stream>) -> Result<Link, String> {
+    stream.limit_buffers(POSTCOPY_BUFFERS);
+    let reader = stream.try_clone_stream().map_err(|e| format!("cannot split the migration connection: {e}"))?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("postcopy-reader".into())
+        .spawn(move || read_events(reader, &tx))
+        .map_err(|e| format!("cannot start the post-copy reader: {e}"))?;
+    Ok(Link { stream, events: rx })
+}
+
+/// Forwards the destination's messages; ends at the first error (or when the link is
+/// replaced and its receiver dropped).
+fn read_events(mut reader: Box<dyn Stream>, tx: &Sender<Event>) {
+    loop {
+        let event = match protocol::read_frame(&mut reader) {
+            Ok((Kind::PageRequest, payload)) if payload.len() % 8 == 0 && !payload.is_empty() => Event::Requests(
+                payload.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
+            ),
+            Ok((Kind::Running, payload)) => match serde_json::from_slice(&payload) {
+                Ok(r) => Event::Running(r, Instant::now()),
+                Err(e) => Event::Lost(format!("malformed Running message: {e}")),
+            },
+            Ok((Kind::Done, payload)) => match serde_json::from_slice(&payload) {
+                Ok(d) => Event::Done(d),
+                Err(e) => Event::Lost(format!("malformed Done message: {e}")),
+            },
+            Ok((Kind::Refuse, payload)) => {
+                let reason = serde_json::from_slice::<protocol::Answer>(&payload).map(|a| a.reason).unwrap_or_default();
+                Event::Lost(format!("the destination refused: {reason}"))
+            }
+            Ok((other, _)) => Event::Lost(format!("unexpected {other:?} message during post-copy")),
+            Err(e) => Event::Lost(chain(&e)),
+        };
+        let last = matches!(event, Event::Lost(_) | Event::Done(_));
+        if tx.send(event).is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Which pages of RAM are resident here (non-resident ones go as zeros, unread).
+fn resident_pages(ram: &GuestRam) -> Vec<bool> {
+    ram.iter().flat_map(|r| memory::residency(r.as_ptr(), r.len() as usize)).collect()
+}
+
+/// The post-copy sender.
+struct Server<'a> {
+    ram: &'a GuestRam,
+    map: PageMap,
+    resident: Vec<bool>,
+    needed: PageSet,
+    cursor: u64,
+    requested_sent: u64,
+    pushed: u64,
+}
+
+impl Server<'_> {
+    /// Sends requested pages, each with the next few still needed.
+    fn serve_requests(&mut self, gpas: &[u64], out: &mut Outgoing, stream: &mut Box<dyn Stream>) -> Result<(), String> {
+        for &gpa in gpas {
+            // A page outside RAM is a confused or hostile peer's: nothing to send.
+            let Some(index) = self.map.index_of_gpa(gpa) else {
+                log::warn!("post-copy: request for {gpa:#x}, outside guest RAM");
+                continue;
+            };
+            self.send(index, out)?;
+            self.requested_sent += 1;
+            let end = index + 1 + PREFETCH.min(self.map.run_limit(index).saturating_sub(1));
+            for next in index + 1..end {
+                if self.needed.contains(next) {
+                    self.send(next, out)?;
+                    self.requested_sent += 1;
+                }
+            }
+            self.cursor = end;
+        }
+        out.flush(stream).map_err(|e| chain(&e))
+    }
+
+    fn send(&mut self, index: u64, out: &mut Outgoing) -> Result<(), String> {
+        self.needed.remove(index);
+        let resident = self.resident.get(index as usize).copied().unwrap_or(true);
+        out.queue(self.ram, self.map.gpa(index), resident).map_err(|e| chain(&e))
+    }
+
+    /// Sends the next chunk of needed pages; false when none are left.
+    fn push_chunk(&mut self, out: &mut Outgoing, stream: &mut Box<dyn Stream>) -> Result<bool, String> {
+        let Some(first) = self.needed.next_from(self.cursor).or_else(|| self.needed.next_from(0)) else {
+            return Ok(false);
+        };
+        let mut index = first;
+        let mut sent = 0;
+        while sent < PUSH_CHUNK && index < self.map.total() {
+            if self.needed.contains(index) {
+                self.send(index, out)?;
+                sent += 1;
+            }
+            index += 1;
+        }
+        self.pushed += sent;
+        self.cursor = index;
+        out.flush(stream).map_err(|e| chain(&e))?;
+        Ok(true)
+    }
+}
+
+/// Serves post-copy on `stream` (State and the Postcopy switch already sent) until the
+/// destination has every page. `needed`: the pages the destination lacks.
+pub fn serve(
+    ram: &GuestRam,
+    stream: Box<dyn Stream>,
+    needed: PageSet,
+    out: &mut Outgoing,
+    reconnect: &Reconnect,
+    progress: &mut dyn FnMut(serde_json::Value),
+) -> Result<Outcome, Failure> {
+    let map = PageMap::new(ram);
+    let mut server =
+        Server { ram, resident: resident_pages(ram), map, needed, cursor: 0, requested_sent: 0, pushed: 0 };
+    out.start_postcopy();
+    let mut link = open_link(stream).map_err(Failure::VmHere)?;
+    let mut running: Option<(Running, Instant)> = None;
+    let mut complete_sent = false;
+    let mut reconnects = 0;
+    let mut last_progress = Instant::now();
+    loop {
+        // Until the VM runs there, only requests are served (the restore's own faults must
+        // not queue behind a background push); then the push fills the gaps.
+        let idle = complete_sent || running.is_none();
+        let event = if idle {
+            link.events.recv_timeout(Duration::from_millis(if complete_sent { 50 } else { 1 }))
+        } else {
+            link.events.try_recv().map_err(|e| match e {
+                mpsc::TryRecvError::Empty => RecvTimeoutError::Timeout,
+                mpsc::TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+            })
+        };
+        let step: Result<(), String> = match event {
+            Ok(Event::Requests(gpas)) => server.serve_requests(&gpas, out, &mut link.stream),
+            Ok(Event::Running(r, at)) => {
+                running = Some((r, at));
+                progress(
+                    serde_json::json!({"postcopy": "running on the destination", "pages_left": server.needed.count()}),
+                );
+                Ok(())
+            }
+            Ok(Event::Done(done)) => {
+                let Some((running, running_at)) = running else {
+                    return Err(Failure::VmHere("the destination said Done before Running".into()));
+                };
+                link.stream.shutdown_both();
+                let (requested_sent, pushed) = (server.requested_sent, server.pushed);
+                return Ok(Outcome { running, running_at, done, requested_sent, pushed, reconnects });
+            }
+            Ok(Event::Lost(e)) => Err(e),
+            Err(RecvTimeoutError::Disconnected) => Err("the post-copy reader stopped".into()),
+            Err(RecvTimeoutError::Timeout) if !idle => match server.push_chunk(out, &mut link.stream) {
+                Ok(true) => Ok(()),
+                Ok(false) => {
+                    complete_sent = true;
+                    let complete = Complete {
+                        memory_crc32: 0,
+                        pages_sent: out.stats.pages,
+                        zero_pages: out.stats.zero_pages,
+                        ram_crc32: None,
+                    };
+                    protocol::write_json(&mut link.stream, Kind::Complete, &complete).map_err(|e| chain(&e))
+                }
+                Err(e) => Err(e),
+            },
+            Err(RecvTimeoutError::Timeout) => Ok(()),
+        };
+        if let Err(why) = step {
+            link.stream.shutdown_both();
+            if running.is_none() {
+                return Err(Failure::VmHere(why));
+            }
+            progress(serde_json::json!({"postcopy": "link lost", "error": why, "pages_left": server.needed.count()}));
+            let (stream, missing) = reestablish(reconnect).map_err(|e| {
+                Failure::VmGone(format!(
+                    "post-copy link lost ({why}) and not re-established: {e}. The VM's vCPUs are on the destination and {} pages of its memory only here (unrecoverable)",
+                    server.needed.count()
+                ))
+            })?;
+            server.needed = PageSet::new(server.map.total());
+            server.needed.insert_ranges(&server.map, &missing.ranges).map_err(Failure::VmGone)?;
+            server.cursor = 0;
+            complete_sent = false;
+            reconnects += 1;
+            link = open_link(stream).map_err(Failure::VmGone)?;
+            progress(serde_json::json!({"postcopy": "link re-established", "pages_left": server.needed.count()}));
+        }
+        if last_progress.elapsed() > Duration::from_millis(200) {
+            last_progress = Instant::now();
+            progress(serde_json::json!({"postcopy": "pushing", "pages_left": server.needed.count(),
+                "requested_sent": server.requested_sent, "pushed": server.pushed}));
+        }
+    }
+}
+
+/// Reconnects to the destination, retrying until the timeout; returns the new stream and
+/// the pages the destination still lacks.
+fn reestablish(reconnect: &Reconnect) -> Result<(Box<dyn Stream>, Missing), String> {
+    let deadline = Instant::now() + reconnect.timeout;
+    let mut last_error = String::from("no attempt");
+    while Instant::now() < deadline {
+        match try_resume(reconnect) {
+            Ok(ok) => return Ok(ok),
+            Err(e) => last_error = e,
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("gave up after {} s: {last_error}", reconnect.timeout.as_secs()))
+}
+
+fn try_resume(reconnect: &Reconnect) -> Result<(Box<dyn Stream>, Missing), String> {
+    let mut stream = transport::connect(reconnect.to).map_err(|e| chain(&e))?;
+    stream.set_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
+    if let Some(key) = reconnect.auth_key {
+        super::auth::prove_source(&mut stream, key)?;
+    }
+    protocol::write_json(&mut stream, Kind::Resume, &Resume { migration_id: reconnect.migration_id })
+        .map_err(|e| chain(&e))?;
+    // Each range is checked against RAM when it is taken in.
+    let missing: Missing = protocol::read_json(&mut stream, Kind::Missing).map_err(|e| chain(&e))?;
+    Ok((stream, missing))
+}
