@@ -3,72 +3,9 @@
 //! destination; failures leave the source VM running.
 
 mod common;
+use common::procs::*;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-struct Proc {
-    child: Child,
-    out: PathBuf,
-    err: PathBuf,
-}
-
-impl Proc {
-    fn spawn(scratch: &Scratch, tag: &str, args: &[&str]) -> Proc {
-        let out = scratch.0.join(format!("{tag}.out"));
-        let err = scratch.0.join(format!("{tag}.err"));
-        let child = Command::new(popek_bin())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .spawn()
-            .unwrap();
-        Proc { child, out, err }
-    }
-
-    fn wait(mut self) -> (i32, String, String) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status.code().unwrap_or(-1);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("process did not end:\n{}", std::fs::read_to_string(&self.out).unwrap_or_default());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        (status, std::fs::read_to_string(&self.out).unwrap(), std::fs::read_to_string(&self.err).unwrap())
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-
-    /// Waits until a destination listens.
-    fn listening(&self) {
-        wait_for("the destination to listen", || {
-            std::fs::read_to_string(&self.err).unwrap_or_default().contains("waiting for a migration on")
-        });
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 fn source(scratch: &Scratch, vcpus: &str) -> (Proc, String) {
     source_moving(scratch, vcpus, 1)
@@ -76,26 +13,6 @@ fn source(scratch: &Scratch, vcpus: &str) -> (Proc, String) {
 
 fn source_moving(scratch: &Scratch, vcpus: &str, moves: u32) -> (Proc, String) {
     workload(scratch, &["--vcpus", vcpus], &format!("test=migrate pages=2048 seconds=60 moves={moves}"))
-}
-
-/// Starts a source VM (control socket `src.sock`, `extra` run arguments) running the
-/// migrate workload `cmdline`, and waits until the workload has stamped its pages.
-fn workload(scratch: &Scratch, extra: &[&str], cmdline: &str) -> (Proc, String) {
-    let api = scratch.0.join("src.sock").display().to_string();
-    let mut args = vec!["run", "--no-stdin", "--api-socket", &api];
-    args.extend_from_slice(extra);
-    args.extend(["--cmdline", cmdline]);
-    let src = Proc::spawn(scratch, "src", &args);
-    wait_for("the source workload", || src.stdout().contains("migrate: ready"));
-    (src, api)
-}
-
-/// A destination listening on `dst.sock` in the scratch directory; returns its address.
-fn destination(scratch: &Scratch) -> (Proc, String) {
-    let addr = format!("unix:{}", scratch.0.join("dst.sock").display());
-    let dst = Proc::spawn(scratch, "dst", &["run", "--no-stdin", "--incoming", &addr]);
-    dst.listening();
-    (dst, addr)
 }
 
 /// The source ended once the destination ran the VM, and the guest found all `pages`
@@ -446,76 +363,6 @@ fn a_destination_refuses_a_vm_it_cannot_host() {
     let (status, out, err) = dst.wait();
     assert_eq!(status, 18, "{err}");
     assert!(out.is_empty());
-}
-
-/// Two "hosts": network namespaces joined by a veth pair, 198.18.0.1 and 198.18.0.2 (the
-/// benchmarking range), removed on drop. Needs root (or passwordless sudo).
-struct Hosts {
-    names: [String; 2],
-}
-
-fn root_prefix() -> Vec<&'static str> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        vec![]
-    } else {
-        vec!["sudo", "-n"]
-    }
-}
-
-fn ip(args: &[&str]) {
-    let mut command: Vec<&str> = root_prefix();
-    command.push("ip");
-    command.extend_from_slice(args);
-    let status = Command::new(command[0]).args(&command[1..]).status().expect("run ip (iproute2)");
-    assert!(status.success(), "ip {args:?} failed: network namespaces need root");
-}
-
-impl Hosts {
-    fn new() -> Hosts {
-        let id = std::process::id() % 100_000;
-        let names = [format!("popek{id}a"), format!("popek{id}b")];
-        let veth = [format!("pv{id}a"), format!("pv{id}b")];
-        for n in &names {
-            ip(&["netns", "add", n]);
-        }
-        ip(&["link", "add", &veth[0], "type", "veth", "peer", "name", &veth[1]]);
-        for (i, n) in names.iter().enumerate() {
-            ip(&["link", "set", &veth[i], "netns", n]);
-            let addr = format!("198.18.0.{}/30", i + 1);
-            ip(&["-n", n, "addr", "add", &addr, "dev", &veth[i]]);
-            ip(&["-n", n, "link", "set", &veth[i], "up"]);
-            ip(&["-n", n, "link", "set", "lo", "up"]);
-        }
-        Hosts { names }
-    }
-
-    /// `popek ARGS` inside host `i`.
-    fn popek(&self, scratch: &Scratch, i: usize, tag: &str, args: &[&str]) -> Proc {
-        let out = scratch.0.join(format!("{tag}.out"));
-        let err = scratch.0.join(format!("{tag}.err"));
-        let mut command: Vec<&str> = root_prefix();
-        command.extend(["ip", "netns", "exec", &self.names[i], popek_bin()]);
-        command.extend_from_slice(args);
-        let child = Command::new(command[0])
-            .args(&command[1..])
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .spawn()
-            .unwrap();
-        Proc { child, out, err }
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for n in &self.names {
-            let mut command: Vec<&str> = root_prefix();
-            command.extend(["ip", "netns", "del", n]);
-            let _ = Command::new(command[0]).args(&command[1..]).status();
-        }
-    }
 }
 
 #[test]

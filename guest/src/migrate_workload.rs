@@ -3,6 +3,11 @@
 //! the VMM updates after a migration, and measures the longest gap in its own progress
 //! against the host clock (the guest-observed blackout). After the move it verifies the
 //! whole working set once more and exits.
+//!
+//! `pages=all` takes all RAM above 16 MiB; `order=random` visits the pages of each pass in
+//! a scattered order (a fixed permutation), the worst case for post-copy. It prints its
+//! throughput before the move, in its first pass after it (post-copy: while memory still
+//! arrives) and over the passes after.
 
 use crate::hypercall::{call, monotonic_ns};
 use crate::println;
@@ -22,9 +27,38 @@ fn stamp(round: u64, page: u64) -> u64 {
     (round << 32) | page
 }
 
+/// The order a pass visits pages in: `page(i) = i * step % pages`, a permutation when
+/// `step` and `pages` share no factor (step 1: in order).
+#[derive(Clone, Copy)]
+struct Order {
+    pages: u64,
+    step: u64,
+}
+
+impl Order {
+    fn new(pages: u64, random: bool) -> Order {
+        let gcd = |mut a: u64, mut b: u64| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        let mut step = if random && pages > 2 { 1_000_003 % pages } else { 1 };
+        while step > 1 && gcd(step, pages) != 1 {
+            step += 1;
+        }
+        Order { pages, step: step.max(1) }
+    }
+
+    fn page(&self, i: u64) -> u64 {
+        ((u128::from(i) * u128::from(self.step)) % u128::from(self.pages)) as u64
+    }
+}
+
 /// Checks that every page holds the stamp of `round`; returns the first bad page.
-fn verify(pages: u64, round: u64) -> Result<(), (u64, u64)> {
-    for page in 0..pages {
+fn verify(order: Order, round: u64) -> Result<(), (u64, u64)> {
+    for i in 0..order.pages {
+        let page = order.page(i);
         let addr = WORKING_SET + page * PAGE;
         // SAFETY: identity-mapped guest RAM reserved for the workload.
         let (head, tail) =
@@ -36,8 +70,9 @@ fn verify(pages: u64, round: u64) -> Result<(), (u64, u64)> {
     Ok(())
 }
 
-fn write(pages: u64, round: u64) {
-    for page in 0..pages {
+fn write(order: Order, round: u64) {
+    for i in 0..order.pages {
+        let page = order.page(i);
         let addr = WORKING_SET + page * PAGE;
         // SAFETY: as in `verify`.
         unsafe {
@@ -48,12 +83,16 @@ fn write(pages: u64, round: u64) {
 }
 
 pub fn migrate_workload(context: &Context) -> u8 {
-    let pages = arg(context.cmdline, "pages").and_then(parse_number).unwrap_or(4096);
+    let ram = context.info.map_or(0, |i| i.ram_bytes());
+    let pages = match arg(context.cmdline, "pages") {
+        Some(b"all") => ram.saturating_sub(WORKING_SET) / PAGE,
+        other => other.and_then(parse_number).unwrap_or(4096),
+    };
+    let order = Order::new(pages, arg(context.cmdline, "order") == Some(b"random"));
     let seconds = arg(context.cmdline, "seconds").and_then(parse_number).unwrap_or(60);
     let moves = arg(context.cmdline, "moves").and_then(parse_number).unwrap_or(1);
     // rate=N: stamp at most N pages per second (0: as fast as it can).
     let rate = arg(context.cmdline, "rate").and_then(parse_number).unwrap_or(0);
-    let ram = context.info.map_or(0, |i| i.ram_bytes());
     if WORKING_SET + pages * PAGE > ram {
         println!("migrate: {} pages do not fit in {} bytes of RAM", pages, ram);
         return FAILURE;
@@ -66,20 +105,22 @@ pub fn migrate_workload(context: &Context) -> u8 {
     // SAFETY: the VMM writes this word; read volatile.
     let mut start_generation = unsafe { read_volatile(generation as *const u64) };
     let mut moved = 0;
-    write(pages, 0);
+    write(order, 0);
     let start = monotonic_ns();
     let mut last = start;
     let mut longest_gap = 0;
     let mut round = 0;
+    // Throughput before a move: passes since `since_ns` (each a verify and a write).
+    let (mut since_ns, mut since_round) = (start, 0);
     println!("migrate: ready, {} pages stamped, generation {}", pages, start_generation);
     loop {
-        if let Err((page, found)) = verify(pages, round) {
+        if let Err((page, found)) = verify(order, round) {
             println!("migrate: CORRUPT page {} of round {}: found {:#x}", page, round, found);
             return FAILURE;
         }
         round += 1;
         let pass_start = monotonic_ns();
-        write(pages, round);
+        write(order, round);
         // Spread the pass over pages/rate seconds, sleeping in the VMM for the rest.
         if let Some(due) = (pages * 1_000_000_000).checked_div(rate) {
             let spent = monotonic_ns() - pass_start;
@@ -93,19 +134,30 @@ pub fn migrate_workload(context: &Context) -> u8 {
         // SAFETY: as above.
         let generation_now = unsafe { read_volatile(generation as *const u64) };
         if generation_now != start_generation {
+            let per_ms = |passes: u64, ns: u64| passes * pages * 1_000_000 / ns.max(1);
+            let before = per_ms(round - since_round, now - since_ns);
             // The pause may have fallen after this pass's clock reading: measure once more,
             // then keep working for a while on the new host before the final check.
-            for _ in 0..100 {
-                if verify(pages, round).is_err() {
+            let (mut first_pass, after_start) = (0, monotonic_ns());
+            for pass in 0..100 {
+                if verify(order, round).is_err() {
                     break;
                 }
                 round += 1;
-                write(pages, round);
+                write(order, round);
                 let now = monotonic_ns();
+                if pass == 0 {
+                    first_pass = per_ms(1, now - after_start);
+                }
                 longest_gap = longest_gap.max(now - last);
                 last = now;
             }
-            let verified = verify(pages, round);
+            let after = per_ms(100, last - after_start);
+            println!(
+                "migrate: throughput (pages/ms): before the move {}, first pass after it {}, 100 passes after it {}",
+                before, first_pass, after
+            );
+            let verified = verify(order, round);
             println!(
                 "migrate: moved (generation {}) after {} rounds; {} pages verified: {}; longest pause {} us",
                 generation_now,
@@ -120,6 +172,7 @@ pub fn migrate_workload(context: &Context) -> u8 {
             }
             start_generation = generation_now;
             longest_gap = 0;
+            (since_ns, since_round) = (monotonic_ns(), round);
         }
         if now - start > seconds * 1_000_000_000 {
             println!("migrate: not moved within {} s ({} rounds)", seconds, round);

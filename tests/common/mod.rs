@@ -2,6 +2,8 @@
 //! and build small kernel images (ELF32 Multiboot, ELF64) on the fly.
 #![allow(dead_code)]
 
+pub mod procs;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -65,7 +65,7 @@ struct Link {
 }
 
 /// Socket buffers during post-copy (see `Stream::limit_buffers`).
-pub const POSTCOPY_BUFFERS: usize = 256 << 10;
+pub const POSTCOPY_BUFFERS: usize = 4 << 20;
 
 fn open_link(stream: Box<dyn Stream>) -> Result<Link, String> {
     stream.limit_buffers(POSTCOPY_BUFFERS);

@@ -308,8 +308,7 @@ fn postcopy(
             PageSet::full(map.total())
         };
         let discard = if hybrid { needed.ranges(&map) } else { Vec::new() };
-        protocol::write_json(&mut stream, Kind::Postcopy, &protocol::Postcopy { discard })
-            .map_err(|e| chain(&e))?;
+        protocol::write_json(&mut stream, Kind::Postcopy, &protocol::Postcopy { discard }).map_err(|e| chain(&e))?;
         let machine = vm.save_machine(vcpus).map_err(|e| chain(&e))?;
         let state = serde_json::to_vec(&machine).map_err(|e| e.to_string())?;
         protocol::write_frame(&mut stream, Kind::State, &state).map_err(|e| chain(&e))?;
