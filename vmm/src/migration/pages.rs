@@ -90,12 +90,22 @@ impl PageSet {
         PageSet { words: (0..len.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(), len }
     }
 
+    /// Every page: whole words at once (this runs inside the downtime window).
     pub fn full(len: u64) -> PageSet {
-        let set = PageSet::new(len);
-        for i in 0..len {
-            set.insert(i);
+        let words = (0..len.div_ceil(64))
+            .map(|w| {
+                let left = len - w * 64;
+                AtomicU64::new(if left >= 64 { u64::MAX } else { (1u64 << left) - 1 })
+            })
+            .collect();
+        PageSet { words, len }
+    }
+
+    /// Removes every member of `other` (same length), word by word.
+    pub fn subtract(&self, other: &PageSet) {
+        for (mine, theirs) in self.words.iter().zip(&other.words) {
+            mine.fetch_and(!theirs.load(Ordering::Acquire), Ordering::AcqRel);
         }
-        set
     }
 
     pub fn len(&self) -> u64 {
@@ -218,6 +228,10 @@ mod tests {
         assert_eq!(set.next_from(5), Some(100));
         assert!(set.remove(100) && !set.remove(100));
         assert_eq!(set.count(), 2);
+        let full = PageSet::full(100);
+        assert_eq!((full.count(), full.next_from(99), full.next_from(100)), (100, Some(99), None));
+        full.subtract(&set);
+        assert_eq!(full.count(), 98);
         let other = PageSet::new(map.total());
         other.insert_ranges(&map, &set.ranges(&map)).unwrap();
         assert_eq!(other.count(), 2);

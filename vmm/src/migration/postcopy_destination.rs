@@ -81,11 +81,7 @@ impl Postcopy {
         let map = PageMap::new(ram);
         let need = PageSet::full(map.total());
         if let Some(have) = &have {
-            let mut at = 0;
-            while let Some(i) = have.next_from(at) {
-                need.remove(i);
-                at = i + 1;
-            }
+            need.subtract(have);
         }
         need.insert_ranges(&map, discard)?;
         for &(gpa, pages) in discard {
