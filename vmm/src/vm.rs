@@ -117,15 +117,20 @@ impl Vm {
     /// Builds the VM: KVM objects, memory, devices, the loaded kernel, configured vCPUs.
     /// Guest console output goes to `console`.
     pub fn new(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Self, Error> {
-        Self::build(config, console, true)
+        Self::build(config, console, None)
     }
 
     /// Builds an empty VM for a migration to fill: same devices and vCPUs, no kernel.
-    pub fn new_incoming(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Self, Error> {
-        Self::build(config, console, false)
+    /// `huge_pages`: back RAM with transparent huge pages (faster to fill); not for a
+    /// migration that may switch to post-copy, where writing one page must not make its
+    /// 2 MiB neighbourhood present (userfaultfd only sees pages that are absent).
+    pub fn new_incoming(config: &VmConfig, console: Box<dyn Write + Send>, huge_pages: bool) -> Result<Self, Error> {
+        Self::build(config, console, Some(huge_pages))
     }
 
-    fn build(config: &VmConfig, console: Box<dyn Write + Send>, load_kernel: bool) -> Result<Self, Error> {
+    /// `incoming`: None for a fresh boot, or whether incoming RAM gets huge pages.
+    fn build(config: &VmConfig, console: Box<dyn Write + Send>, incoming: Option<bool>) -> Result<Self, Error> {
+        let load_kernel = incoming.is_none();
         let kvm = open_kvm(&config.kvm_device)?;
         let fd = kvm.create_vm().map_err(|source| Error::Kvm { what: "create a VM", source })?;
         // The MSR filter goes first of all: installed after the irqchip or after memory
@@ -136,10 +141,9 @@ impl Vm {
         // Memory slots (the ROM's too) go in before the irqchip: on some hosts (seen on PVM) the first slot
         // added after KVM_CREATE_IRQCHIP waits ~5 ms for an SRCU grace period, which would
         // be half of Popek's time to first guest byte.
-        let ram = if load_kernel {
-            memory::create_ram(config.memory_bytes)?
-        } else {
-            memory::create_ram_for_incoming(config.memory_bytes)?
+        let ram = match incoming {
+            Some(true) => memory::create_ram_for_incoming(config.memory_bytes)?,
+            None | Some(false) => memory::create_ram(config.memory_bytes)?,
         };
         let slots = memory::register_ram(&fd, &ram)?;
         let plan = if load_kernel {

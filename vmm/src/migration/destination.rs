@@ -79,11 +79,14 @@ fn receive_memory_and_state(vm: &Vm, stream: &mut Box<dyn Stream>) -> Result<Rec
             Kind::Postcopy => {
                 let postcopy: protocol::Postcopy =
                     serde_json::from_slice(&payload).map_err(|e| format!("malformed Postcopy message: {e}"))?;
+                incoming.check_crc32(postcopy.memory_crc32).map_err(|e| chain(&e))?;
                 switch = Some(postcopy);
             }
             Kind::State => {
+                let t = Instant::now();
                 let state: MachineState =
                     serde_json::from_slice(&payload).map_err(|e| format!("malformed machine state: {e}"))?;
+                log::debug!("incoming: state of {} bytes parsed in {:?}", payload.len(), t.elapsed());
                 if let Some(switch) = switch.take() {
                     let have = incoming.take_received();
                     return Ok(Received::Postcopy { machine: state, arrived: Instant::now(), switch, have });
@@ -105,6 +108,32 @@ fn receive_memory_and_state(vm: &Vm, stream: &mut Box<dyn Stream>) -> Result<Rec
     }
 }
 
+/// Takes the source's second connection, the urgent channel of a post-copy (opened right
+/// after Accept, so a short wait suffices).
+fn accept_urgent(
+    listener: &transport::Listener,
+    auth_key: Option<&super::auth::Key>,
+    migration_id: u64,
+) -> Result<Box<dyn Stream>, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut urgent = listener.accept(Some(deadline)).map_err(|e| format!("no urgent channel: {}", chain(&e)))?;
+    urgent.set_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
+    let mut first = protocol::read_frame(&mut urgent).map_err(|e| chain(&e))?;
+    if let Some(key) = auth_key {
+        super::auth::verify_source(&mut urgent, key, first)?;
+        first = protocol::read_frame(&mut urgent).map_err(|e| chain(&e))?;
+    }
+    let id: protocol::Resume = match first {
+        (Kind::Urgent, payload) => serde_json::from_slice(&payload).map_err(|e| format!("malformed Urgent: {e}"))?,
+        (other, _) => return Err(format!("expected the urgent channel, got {other:?}")),
+    };
+    if id.migration_id != migration_id {
+        return Err("the urgent channel belongs to another migration".into());
+    }
+    protocol::write_json(&mut urgent, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
+    Ok(urgent)
+}
+
 /// Waits for a source on `address` and receives its VM. `recover_timeout`: in post-copy,
 /// how long to wait for the source to come back after a broken link.
 pub fn receive(
@@ -114,7 +143,8 @@ pub fn receive(
     console: Box<dyn Write + Send>,
     recover_timeout: Duration,
 ) -> Result<Incoming, String> {
-    let mut stream = transport::accept_one(address).map_err(|e| chain(&e))?;
+    let listener = transport::Listener::bind(address).map_err(|e| chain(&e))?;
+    let mut stream = listener.accept(None).map_err(|e| chain(&e))?;
     stream.set_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
     let first = protocol::read_frame(&mut stream).map_err(|e| chain(&e))?;
     let first = match auth_key {
@@ -156,7 +186,7 @@ pub fn receive(
         refuse(stream.as_mut(), &reason);
         return Err(reason);
     }
-    let mut vm = match Vm::new_incoming(&config, console) {
+    let mut vm = match Vm::new_incoming(&config, console, !hello.postcopy) {
         Ok(vm) => vm,
         Err(e) => {
             let reason = format!("this destination cannot build the VM: {}", chain(&e));
@@ -188,6 +218,17 @@ pub fn receive(
         }
     }
     protocol::write_json(&mut stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
+    let urgent = if hello.postcopy {
+        match accept_urgent(&listener, auth_key, hello.migration_id) {
+            Ok(urgent) => Some(urgent),
+            Err(reason) => {
+                refuse(stream.as_mut(), &reason);
+                return Err(reason);
+            }
+        }
+    } else {
+        None
+    };
     let received = match receive_memory_and_state(&vm, &mut stream) {
         Ok(received) => received,
         Err(reason) => {
@@ -201,13 +242,15 @@ pub fn receive(
             // RAM is registered with userfaultfd before the restore below or any vCPU can
             // touch it: a page touched first would read as zero and could not be filled.
             let recovery = Recovery {
+                listener,
                 address: address.clone(),
                 auth_key: auth_key.cloned(),
                 migration_id: hello.migration_id,
                 timeout: recover_timeout,
             };
             let mut spare = stream.try_clone_stream().map_err(|e| e.to_string())?;
-            match Postcopy::start(vm.ram(), stream, have, &switch.discard, recovery) {
+            let links = (stream, urgent);
+            match Postcopy::start(vm.ram(), links, have, &switch.discard, recovery) {
                 Ok(postcopy) => {
                     log::debug!("incoming: post-copy started {:?} after the state arrived", arrived.elapsed());
                     (machine, arrived, Link::Postcopy(postcopy))

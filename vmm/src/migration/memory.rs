@@ -59,6 +59,28 @@ pub fn residency(host: *mut u8, len: usize) -> Vec<bool> {
     vec.iter().map(|b| b & 1 != 0).collect()
 }
 
+/// `--max-bandwidth`: bytes per second averaged from the start, shared by every sender
+/// of one migration.
+pub struct RateLimit {
+    rate: u64,
+    since: std::time::Instant,
+    sent: std::sync::atomic::AtomicU64,
+}
+
+impl RateLimit {
+    fn new(bytes_per_s: u64) -> RateLimit {
+        RateLimit { rate: bytes_per_s.max(1), since: std::time::Instant::now(), sent: Default::default() }
+    }
+
+    fn spend(&self, bytes: u64) {
+        let sent = self.sent.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed) + bytes;
+        let due = std::time::Duration::from_secs_f64(sent as f64 / self.rate as f64);
+        if let Some(ahead) = due.checked_sub(self.since.elapsed()) {
+            std::thread::sleep(ahead);
+        }
+    }
+}
+
 /// The sending side of memory transfer, across pre-copy rounds.
 pub struct Outgoing {
     frame: Vec<u8>,
@@ -67,7 +89,7 @@ pub struct Outgoing {
     zero_run: Option<(u64, u32, u32)>,
     page: Vec<u8>,
     /// Bytes per second not to exceed, and since when we count.
-    limit: Option<(u64, std::time::Instant)>,
+    limit: Option<std::sync::Arc<RateLimit>>,
     /// Post-copy: frames are PostcopyPages, each starting with the CRC32 of its records.
     postcopy: bool,
 }
@@ -89,7 +111,12 @@ impl Default for Outgoing {
 impl Outgoing {
     /// Caps the rate at `bytes_per_s` (`--max-bandwidth`), averaged from now on.
     pub fn with_limit(bytes_per_s: Option<u64>) -> Self {
-        Outgoing { limit: bytes_per_s.map(|r| (r.max(1), std::time::Instant::now())), ..Default::default() }
+        Outgoing { limit: bytes_per_s.map(|r| std::sync::Arc::new(RateLimit::new(r))), ..Default::default() }
+    }
+
+    /// A second sender (post-copy's urgent channel) under the same rate cap.
+    pub fn sibling(&self) -> Self {
+        Outgoing { limit: self.limit.clone(), ..Default::default() }
     }
 
     /// Switches to post-copy frames (each checked on its own: a post-copy stream may break
@@ -133,13 +160,10 @@ impl Outgoing {
         Ok(())
     }
 
-    /// Sleeps as long as the bytes sent so far are ahead of the rate cap.
-    fn throttle(&self) {
-        if let Some((rate, since)) = self.limit {
-            let due = std::time::Duration::from_secs_f64(self.stats.bytes_on_wire as f64 / rate as f64);
-            if let Some(ahead) = due.checked_sub(since.elapsed()) {
-                std::thread::sleep(ahead);
-            }
+    /// Counts `bytes` against the rate cap and sleeps as long as we are ahead of it.
+    fn throttle(&self, bytes: u64) {
+        if let Some(limit) = &self.limit {
+            limit.spend(bytes);
         }
     }
 
@@ -195,8 +219,8 @@ impl Outgoing {
             };
             protocol::write_frame(out, kind, &self.frame)?;
             self.stats.bytes_on_wire += self.frame.len() as u64 + 16;
+            self.throttle(self.frame.len() as u64 + 16);
             self.frame.truncate(header);
-            self.throttle();
         }
         Ok(())
     }
@@ -430,12 +454,18 @@ impl Incoming {
         self.received.take().map(|(_, set)| set)
     }
 
+    /// Checks the Memory payloads so far against the source's CRC32 of them.
+    pub fn check_crc32(&mut self, sent: u32) -> Result<(), Error> {
+        self.stats.crc32 = self.crc.clone().finalize();
+        if sent != self.stats.crc32 {
+            return Err(Error::Checksum { received: self.stats.crc32, sent });
+        }
+        Ok(())
+    }
+
     /// Checks what arrived against the source's Complete message.
     pub fn complete(&mut self, ram: &GuestRam, complete: &protocol::Complete) -> Result<(), Error> {
-        self.stats.crc32 = self.crc.clone().finalize();
-        if complete.memory_crc32 != self.stats.crc32 {
-            return Err(Error::Checksum { received: self.stats.crc32, sent: complete.memory_crc32 });
-        }
+        self.check_crc32(complete.memory_crc32)?;
         if let Some(expected) = complete.ram_crc32 {
             let here = ram_crc32(ram)?;
             if here != expected {

@@ -138,6 +138,13 @@ impl PageSet {
         self.words[(i / 64) as usize].fetch_and(!bit, Ordering::AcqRel) & bit != 0
     }
 
+    /// Removes every member.
+    pub fn clear(&self) {
+        for w in &self.words {
+            w.store(0, Ordering::Release);
+        }
+    }
+
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.load(Ordering::Acquire).count_ones())).sum()
     }

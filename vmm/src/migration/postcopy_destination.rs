@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 use userfaultfd::{Event, Uffd, UffdBuilder};
 
 /// How to find the source again after a broken link.
-#[derive(Clone)]
 pub struct Recovery {
+    /// The listener the migration came in on, kept for the source's reconnection.
+    pub listener: transport::Listener,
     pub address: Address,
     pub auth_key: Option<Key>,
     pub migration_id: u64,
@@ -39,8 +40,11 @@ struct Shared {
     /// Pages asked for and not yet installed, with when they were asked for.
     pending: Mutex<HashMap<u64, Instant>>,
     latencies_us: Mutex<Vec<u64>>,
-    /// Where requests and the final Done go; `None` while the link is down.
+    /// Where the final Done (and requests, without an urgent channel) go; `None` while
+    /// the link is down.
     writer: Mutex<Option<Box<dyn Stream>>>,
+    /// The urgent channel: requests go here first, past the push; `None` once it broke.
+    urgent: Mutex<Option<Box<dyn Stream>>>,
     finished: AtomicBool,
     faults: AtomicU64,
     requested: AtomicU64,
@@ -73,7 +77,7 @@ impl Postcopy {
     /// post-copy); everything else, and everything discarded, will come from the source.
     pub fn start(
         ram: &GuestRam,
-        stream: Box<dyn Stream>,
+        (stream, urgent): (Box<dyn Stream>, Option<Box<dyn Stream>>),
         have: Option<PageSet>,
         discard: &[(u64, u64)],
         recovery: Recovery,
@@ -112,6 +116,7 @@ impl Postcopy {
             pending: Mutex::new(HashMap::new()),
             latencies_us: Mutex::new(Vec::new()),
             writer: Mutex::new(Some(writer)),
+            urgent: Mutex::new(None),
             finished: AtomicBool::new(false),
             faults: AtomicU64::new(0),
             requested: AtomicU64::new(0),
@@ -123,6 +128,16 @@ impl Postcopy {
             .name("postcopy-faults".into())
             .spawn(move || fault_loop(&s))
             .map_err(|e| chain(&Error::Thread(e)))?;
+        if let Some(urgent) = urgent {
+            urgent.limit_buffers(super::postcopy_source::POSTCOPY_BUFFERS);
+            let writer = urgent.try_clone_stream().map_err(|e| chain(&Error::Clone(e)))?;
+            *lock(&shared.urgent) = Some(writer);
+            let (s, ram) = (shared.clone(), ram.clone());
+            std::thread::Builder::new()
+                .name("postcopy-urgent".into())
+                .spawn(move || receive_urgent(&s, &ram, urgent))
+                .map_err(|e| chain(&Error::Thread(e)))?;
+        }
         let s = shared.clone();
         let ram = ram.clone();
         let receiver = std::thread::Builder::new()
@@ -204,26 +219,71 @@ fn on_fault(shared: &Shared, addr: usize) {
     }
     pending.insert(index, Instant::now());
     drop(pending);
+    log::trace!("post-copy: requesting page {:#x}", shared.map.gpa(index));
     shared.requested.fetch_add(1, Relaxed);
     shared.request(&[index]);
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Installs the answers that come over the urgent channel; a broken urgent channel only
+/// sends later requests over the main connection.
+fn receive_urgent(shared: &Shared, ram: &GuestRam, mut stream: Box<dyn Stream>) {
+    loop {
+        let applied = match protocol::read_frame(&mut stream) {
+            Ok((Kind::PostcopyPages, payload)) => shared.apply(ram, &payload),
+            Ok((other, _)) => Err(format!("unexpected {other:?} on the urgent channel")),
+            Err(e) => Err(chain(&e)),
+        };
+        if let Err(e) = applied {
+            if !shared.finished.load(Relaxed) {
+                log::info!("post-copy: urgent channel closed ({e}); requests go over the main connection");
+            }
+            *lock(&shared.urgent) = None;
+            return;
+        }
+    }
+}
+
 impl Shared {
-    /// Asks the source for pages; while the link is down the request stays pending and
-    /// is sent again after the reconnection.
+    /// Asks the source for pages, over the urgent channel when there is one; while the
+    /// link is down a request stays pending and is sent again after the reconnection.
     fn request(&self, indices: &[u64]) {
         let mut payload = Vec::with_capacity(indices.len() * 8);
         for &i in indices {
             payload.extend_from_slice(&self.map.gpa(i).to_le_bytes());
         }
-        let mut writer = match self.writer.lock() {
-            Ok(w) => w,
-            Err(w) => w.into_inner(),
-        };
-        if let Some(w) = writer.as_mut() {
-            if protocol::write_frame(w, Kind::PageRequest, &payload).and_then(|()| Ok(w.flush()?)).is_err() {
-                // The receiver notices the broken link too and starts the recovery.
+        for channel in [&self.urgent, &self.writer] {
+            let mut writer = lock(channel);
+            if let Some(w) = writer.as_mut() {
+                if protocol::write_frame(w, Kind::PageRequest, &payload).and_then(|()| Ok(w.flush()?)).is_ok() {
+                    return;
+                }
+                // The receiver notices a broken main link too and starts the recovery.
                 *writer = None;
+            }
+        }
+    }
+
+    /// Asks for every page still missing over the main connection (in frames of at most
+    /// 4096 requests): after the source's Complete, pages that were in flight on a
+    /// broken urgent channel.
+    fn request_all_missing(&self) {
+        let mut missing = Vec::new();
+        let mut at = 0;
+        while let Some(i) = self.need.next_from(at) {
+            missing.push(i);
+            at = i + 1;
+        }
+        for chunk in missing.chunks(4096) {
+            let mut writer = lock(&self.writer);
+            if let Some(w) = writer.as_mut() {
+                let payload: Vec<u8> = chunk.iter().flat_map(|&i| self.map.gpa(i).to_le_bytes()).collect();
+                if protocol::write_frame(w, Kind::PageRequest, &payload).and_then(|()| Ok(w.flush()?)).is_err() {
+                    *writer = None;
+                }
             }
         }
     }
@@ -242,14 +302,15 @@ impl Shared {
     /// Installs `pages` pages at page `first` from `data` (or zeros when `data` is None),
     /// skipping the ones already here, and records the latency of requested ones.
     fn install(&self, first: u64, pages: u64, data: Option<&[u8]>) -> Result<(), String> {
-        let mut i = 0;
+        use userfaultfd::Error::{CopyFailed, PartiallyCopied, ZeropageFailed};
+        let (mut i, mut single, mut retries) = (0, false, 0);
         while i < pages {
             if !self.need.contains(first + i) {
                 i += 1;
                 continue;
             }
             let mut run = 1;
-            while i + run < pages && self.need.contains(first + i + run) {
+            while !single && i + run < pages && self.need.contains(first + i + run) {
                 run += 1;
             }
             let dst = self.map.host(first + i) as *mut libc::c_void;
@@ -262,19 +323,28 @@ impl Shared {
                     None => self.uffd.zeropage(dst, len, true),
                 }
             };
-            // A partial install stops at a page that exists already: skip it.
-            use userfaultfd::Error::{CopyFailed, PartiallyCopied, ZeropageFailed};
-            let done = match result {
-                Ok(n) => (n as u64 / PAGE).max(1),
-                Err(PartiallyCopied(n)) => n as u64 / PAGE + 1,
-                Err(CopyFailed(e) | ZeropageFailed(e)) if e as i32 == libc::EEXIST => 1,
+            // The kernel stops a range at a page it cannot fill: one that exists already
+            // (EEXIST when it is the first) or a transient EAGAIN. Go on page by page from
+            // there, so a page is only ever counted as here when it is.
+            let (done, skipped) = match result {
+                Ok(n) => ((n as u64 / PAGE).min(run), 0),
+                Err(PartiallyCopied(n)) => {
+                    single = true;
+                    ((n as u64 / PAGE).min(run), 0)
+                }
+                Err(CopyFailed(e) | ZeropageFailed(e)) if e as i32 == libc::EEXIST => (0, 1),
+                Err(CopyFailed(e) | ZeropageFailed(e)) if e as i32 == libc::EAGAIN && retries < 1000 => {
+                    single = true;
+                    retries += 1;
+                    std::thread::yield_now();
+                    (0, 0)
+                }
                 Err(e) => return Err(format!("installing page {:#x} failed: {e}", self.map.gpa(first + i))),
-            }
-            .min(run);
-            for p in first + i..first + i + done {
+            };
+            for p in first + i..first + i + done + skipped {
                 self.installed(p);
             }
-            i += done;
+            i += done + skipped;
         }
         Ok(())
     }
@@ -342,23 +412,36 @@ fn receive_loop(
 ) -> Result<Done, String> {
     let started = Instant::now();
     let mut recoveries = 0;
+    let (mut complete, mut asked_again) = (false, false);
     loop {
+        if complete && !asked_again && shared.need.count() > 0 {
+            asked_again = true;
+            // Answers still in flight on the urgent channel get a moment; then whatever
+            // is missing is asked for again over this connection.
+            let deadline = Instant::now() + Duration::from_millis(500);
+            while shared.need.count() > 0 && Instant::now() < deadline && lock(&shared.urgent).is_some() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if shared.need.count() > 0 {
+                shared.request_all_missing();
+            }
+        }
+        if complete && shared.need.count() == 0 {
+            let done = shared.done(started, recoveries);
+            shared.finished.store(true, Relaxed);
+            if let Some(w) = lock(&shared.writer).as_mut() {
+                let _ = protocol::write_json(w, Kind::Done, &done);
+            }
+            return Ok(done);
+        }
         let failure = match protocol::read_frame(&mut stream) {
             Ok((Kind::PostcopyPages, payload)) => match shared.apply(ram, &payload) {
                 Ok(()) => continue,
                 Err(e) => e,
             },
             Ok((Kind::Complete, _)) => {
-                let missing = shared.need.count();
-                if missing != 0 {
-                    unrecoverable(&format!("the source says it sent everything, but {missing} pages never arrived"));
-                }
-                let done = shared.done(started, recoveries);
-                shared.finished.store(true, Relaxed);
-                if let Some(w) = shared.writer.lock().map_err(|_| "post-copy writer poisoned")?.as_mut() {
-                    let _ = protocol::write_json(w, Kind::Done, &done);
-                }
-                return Ok(done);
+                (complete, asked_again) = (true, false);
+                continue;
             }
             Ok((Kind::Refuse, _)) => unrecoverable("the source aborted during post-copy"),
             Ok((other, _)) => format!("unexpected {other:?} message during post-copy"),
@@ -386,7 +469,7 @@ fn reconnect(shared: &Shared, recovery: &Recovery, why: &str) -> Result<Box<dyn 
     );
     let deadline = Instant::now() + recovery.timeout;
     loop {
-        let mut stream = transport::accept_until(&recovery.address, deadline).map_err(|e| chain(&e))?;
+        let mut stream = recovery.listener.accept(Some(deadline)).map_err(|e| chain(&e))?;
         match resume_handshake(shared, recovery, &mut stream) {
             Ok(()) => {
                 stream.limit_buffers(super::postcopy_source::POSTCOPY_BUFFERS);

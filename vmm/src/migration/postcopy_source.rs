@@ -7,20 +7,25 @@
 //! the destination itself is final.
 
 use super::auth::Key;
-use super::memory::{self, Outgoing};
+use super::memory::{self, Outgoing, Transfer};
 use super::pages::{PageMap, PageSet};
 use super::protocol::{self, Complete, Done, Kind, Missing, Resume, Running};
 use super::source::chain;
-use super::transport::{self, Address, Stream};
+use super::transport::{Address, Stream};
 use crate::memory::GuestRam;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Pages sent after each requested one.
 const PREFETCH: u64 = 15;
-/// Pages per background frame: small enough that a request waits little behind it.
-const PUSH_CHUNK: u64 = 64;
+/// Bytes of page data per background frame: small enough that a request waits little
+/// behind it. Zero pages cost no data, so an idle guest's memory goes in few frames.
+const PUSH_BYTES: usize = 256 << 10;
+/// Pages per background frame at most: the destination installs a frame in one go, and a
+/// request waits behind it (zero-filling 4096 pages takes about half a millisecond).
+const PUSH_SCAN: u64 = 4096;
 
 /// What the reader thread saw.
 enum Event {
@@ -29,6 +34,13 @@ enum Event {
     Running(Running, Instant),
     Done(Done),
     Lost(String),
+}
+
+/// The connections of a post-copy: the main one (state, push, control) and, when it
+/// could be opened, the urgent channel for page requests and their answers.
+pub struct Links {
+    pub main: Box<dyn Stream>,
+    pub urgent: Option<Box<dyn Stream>>,
 }
 
 /// How to reach the destination again.
@@ -49,6 +61,8 @@ pub struct Outcome {
     /// Pages sent by the background push.
     pub pushed: u64,
     pub reconnects: u32,
+    /// What the urgent channel carried.
+    pub urgent: Transfer,
 }
 
 /// Why post-copy ended early.
@@ -65,7 +79,7 @@ struct Link {
 }
 
 /// Socket buffers during post-copy (see `Stream::limit_buffers`).
-pub const POSTCOPY_BUFFERS: usize = 4 << 20;
+pub const POSTCOPY_BUFFERS: usize = 1 << 20;
 
 fn open_link(stream: Box<dyn Stream>) -> Result<Link, String> {
     stream.limit_buffers(POSTCOPY_BUFFERS);
@@ -108,61 +122,100 @@ fn read_events(mut reader: Box<dyn Stream>, tx: &Sender<Event>) {
     }
 }
 
-/// Which pages of RAM are resident here (non-resident ones go as zeros, unread).
-fn resident_pages(ram: &GuestRam) -> Vec<bool> {
-    ram.iter().flat_map(|r| memory::residency(r.as_ptr(), r.len() as usize)).collect()
-}
-
-/// The post-copy sender.
-struct Server<'a> {
-    ram: &'a GuestRam,
+/// What both senders (the push and the urgent channel) share.
+#[derive(Clone)]
+struct Pages {
+    ram: GuestRam,
     map: PageMap,
-    resident: Vec<bool>,
-    needed: PageSet,
-    cursor: u64,
-    requested_sent: u64,
-    pushed: u64,
+    /// Pages the destination still lacks (and nobody sent yet).
+    needed: Arc<PageSet>,
+    /// Pages sent because the destination asked, and the few after each.
+    requested_sent: Arc<AtomicU64>,
 }
 
-impl Server<'_> {
-    /// Sends requested pages, each with the next few still needed.
-    fn serve_requests(&mut self, gpas: &[u64], out: &mut Outgoing, stream: &mut Box<dyn Stream>) -> Result<(), String> {
+impl Pages {
+    /// Queues page `index`; a page not `resident` here goes as zeros, unread.
+    fn send(&self, index: u64, out: &mut Outgoing, resident: bool) -> Result<(), String> {
+        self.needed.remove(index);
+        out.queue(&self.ram, self.map.gpa(index), resident).map_err(|e| chain(&e))
+    }
+
+    /// Sends requested pages, each with the next few still needed; returns the page after
+    /// the last one sent (where the push goes on).
+    fn serve_requests(&self, gpas: &[u64], out: &mut Outgoing, stream: &mut Box<dyn Stream>) -> Result<u64, String> {
+        let mut after = 0;
         for &gpa in gpas {
             // A page outside RAM is a confused or hostile peer's: nothing to send.
             let Some(index) = self.map.index_of_gpa(gpa) else {
                 log::warn!("post-copy: request for {gpa:#x}, outside guest RAM");
                 continue;
             };
-            self.send(index, out)?;
-            self.requested_sent += 1;
+            self.send(index, out, true)?;
+            let mut sent = 1;
             let end = index + 1 + PREFETCH.min(self.map.run_limit(index).saturating_sub(1));
             for next in index + 1..end {
                 if self.needed.contains(next) {
-                    self.send(next, out)?;
-                    self.requested_sent += 1;
+                    self.send(next, out, true)?;
+                    sent += 1;
                 }
             }
-            self.cursor = end;
+            self.requested_sent.fetch_add(sent, Relaxed);
+            after = end;
         }
-        out.flush(stream).map_err(|e| chain(&e))
+        out.flush(stream).map_err(|e| chain(&e))?;
+        Ok(after)
     }
+}
 
-    fn send(&mut self, index: u64, out: &mut Outgoing) -> Result<(), String> {
-        self.needed.remove(index);
-        let resident = self.resident.get(index as usize).copied().unwrap_or(true);
-        out.queue(self.ram, self.map.gpa(index), resident).map_err(|e| chain(&e))
+/// Answers the requests that come over the urgent channel, until it breaks or closes;
+/// returns what it sent.
+fn serve_urgent(pages: Pages, mut stream: Box<dyn Stream>, mut out: Outgoing) -> Transfer {
+    out.start_postcopy();
+    loop {
+        let gpas = match protocol::read_frame(&mut stream) {
+            Ok((Kind::PageRequest, payload)) => match parse_requests(&payload) {
+                Some(gpas) => gpas,
+                None => return out.stats,
+            },
+            _ => return out.stats,
+        };
+        if pages.serve_requests(&gpas, &mut out, &mut stream).is_err() {
+            return out.stats;
+        }
     }
+}
 
+/// A PageRequest payload: gpa u64 each, at least one.
+fn parse_requests(payload: &[u8]) -> Option<Vec<u64>> {
+    (payload.len().is_multiple_of(8) && !payload.is_empty())
+        .then(|| payload.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+}
+
+/// The post-copy push on the main connection.
+struct Server {
+    pages: Pages,
+    cursor: u64,
+    pushed: u64,
+}
+
+impl Server {
     /// Sends the next chunk of needed pages; false when none are left.
     fn push_chunk(&mut self, out: &mut Outgoing, stream: &mut Box<dyn Stream>) -> Result<bool, String> {
-        let Some(first) = self.needed.next_from(self.cursor).or_else(|| self.needed.next_from(0)) else {
+        let needed = &self.pages.needed;
+        let Some(first) = needed.next_from(self.cursor).or_else(|| needed.next_from(0)) else {
             return Ok(false);
         };
+        // Residency of this stretch only (mincore): asked up front for all of a large
+        // guest, it would cost a millisecond or more just as the VM starts there.
+        let span = PUSH_SCAN.min(self.pages.map.run_limit(first));
+        let resident = memory::residency(self.pages.map.host(first) as *mut u8, (span * super::pages::PAGE) as usize);
+        log::trace!("push from page {first}: {} of {span} resident", resident.iter().filter(|r| **r).count());
         let mut index = first;
         let mut sent = 0;
-        while sent < PUSH_CHUNK && index < self.map.total() {
-            if self.needed.contains(index) {
-                self.send(index, out)?;
+        while out.queued() < PUSH_BYTES && index < first + span {
+            if needed.contains(index) {
+                let here = resident.get((index - first) as usize).copied().unwrap_or(true);
+                self.pages.send(index, out, here)?;
                 sent += 1;
             }
             index += 1;
@@ -178,17 +231,34 @@ impl Server<'_> {
 /// destination has every page. `needed`: the pages the destination lacks.
 pub fn serve(
     ram: &GuestRam,
-    stream: Box<dyn Stream>,
+    links: Links,
     needed: PageSet,
     out: &mut Outgoing,
     reconnect: &Reconnect,
     progress: &mut dyn FnMut(serde_json::Value),
 ) -> Result<Outcome, Failure> {
-    let map = PageMap::new(ram);
-    let mut server =
-        Server { ram, resident: resident_pages(ram), map, needed, cursor: 0, requested_sent: 0, pushed: 0 };
+    // The reader first: Running must be timestamped when it arrives, not after the
+    // residency scan below (a millisecond or more for a large guest).
+    let mut link = open_link(links.main).map_err(Failure::VmHere)?;
+    let pages = Pages {
+        ram: ram.clone(),
+        map: PageMap::new(ram),
+        needed: Arc::new(needed),
+        requested_sent: Arc::new(AtomicU64::new(0)),
+    };
+    // The urgent channel's own thread; it ends when the channel closes (below, at Done).
+    let urgent = links.urgent.and_then(|stream| {
+        stream.limit_buffers(POSTCOPY_BUFFERS);
+        let closer = stream.try_clone_stream().ok()?;
+        let (p, o) = (pages.clone(), out.sibling());
+        let thread = std::thread::Builder::new()
+            .name("postcopy-urgent".into())
+            .spawn(move || serve_urgent(p, stream, o))
+            .ok()?;
+        Some((closer, thread))
+    });
+    let mut server = Server { pages, cursor: 0, pushed: 0 };
     out.start_postcopy();
-    let mut link = open_link(stream).map_err(Failure::VmHere)?;
     let mut running: Option<(Running, Instant)> = None;
     let mut complete_sent = false;
     let mut reconnects = 0;
@@ -206,11 +276,13 @@ pub fn serve(
             })
         };
         let step: Result<(), String> = match event {
-            Ok(Event::Requests(gpas)) => server.serve_requests(&gpas, out, &mut link.stream),
+            Ok(Event::Requests(gpas)) => server.pages.serve_requests(&gpas, out, &mut link.stream).map(|after| {
+                server.cursor = after;
+            }),
             Ok(Event::Running(r, at)) => {
                 running = Some((r, at));
                 progress(
-                    serde_json::json!({"postcopy": "running on the destination", "pages_left": server.needed.count()}),
+                    serde_json::json!({"postcopy": "running on the destination", "pages_left": server.pages.needed.count()}),
                 );
                 Ok(())
             }
@@ -219,8 +291,13 @@ pub fn serve(
                     return Err(Failure::VmHere("the destination said Done before Running".into()));
                 };
                 link.stream.shutdown_both();
-                let (requested_sent, pushed) = (server.requested_sent, server.pushed);
-                return Ok(Outcome { running, running_at, done, requested_sent, pushed, reconnects });
+                let urgent = urgent.and_then(|(closer, thread)| {
+                    closer.shutdown_both();
+                    thread.join().ok()
+                });
+                let (requested_sent, pushed) = (server.pages.requested_sent.load(Relaxed), server.pushed);
+                let urgent = urgent.unwrap_or_default();
+                return Ok(Outcome { running, running_at, done, requested_sent, pushed, reconnects, urgent });
             }
             Ok(Event::Lost(e)) => Err(e),
             Err(RecvTimeoutError::Disconnected) => Err("the post-copy reader stopped".into()),
@@ -245,25 +322,27 @@ pub fn serve(
             if running.is_none() {
                 return Err(Failure::VmHere(why));
             }
-            progress(serde_json::json!({"postcopy": "link lost", "error": why, "pages_left": server.needed.count()}));
+            progress(
+                serde_json::json!({"postcopy": "link lost", "error": why, "pages_left": server.pages.needed.count()}),
+            );
             let (stream, missing) = reestablish(reconnect).map_err(|e| {
                 Failure::VmGone(format!(
                     "post-copy link lost ({why}) and not re-established: {e}. The VM's vCPUs are on the destination and {} pages of its memory only here (unrecoverable)",
-                    server.needed.count()
+                    server.pages.needed.count()
                 ))
             })?;
-            server.needed = PageSet::new(server.map.total());
-            server.needed.insert_ranges(&server.map, &missing.ranges).map_err(Failure::VmGone)?;
+            server.pages.needed.clear();
+            server.pages.needed.insert_ranges(&server.pages.map, &missing.ranges).map_err(Failure::VmGone)?;
             server.cursor = 0;
             complete_sent = false;
             reconnects += 1;
             link = open_link(stream).map_err(Failure::VmGone)?;
-            progress(serde_json::json!({"postcopy": "link re-established", "pages_left": server.needed.count()}));
+            progress(serde_json::json!({"postcopy": "link re-established", "pages_left": server.pages.needed.count()}));
         }
         if last_progress.elapsed() > Duration::from_millis(200) {
             last_progress = Instant::now();
-            progress(serde_json::json!({"postcopy": "pushing", "pages_left": server.needed.count(),
-                "requested_sent": server.requested_sent, "pushed": server.pushed}));
+            progress(serde_json::json!({"postcopy": "pushing", "pages_left": server.pages.needed.count(),
+                "requested_sent": server.pages.requested_sent.load(Relaxed), "pushed": server.pushed}));
         }
     }
 }
@@ -284,11 +363,7 @@ fn reestablish(reconnect: &Reconnect) -> Result<(Box<dyn Stream>, Missing), Stri
 }
 
 fn try_resume(reconnect: &Reconnect) -> Result<(Box<dyn Stream>, Missing), String> {
-    let mut stream = transport::connect(reconnect.to).map_err(|e| chain(&e))?;
-    stream.set_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
-    if let Some(key) = reconnect.auth_key {
-        super::auth::prove_source(&mut stream, key)?;
-    }
+    let mut stream = super::source::dial(reconnect.to, reconnect.auth_key)?;
     protocol::write_json(&mut stream, Kind::Resume, &Resume { migration_id: reconnect.migration_id })
         .map_err(|e| chain(&e))?;
     // Each range is checked against RAM when it is taken in.

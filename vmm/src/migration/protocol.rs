@@ -71,6 +71,10 @@ pub enum Kind {
     Resume = 13,
     /// Destination -> source, answering Resume: the pages still missing (JSON `Missing`).
     Missing = 14,
+    /// Source -> destination, first message of the second connection a post-copy or
+    /// hybrid migration opens after Accept: the urgent channel, which carries page
+    /// requests and their answers past the background push (JSON `Resume`).
+    Urgent = 15,
 }
 
 impl Kind {
@@ -90,6 +94,7 @@ impl Kind {
             12 => Kind::Done,
             13 => Kind::Resume,
             14 => Kind::Missing,
+            15 => Kind::Urgent,
             other => return Err(Error::UnknownKind(other)),
         })
     }
@@ -175,12 +180,19 @@ pub struct Hello {
     /// take over a half-moved VM).
     #[serde(default)]
     pub migration_id: u64,
+    /// The migration may switch to post-copy: the source opens the urgent channel next.
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 /// The switch to post-copy. Ranges are `(gpa, pages)`.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Postcopy {
     pub discard: Vec<(u64, u64)>,
+    /// CRC32 of every Memory payload sent before the switch (pre-copy rounds and the
+    /// pages the VMM's devices write at restore), checked before post-copy starts.
+    #[serde(default)]
+    pub memory_crc32: u32,
 }
 
 /// A post-copy reconnection.

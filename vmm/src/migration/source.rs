@@ -154,12 +154,9 @@ pub fn migrate(
         return Err(Failed::from("--verify-memory needs all of memory at the pause, which post-copy moves later; the guest's own self-check covers post-copy".to_string()));
     }
     let migration_id = super::auth::nonce()?.iter().take(8).fold(0u64, |id, b| id << 8 | u64::from(*b));
-    let mut stream = transport::connect(to).map_err(|e| chain(&e))?;
-    stream.set_timeout(PEER_TIMEOUT).map_err(|e| e.to_string())?;
     let config = vm.config().clone();
-    if let Some(key) = &config.auth_key {
-        super::auth::prove_source(&mut stream, key)?;
-    }
+    let mut stream = dial(to, config.auth_key.as_ref())?;
+    let may_switch = matches!(mode, Mode::Postcopy | Mode::Hybrid { .. });
     let hello = Hello {
         popek_version: env!("CARGO_PKG_VERSION").into(),
         memory_bytes: config.memory_bytes,
@@ -169,9 +166,20 @@ pub fn migrate(
         tsc_khz: vm.tsc_khz(),
         cpuid_crc32: vm.cpuid_crc32().map_err(|e| chain(&e))?,
         migration_id,
+        postcopy: may_switch,
     };
     protocol::write_json(&mut stream, Kind::Hello, &hello).map_err(|e| chain(&e))?;
     let _: Answer = protocol::read_json(&mut stream, Kind::Accept).map_err(|e| chain(&e))?;
+    // Post-copy's urgent channel is opened now, while nothing is paused.
+    let urgent = if may_switch {
+        let mut urgent = dial(to, config.auth_key.as_ref())?;
+        let id = protocol::Resume { migration_id };
+        protocol::write_json(&mut urgent, Kind::Urgent, &id).map_err(|e| chain(&e))?;
+        let _: Answer = protocol::read_json(&mut urgent, Kind::Accept).map_err(|e| chain(&e))?;
+        Some(urgent)
+    } else {
+        None
+    };
 
     let mut outgoing = Outgoing::with_limit(options.max_bandwidth);
     let mut rounds = Vec::new();
@@ -201,7 +209,7 @@ pub fn migrate(
             migration_id,
             timeout: options.recover_timeout,
         };
-        let phase = Postcopy { stream, outgoing, rounds, start, hybrid: mode != Mode::Postcopy };
+        let phase = Postcopy { stream, urgent, outgoing, rounds, start, hybrid: mode != Mode::Postcopy };
         return postcopy(vm, phase, &reconnect, mode, progress);
     }
 
@@ -276,6 +284,7 @@ pub fn migrate(
 /// A migration at the point of switching to post-copy.
 struct Postcopy {
     stream: Box<dyn transport::Stream>,
+    urgent: Option<Box<dyn transport::Stream>>,
     outgoing: Outgoing,
     rounds: Vec<Round>,
     start: Instant,
@@ -294,7 +303,7 @@ fn postcopy(
 ) -> Result<Report, Failed> {
     use super::pages::{PageMap, PageSet};
     use super::postcopy_source::Failure;
-    let Postcopy { mut stream, mut outgoing, rounds, start, hybrid } = phase;
+    let Postcopy { mut stream, urgent, mut outgoing, rounds, start, hybrid } = phase;
     let paused = Instant::now();
     let vcpus = vm.pause_all()?;
     let mut breakdown = Breakdown { pause: paused.elapsed().as_secs_f64() * 1e3, ..Default::default() };
@@ -307,9 +316,20 @@ fn postcopy(
         } else {
             PageSet::full(map.total())
         };
-        let discard = if hybrid { needed.ranges(&map) } else { Vec::new() };
-        protocol::write_json(&mut stream, Kind::Postcopy, &protocol::Postcopy { discard }).map_err(|e| chain(&e))?;
         let machine = vm.save_machine(vcpus).map_err(|e| chain(&e))?;
+        // Pages the destination's own devices write while restoring (the guest's
+        // generation word) go ahead of the state: the restore would otherwise wait a round
+        // trip for them inside the downtime.
+        for gpa in machine.devices.generation_gpa.into_iter() {
+            if let Some(index) = map.index_of_gpa(gpa) {
+                needed.remove(index);
+                outgoing.queue(vm.ram(), map.gpa(index), true).map_err(|e| chain(&e))?;
+            }
+        }
+        outgoing.flush(&mut stream).map_err(|e| chain(&e))?;
+        let discard = if hybrid { needed.ranges(&map) } else { Vec::new() };
+        let switch = protocol::Postcopy { discard, memory_crc32: outgoing.crc32() };
+        protocol::write_json(&mut stream, Kind::Postcopy, &switch).map_err(|e| chain(&e))?;
         let state = serde_json::to_vec(&machine).map_err(|e| e.to_string())?;
         protocol::write_frame(&mut stream, Kind::State, &state).map_err(|e| chain(&e))?;
         std::io::Write::flush(&mut stream).map_err(|e| e.to_string())?;
@@ -327,7 +347,8 @@ fn postcopy(
     breakdown.state = lap.elapsed().as_secs_f64() * 1e3;
     let pages_needed = needed.count();
     progress(serde_json::json!({"postcopy": "switched", "pages_needed": pages_needed}));
-    let outcome = match super::postcopy_source::serve(vm.ram(), stream, needed, &mut outgoing, reconnect, progress) {
+    let links = super::postcopy_source::Links { main: stream, urgent };
+    let outcome = match super::postcopy_source::serve(vm.ram(), links, needed, &mut outgoing, reconnect, progress) {
         Ok(outcome) => outcome,
         Err(Failure::VmHere(reason)) => {
             vm.resume_all();
@@ -338,7 +359,10 @@ fn postcopy(
     let downtime = outcome.running_at.duration_since(paused);
     breakdown.until_running = downtime.as_secs_f64() * 1e3 - breakdown.pause - breakdown.state;
     let total = start.elapsed();
-    let memory = outgoing.stats;
+    let mut memory = outgoing.stats;
+    memory.pages += outcome.urgent.pages;
+    memory.zero_pages += outcome.urgent.zero_pages;
+    memory.bytes_on_wire += outcome.urgent.bytes_on_wire;
     let bytes = memory.bytes_on_wire + state_bytes;
     Ok(Report {
         mode: mode.name(),
@@ -439,6 +463,17 @@ fn precopy(
         serde_json::json!({"converged": false, "note": format!("not under {downtime_limit_ms} ms after {max_rounds} rounds: stopping and copying the rest")}),
     );
     Ok(RoundsEnd::GaveUp)
+}
+
+/// Connects to a destination (or its urgent channel, or again after a broken post-copy
+/// link) and, with a key, proves we hold it.
+pub fn dial(to: &Address, key: Option<&super::auth::Key>) -> Result<Box<dyn transport::Stream>, String> {
+    let mut stream = transport::connect(to).map_err(|e| chain(&e))?;
+    stream.set_timeout(PEER_TIMEOUT).map_err(|e| e.to_string())?;
+    if let Some(key) = key {
+        super::auth::prove_source(&mut stream, key)?;
+    }
+    Ok(stream)
 }
 
 /// "outer: inner: innermost".

@@ -139,71 +139,78 @@ pub fn connect(address: &Address) -> Result<Box<dyn Stream>, Error> {
     })
 }
 
-/// Listens on `address` again (a post-copy destination waiting for its source to come
-/// back) and accepts one connection, giving up at `deadline`.
-pub fn accept_until(address: &Address, deadline: std::time::Instant) -> Result<Box<dyn Stream>, Error> {
-    let listen_err = |e| Error::Listen(address.to_string(), e);
-    let accept_err = |e| Error::Accept(address.to_string(), e);
-    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "nobody connected in time");
-    // Non-blocking accept polled every 20 ms: std has no accept timeout.
-    macro_rules! poll_accept {
-        ($listener:expr, $wrap:expr) => {{
-            $listener.set_nonblocking(true).map_err(listen_err)?;
-            loop {
-                match $listener.accept() {
-                    Ok((s, _)) => {
-                        s.set_nonblocking(false).map_err(accept_err)?;
-                        break $wrap(s);
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        if std::time::Instant::now() >= deadline {
-                            return Err(accept_err(timed_out()));
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => return Err(accept_err(e)),
-                }
-            }
-        }};
-    }
-    Ok(match address {
-        Address::Tcp(a) => {
-            let l = TcpListener::bind(a).map_err(listen_err)?;
-            poll_accept!(l, |s: TcpStream| -> Box<dyn Stream> {
-                let _ = s.set_nodelay(true);
-                Box::new(s)
-            })
-        }
-        Address::Unix(p) => {
-            let _ = std::fs::remove_file(p);
-            let l = UnixListener::bind(p).map_err(listen_err)?;
-            poll_accept!(l, |s: UnixStream| -> Box<dyn Stream> { Box::new(s) })
-        }
-    })
+/// A destination's listening socket, kept for the whole migration: post-copy takes a
+/// second connection (the urgent channel) and, after a broken link, the source's
+/// reconnection on it.
+pub enum Listener {
+    Tcp(TcpListener, String),
+    Unix(UnixListener, String),
 }
 
-/// Listens and accepts exactly one source; says on stderr when it listens (scripts and
-/// tests wait for that line before starting a migration).
-pub fn accept_one(address: &Address) -> Result<Box<dyn Stream>, Error> {
-    let listening = || eprintln!("popek: waiting for a migration on {address}");
-    let listen_err = |e| Error::Listen(address.to_string(), e);
-    let accept_err = |e| Error::Accept(address.to_string(), e);
-    Ok(match address {
-        Address::Tcp(a) => {
-            let l = TcpListener::bind(a).map_err(listen_err)?;
-            listening();
-            let (s, _) = l.accept().map_err(accept_err)?;
-            let _ = s.set_nodelay(true);
-            Box::new(s)
+impl Listener {
+    /// Listens on `address`; says so on stderr (scripts and tests wait for that line
+    /// before starting a migration).
+    pub fn bind(address: &Address) -> Result<Listener, Error> {
+        let listen_err = |e| Error::Listen(address.to_string(), e);
+        let listener = match address {
+            Address::Tcp(a) => Listener::Tcp(TcpListener::bind(a).map_err(listen_err)?, address.to_string()),
+            Address::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                Listener::Unix(UnixListener::bind(p).map_err(listen_err)?, address.to_string())
+            }
+        };
+        eprintln!("popek: waiting for a migration on {address}");
+        Ok(listener)
+    }
+
+    /// Waits until a connection is pending or `timeout` passed.
+    fn wait_readable(&self, timeout: Duration) {
+        use std::os::unix::io::AsRawFd;
+        let fd = match self {
+            Listener::Tcp(l, _) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        };
+        let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut poll, 1, ms) };
+    }
+
+    /// Accepts one connection, waiting at most until `deadline` (None: forever).
+    pub fn accept(&self, deadline: Option<std::time::Instant>) -> Result<Box<dyn Stream>, Error> {
+        let (name, nonblocking) = match self {
+            Listener::Tcp(l, name) => (name, l.set_nonblocking(deadline.is_some())),
+            Listener::Unix(l, name) => (name, l.set_nonblocking(deadline.is_some())),
+        };
+        let accept_err = |e| Error::Accept(name.clone(), e);
+        nonblocking.map_err(accept_err)?;
+        // std has no accept timeout: non-blocking accepts, waiting in poll(2) between them.
+        loop {
+            let accepted: std::io::Result<Box<dyn Stream>> = match self {
+                Listener::Tcp(l, _) => l.accept().and_then(|(s, _)| {
+                    s.set_nonblocking(false)?;
+                    let _ = s.set_nodelay(true);
+                    Ok(Box::new(s) as Box<dyn Stream>)
+                }),
+                Listener::Unix(l, _) => l.accept().and_then(|(s, _)| {
+                    s.set_nonblocking(false)?;
+                    Ok(Box::new(s) as Box<dyn Stream>)
+                }),
+            };
+            match (accepted, deadline) {
+                (Ok(s), _) => return Ok(s),
+                (Err(e), Some(deadline)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        let timed_out = std::io::Error::new(std::io::ErrorKind::TimedOut, "nobody connected in time");
+                        return Err(accept_err(timed_out));
+                    }
+                    self.wait_readable(left);
+                }
+                (Err(e), _) => return Err(accept_err(e)),
+            }
         }
-        Address::Unix(p) => {
-            let _ = std::fs::remove_file(p);
-            let l = UnixListener::bind(p).map_err(listen_err)?;
-            listening();
-            let (s, _) = l.accept().map_err(accept_err)?;
-            Box::new(s)
-        }
-    })
+    }
 }
 
 #[cfg(test)]
