@@ -22,3 +22,8 @@ cargo test --release --workspace --quiet 2>&1 | tee target/test-output.txt
 # One closing line for CI: the totals over every test binary.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f; exit (f > 0) }' \
     target/test-output.txt
+# A short migration sweep with a generous downtime gate: a regression that makes a
+# migration fail or pause the guest for long fails CI (docs/benchmarks.md).
+echo "== migration sweep (gate: median downtime <= 100 ms per cell)"
+target/release/migration-bench --runs 1 --memory 256M --workloads idle,dirty \
+    --modes precopy,postcopy,hybrid --max-downtime-ms 100 --quiet | grep -v '^BENCH_JSON'

@@ -1,0 +1,199 @@
+//! One cell of the sweep (VMM x mode x guest RAM x workload x link) and one run of it
+//! under Popek: a destination and a source `popek` process, the guest's `migrate`
+//! workload, `popek migrate`, and the figures both report.
+
+use crate::net::Net;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What the guest does while it moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// Nothing stamped (the guest only reads its clock).
+    Idle,
+    /// A 64 MiB working set stamped at full speed.
+    Dirty,
+    /// A 64 MiB working set stamped at `--rate` pages per second.
+    Rate,
+    /// All memory above 16 MiB stamped once, then only read, pass after pass.
+    Read,
+    /// All memory above 16 MiB stamped at full speed.
+    WriteAll,
+}
+
+impl std::fmt::Display for Workload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Workload::Idle => "idle",
+            Workload::Dirty => "dirty 64M",
+            Workload::Rate => "rate",
+            Workload::Read => "read all",
+            Workload::WriteAll => "write all",
+        })
+    }
+}
+
+impl Workload {
+    /// The guest's command line for it.
+    pub fn cmdline(self, rate: u64) -> String {
+        let work = match self {
+            Workload::Idle => "pages=0".to_string(),
+            Workload::Dirty => "pages=16384".to_string(),
+            Workload::Rate => format!("pages=16384 rate={rate}"),
+            Workload::Read => "pages=all access=read".to_string(),
+            Workload::WriteAll => "pages=all".to_string(),
+        };
+        format!("test=migrate {work} seconds=300")
+    }
+}
+
+/// One cell's coordinates.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Cell {
+    pub vmm: &'static str,
+    pub mode: String,
+    pub memory: String,
+    pub workload: Workload,
+    pub link: crate::net::Link,
+}
+
+impl Cell {
+    pub fn name(&self) -> String {
+        format!("{} {} {} {} {}", self.vmm, self.mode, self.memory, self.workload, self.link)
+    }
+}
+
+/// What one migration measured.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Sample {
+    /// Source paused -> destination running, end to end.
+    pub downtime_ms: f64,
+    /// The longest gap in the guest's own progress (Popek's workload only).
+    pub blackout_ms: Option<f64>,
+    pub total_ms: f64,
+    pub bytes: f64,
+    /// Pages sent per pre-copy round (Popek).
+    pub round_pages: Vec<f64>,
+    /// Pre-copy rounds (QEMU: its dirty-bitmap syncs).
+    pub rounds: f64,
+    /// Post-copy request-to-install latency.
+    pub fault_p50_us: Option<f64>,
+    pub fault_p99_us: Option<f64>,
+}
+
+/// A child process whose output goes to files, killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub out: PathBuf,
+    pub err: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(prefix: &[String], program: &Path, args: &[&str], dir: &Path, tag: &str) -> Result<Proc, String> {
+        let out = dir.join(format!("{tag}.out"));
+        let err = dir.join(format!("{tag}.err"));
+        let file = |p: &Path| std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()));
+        let mut command = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        let child = command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file(&out)?)
+            .stderr(file(&err)?)
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+        Ok(Proc { child, out, err })
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// Waits until `needle` shows up in stdout or stderr.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.stdout().contains(needle) || self.stderr().contains(needle) {
+                return Ok(());
+            }
+            if Instant::now() > deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
+                return Err(format!("never saw {needle:?}: {}", self.stderr().lines().last().unwrap_or("")));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for the process to end, at most `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs one Popek migration of `cell`.
+pub fn run_popek(popek: &Path, cell: &Cell, net: &Net, dir: &Path, port: u16, rate: u64) -> Result<Sample, String> {
+    let api = dir.join("api.sock").display().to_string();
+    let to = format!("tcp:{}", net.destination(port));
+    let mut dst =
+        Proc::spawn(&net.prefix(1), popek, &["run", "--no-stdin", "--insecure", "--incoming", &to], dir, "dst")?;
+    let cmdline = cell.workload.cmdline(rate);
+    let src_args = ["run", "--no-stdin", "-m", &cell.memory, "--api-socket", &api, "--cmdline", &cmdline];
+    let mut src = Proc::spawn(&net.prefix(0), popek, &src_args, dir, "src")?;
+    src.wait_for("migrate: ready", Duration::from_secs(60))?;
+    dst.wait_for("waiting for a migration", Duration::from_secs(10))?;
+    // The workload runs a moment first, so any dirtying is at full speed.
+    std::thread::sleep(Duration::from_millis(200));
+    let out = Command::new(popek)
+        .args(["migrate", "--api-socket", &api, "--to", &to, "--mode", &cell.mode, "--downtime-limit", "1"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let reply: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("bad reply from popek migrate: {e}"))?;
+    let report = reply.get("report").ok_or_else(|| format!("migration failed: {}", reply["error"]))?;
+    dst.wait(Duration::from_secs(120)).ok_or("the destination did not finish")?;
+    let guest = dst.stdout();
+    if !guest.contains("verified: ok") {
+        return Err(format!("the guest's self-check failed: {}", guest.lines().last().unwrap_or("")));
+    }
+    let blackout_us: Option<f64> =
+        guest.split("longest pause ").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok());
+    let f = |v: &serde_json::Value| v.as_f64();
+    let postcopy = &report["postcopy"]["destination"];
+    let round_pages: Vec<f64> =
+        report["rounds"].as_array().map(|r| r.iter().filter_map(|x| x["pages"].as_f64()).collect()).unwrap_or_default();
+    Ok(Sample {
+        rounds: round_pages.len() as f64,
+        downtime_ms: f(&report["downtime_ms"]).unwrap_or(f64::NAN),
+        blackout_ms: blackout_us.map(|us| us / 1e3),
+        total_ms: f(&report["total_ms"]).unwrap_or(f64::NAN),
+        bytes: f(&report["memory"]["bytes_on_wire"]).unwrap_or(0.0) + f(&report["state_bytes"]).unwrap_or(0.0),
+        round_pages,
+        fault_p50_us: f(&postcopy["fault_latency_p50_us"]),
+        fault_p99_us: f(&postcopy["fault_latency_p99_us"]),
+    })
+}

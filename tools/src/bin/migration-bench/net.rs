@@ -1,0 +1,108 @@
+//! The links a sweep migrates over: TCP loopback, or two network namespaces ("hosts")
+//! joined by a veth pair, optionally shaped with `tc netem`.
+
+use std::process::Command;
+
+/// A link kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Link {
+    /// Both processes on this host, TCP over loopback.
+    Loopback,
+    /// Two namespaces over a veth pair, unshaped.
+    Veth,
+    /// Two namespaces, the link shaped to 1 Gbit/s.
+    #[value(name = "1g")]
+    #[serde(rename = "1g")]
+    OneGbit,
+    /// Two namespaces, 10 Gbit/s with 0.1 ms of delay each way.
+    #[value(name = "10g")]
+    #[serde(rename = "10g")]
+    TenGbit,
+}
+
+impl std::fmt::Display for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Link::Loopback => "loopback",
+            Link::Veth => "veth",
+            Link::OneGbit => "1g",
+            Link::TenGbit => "10g",
+        })
+    }
+}
+
+/// Two hosts (namespaces `names[0]` with 198.18.0.1 and `names[1]` with 198.18.0.2),
+/// removed on drop; or nothing, for loopback.
+pub struct Net {
+    pub link: Link,
+    names: Option<[String; 2]>,
+}
+
+fn run(args: &[&str]) -> Result<(), String> {
+    let status = Command::new(args[0]).args(&args[1..]).status().map_err(|e| format!("{}: {e}", args[0]))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{}` failed (network namespaces need root, tc needs iproute2)", args.join(" ")))
+    }
+}
+
+impl Net {
+    pub fn new(link: Link) -> Result<Net, String> {
+        if link == Link::Loopback {
+            return Ok(Net { link, names: None });
+        }
+        let id = std::process::id() % 100_000;
+        let names = [format!("pkb{id}a"), format!("pkb{id}b")];
+        let veth = [format!("pkv{id}a"), format!("pkv{id}b")];
+        let net = Net { link, names: Some(names.clone()) };
+        for n in &names {
+            run(&["ip", "netns", "add", n])?;
+        }
+        run(&["ip", "link", "add", &veth[0], "type", "veth", "peer", "name", &veth[1]])?;
+        for (i, n) in names.iter().enumerate() {
+            let addr = format!("198.18.0.{}/30", i + 1);
+            run(&["ip", "link", "set", &veth[i], "netns", n])?;
+            run(&["ip", "-n", n, "addr", "add", &addr, "dev", &veth[i]])?;
+            run(&["ip", "-n", n, "link", "set", &veth[i], "up"])?;
+            run(&["ip", "-n", n, "link", "set", "lo", "up"])?;
+            let shape: &[&str] = match link {
+                Link::OneGbit => &["rate", "1gbit"],
+                Link::TenGbit => &["delay", "100us", "rate", "10gbit"],
+                Link::Loopback | Link::Veth => &[],
+            };
+            if !shape.is_empty() {
+                let mut tc = vec!["ip", "netns", "exec", n, "tc", "qdisc", "add", "dev", &veth[i], "root", "netem"];
+                tc.extend_from_slice(shape);
+                tc.extend(["limit", "100000"]);
+                run(&tc)?;
+            }
+        }
+        Ok(net)
+    }
+
+    /// The command prefix that runs a program on host `i` (0: source, 1: destination).
+    pub fn prefix(&self, i: usize) -> Vec<String> {
+        match &self.names {
+            Some(names) => vec!["ip".into(), "netns".into(), "exec".into(), names[i].clone()],
+            None => Vec::new(),
+        }
+    }
+
+    /// The destination's address for `port`.
+    pub fn destination(&self, port: u16) -> String {
+        match self.names {
+            Some(_) => format!("198.18.0.2:{port}"),
+            None => format!("127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for n in self.names.iter().flatten() {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}

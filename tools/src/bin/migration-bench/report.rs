@@ -1,0 +1,240 @@
+//! What a sweep prints and writes: the Markdown table, JSON, JUnit XML and SVG plots.
+
+use crate::cell::{Cell, Sample};
+use plotters::prelude::*;
+use popek_tools::Stats;
+use std::path::Path;
+
+/// A finished cell: its runs, failures and verdict.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    pub cell: Cell,
+    pub samples: Vec<Sample>,
+    pub failures: Vec<String>,
+    /// Why the gate failed this cell (empty: passed).
+    pub gate: Vec<String>,
+    pub seconds: f64,
+}
+
+impl Outcome {
+    fn stat(&self, f: impl Fn(&Sample) -> Option<f64>) -> Option<Stats> {
+        Stats::of(&self.samples.iter().filter_map(f).filter(|v| v.is_finite()).collect::<Vec<_>>())
+    }
+
+    pub fn downtime(&self) -> Option<Stats> {
+        self.stat(|s| Some(s.downtime_ms))
+    }
+
+    pub fn total(&self) -> Option<Stats> {
+        self.stat(|s| Some(s.total_ms))
+    }
+
+    /// JSON for one cell: coordinates and statistics.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "vmm": self.cell.vmm, "mode": self.cell.mode, "memory": self.cell.memory,
+            "workload": self.cell.workload.to_string(), "link": self.cell.link.to_string(),
+            "runs": self.samples.len(), "failures": self.failures, "gate": self.gate,
+            "downtime_ms": self.downtime(), "guest_blackout_ms": self.stat(|s| s.blackout_ms),
+            "total_ms": self.total(), "mb_sent": self.stat(|s| Some(s.bytes / 1e6)),
+            "rounds": self.stat(|s| Some(s.rounds)),
+            "fault_latency_p50_us": self.stat(|s| s.fault_p50_us), "fault_latency_p99_us": self.stat(|s| s.fault_p99_us),
+            "round_pages": self.samples.first().map(|s| s.round_pages.clone()),
+        })
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("-".into(), |v| format!("{v:.digits$}"))
+}
+
+/// The Markdown table, one row per cell.
+pub fn table(outcomes: &[Outcome]) -> String {
+    let mut t = String::from(
+        "| vmm | mode | RAM | workload | link | runs | downtime median (ms) | p95 | min | max | guest blackout (ms) | total (ms) | MB sent | rounds | fault p50/p99 (us) |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for o in outcomes {
+        let c = &o.cell;
+        let d = o.downtime();
+        let m = |s: Option<Stats>| s.map(|s| s.median);
+        let faults = match (m(o.stat(|s| s.fault_p50_us)), m(o.stat(|s| s.fault_p99_us))) {
+            (Some(a), Some(b)) => format!("{a:.0}/{b:.0}"),
+            _ => "-".into(),
+        };
+        let runs = if o.failures.is_empty() {
+            o.samples.len().to_string()
+        } else {
+            format!("{} ({} failed)", o.samples.len(), o.failures.len())
+        };
+        t += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            c.vmm,
+            c.mode,
+            c.memory,
+            c.workload,
+            c.link,
+            runs,
+            opt(d.map(|s| s.median), 2),
+            opt(d.map(|s| s.p95), 2),
+            opt(d.map(|s| s.min), 2),
+            opt(d.map(|s| s.max), 2),
+            opt(m(o.stat(|s| s.blackout_ms)), 2),
+            opt(m(o.total()), 1),
+            opt(m(o.stat(|s| Some(s.bytes / 1e6))), 1),
+            opt(m(o.stat(|s| Some(s.rounds))), 0),
+            faults,
+        );
+    }
+    t
+}
+
+/// Popek against QEMU, cell by cell (where both ran): the ratios of the medians.
+pub fn comparison(outcomes: &[Outcome]) -> Option<String> {
+    let mut t = String::from(
+        "| mode | RAM | workload | link | downtime popek (ms) | downtime qemu (ms) | popek/qemu | total popek (ms) | total qemu (ms) | popek/qemu |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut rows = 0;
+    for p in outcomes.iter().filter(|o| o.cell.vmm == "popek") {
+        let same = |o: &&Outcome| {
+            o.cell.vmm == "qemu"
+                && o.cell.mode == p.cell.mode
+                && o.cell.memory == p.cell.memory
+                && o.cell.workload == p.cell.workload
+                && o.cell.link == p.cell.link
+        };
+        let Some(q) = outcomes.iter().find(same) else { continue };
+        let (Some(pd), Some(qd), Some(pt), Some(qt)) = (p.downtime(), q.downtime(), p.total(), q.total()) else {
+            continue;
+        };
+        rows += 1;
+        t += &format!(
+            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} |\n",
+            p.cell.mode,
+            p.cell.memory,
+            p.cell.workload,
+            p.cell.link,
+            pd.median,
+            qd.median,
+            pd.median / qd.median,
+            pt.median,
+            qt.median,
+            pt.median / qt.median
+        );
+    }
+    (rows > 0).then_some(t)
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// JUnit XML: one test case per cell; a cell fails when a run failed or the gate did.
+pub fn junit(outcomes: &[Outcome]) -> String {
+    let failed = outcomes.iter().filter(|o| !o.failures.is_empty() || !o.gate.is_empty()).count();
+    let mut x = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuite name=\"popek-migration-bench\" tests=\"{}\" failures=\"{failed}\">\n",
+        outcomes.len()
+    );
+    for o in outcomes {
+        let name = xml_escape(&format!("{} {} {}", o.cell.memory, o.cell.workload, o.cell.link));
+        let class = xml_escape(&format!("{}.{}", o.cell.vmm, o.cell.mode));
+        x += &format!("  <testcase classname=\"{class}\" name=\"{name}\" time=\"{:.3}\">", o.seconds);
+        let problems: Vec<String> = o.failures.iter().chain(&o.gate).cloned().collect();
+        if !problems.is_empty() {
+            x += &format!("<failure message=\"{}\"/>", xml_escape(&problems.join("; ")));
+        }
+        x += "</testcase>\n";
+    }
+    x + "</testsuite>\n"
+}
+
+const COLORS: [RGBColor; 8] = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK, RGBColor(255, 140, 0), RGBColor(128, 0, 128)];
+
+/// `downtime.svg`: median downtime per mode, one line per VMM, RAM size, workload and
+/// link; `rounds.svg`: pages sent per pre-copy round (first run of each cell with rounds).
+pub fn plots(outcomes: &[Outcome], dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let mut modes: Vec<&str> = Vec::new();
+    for o in outcomes {
+        if !modes.contains(&o.cell.mode.as_str()) {
+            modes.push(&o.cell.mode);
+        }
+    }
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for o in outcomes {
+        let key = format!("{} {} {} {}", o.cell.vmm, o.cell.memory, o.cell.workload, o.cell.link);
+        let x = modes.iter().position(|m| *m == o.cell.mode).unwrap_or(0) as f64;
+        let Some(d) = o.downtime() else { continue };
+        match series.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, points)) => points.push((x, d.median)),
+            None => series.push((key, vec![(x, d.median)])),
+        }
+    }
+    let top = series.iter().flat_map(|(_, p)| p.iter().map(|p| p.1)).fold(1.0f64, f64::max) * 1.1;
+    let path = dir.join("downtime.svg");
+    let root = SVGBackend::new(&path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Migration downtime (median, ms) per mode", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5f64..(modes.len() as f64 - 0.5), (0.01f64..top).log_scale())
+        .map_err(|e| err(&e))?;
+    let labels = modes.clone();
+    chart
+        .configure_mesh()
+        .x_labels(modes.len())
+        .x_label_formatter(&move |x| labels.get(x.round() as usize).map_or(String::new(), |m| m.to_string()))
+        .y_desc("downtime (ms, log)")
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (i, (key, points)) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)).point_size(4))
+            .map_err(|e| err(&e))?
+            .label(key.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+    }
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+
+    let rounds: Vec<(String, Vec<f64>)> = outcomes
+        .iter()
+        .filter_map(|o| {
+            let r = o.samples.first()?.round_pages.clone();
+            (r.len() > 1).then(|| (o.cell.name(), r))
+        })
+        .collect();
+    let path = dir.join("rounds.svg");
+    let root = SVGBackend::new(&path, (900, 540)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let longest = rounds.iter().map(|r| r.1.len()).max().unwrap_or(1) as f64;
+    let most = rounds.iter().flat_map(|r| r.1.iter().copied()).fold(1.0f64, f64::max) * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Pages sent per pre-copy round (first run of each cell)", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0f64..longest, (1f64..most).log_scale())
+        .map_err(|e| err(&e))?;
+    chart.configure_mesh().x_desc("round").y_desc("pages (log)").draw().map_err(|e| err(&e))?;
+    for (i, (key, pages)) in rounds.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let points: Vec<(f64, f64)> = pages.iter().enumerate().map(|(r, p)| (r as f64, p.max(1.0))).collect();
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)).point_size(3))
+            .map_err(|e| err(&e))?
+            .label(key.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+    }
+    if !rounds.is_empty() {
+        chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}

@@ -1,0 +1,39 @@
+//! The migration benchmark's CI gate: a real sweep cell (Popek, real KVM) that fails the
+//! gate when the limit is below anything possible, and passes a generous one; the JUnit
+//! report says the same.
+
+use std::process::Command;
+
+fn sweep(limit_ms: &str, junit: &std::path::Path) -> (i32, String) {
+    assert!(std::path::Path::new("/dev/kvm").exists(), "/dev/kvm is missing: this test drives real KVM");
+    let popek = popek_tools::default_popek();
+    assert!(popek.is_file(), "{} missing: build the workspace in release mode first", popek.display());
+    let out = Command::new(env!("CARGO_BIN_EXE_migration-bench"))
+        .args(["--runs", "1", "--memory", "256M", "--workloads", "idle", "--modes", "precopy", "--quiet"])
+        .args(["--max-downtime-ms", limit_ms, "--junit"])
+        .arg(junit)
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn the_downtime_gate_fails_when_it_should_and_passes_otherwise() {
+    let dir = std::env::temp_dir().join(format!("popek-gate-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let junit = dir.join("junit.xml");
+
+    let (status, out) = sweep("0.000001", &junit);
+    assert_eq!(status, 1, "{out}");
+    assert!(out.contains("gate: FAILED popek precopy 256M idle loopback: median downtime"), "{out}");
+    assert!(out.contains("| popek | precopy | 256M | idle | loopback | 1 |"), "{out}");
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(xml.contains("failures=\"1\"") && xml.contains("<failure message=\"median downtime"), "{xml}");
+
+    let (status, out) = sweep("1000", &junit);
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("gate: passed"), "{out}");
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert!(xml.contains("failures=\"0\"") && !xml.contains("<failure"), "{xml}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
