@@ -3,8 +3,8 @@
 //! run from partial state: any failure before the VM starts discards it.
 
 use super::memory;
-use super::pages::PageSet;
-use super::postcopy_destination::{Postcopy, Recovery};
+use super::pages::{PageMap, PageSet};
+use super::postcopy_destination::{drop_pages, Postcopy, Recovery};
 use super::protocol::{self, Answer, Hello, Kind};
 use super::source::chain;
 use super::state::MachineState;
@@ -47,7 +47,13 @@ enum Received {
     /// Everything (stop-copy, pre-copy).
     Complete(MachineState, Instant),
     /// The state and the switch to post-copy: memory follows while the VM runs.
-    Postcopy { machine: MachineState, arrived: Instant, switch: protocol::Postcopy, have: Option<PageSet> },
+    Postcopy {
+        machine: MachineState,
+        arrived: Instant,
+        switch: protocol::Postcopy,
+        have: Option<PageSet>,
+        dropped: Option<PageSet>,
+    },
 }
 
 fn refuse(stream: &mut dyn Stream, reason: &str) {
@@ -72,10 +78,33 @@ fn receive_memory_and_state(vm: &Vm, stream: &mut Box<dyn Stream>) -> Result<Rec
     let mut incoming = memory::Incoming::default();
     let mut machine = None;
     let mut switch = None;
+    let mut dropped: Option<PageSet> = None;
     loop {
         let (kind, payload) = protocol::read_frame(stream).map_err(|e| chain(&e))?;
         match kind {
-            Kind::Memory => incoming.memory(vm.ram(), &payload).map_err(|e| chain(&e))?,
+            Kind::Discard => {
+                let discard: protocol::Missing =
+                    serde_json::from_slice(&payload).map_err(|e| format!("malformed Discard message: {e}"))?;
+                let map = PageMap::new(vm.ram());
+                let set = dropped.get_or_insert_with(|| PageSet::new(map.total()));
+                set.insert_ranges(&map, &discard.ranges)?;
+                drop_pages(&map, &discard.ranges)?;
+                protocol::write_json(stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
+            }
+            Kind::Memory => {
+                incoming.memory(vm.ram(), &payload).map_err(|e| chain(&e))?;
+                // A page dropped earlier and sent again (a device page, ahead of the
+                // state) is here now.
+                if let Some(dropped) = &dropped {
+                    let map = PageMap::new(vm.ram());
+                    for record in memory::records(vm.ram(), &payload).flatten() {
+                        let first = map.index_of_gpa(record.gpa).unwrap_or(u64::MAX);
+                        (first..first.saturating_add(record.pages)).for_each(|i| {
+                            dropped.remove(i);
+                        });
+                    }
+                }
+            }
             Kind::Postcopy => {
                 let postcopy: protocol::Postcopy =
                     serde_json::from_slice(&payload).map_err(|e| format!("malformed Postcopy message: {e}"))?;
@@ -89,7 +118,7 @@ fn receive_memory_and_state(vm: &Vm, stream: &mut Box<dyn Stream>) -> Result<Rec
                 log::debug!("incoming: state of {} bytes parsed in {:?}", payload.len(), t.elapsed());
                 if let Some(switch) = switch.take() {
                     let have = incoming.take_received();
-                    return Ok(Received::Postcopy { machine: state, arrived: Instant::now(), switch, have });
+                    return Ok(Received::Postcopy { machine: state, arrived: Instant::now(), switch, have, dropped });
                 }
                 machine = Some((state, Instant::now()));
             }
@@ -238,7 +267,7 @@ pub fn receive(
     };
     let (machine, state_arrived, mut link) = match received {
         Received::Complete(machine, arrived) => (machine, arrived, Link::Complete(stream)),
-        Received::Postcopy { machine, arrived, switch, have } => {
+        Received::Postcopy { machine, arrived, switch, have, dropped } => {
             // RAM is registered with userfaultfd before the restore below or any vCPU can
             // touch it: a page touched first would read as zero and could not be filled.
             let recovery = Recovery {
@@ -250,7 +279,7 @@ pub fn receive(
             };
             let mut spare = stream.try_clone_stream().map_err(|e| e.to_string())?;
             let links = (stream, urgent);
-            match Postcopy::start(vm.ram(), links, have, &switch.discard, recovery) {
+            match Postcopy::start(vm.ram(), links, (have, dropped), &switch.discard, recovery) {
                 Ok(postcopy) => {
                     log::debug!("incoming: post-copy started {:?} after the state arrived", arrived.elapsed());
                     (machine, arrived, Link::Postcopy(postcopy))

@@ -101,6 +101,13 @@ impl PageSet {
         PageSet { words, len }
     }
 
+    /// Adds every member of `other` (same length), word by word.
+    pub fn union(&self, other: &PageSet) {
+        for (mine, theirs) in self.words.iter().zip(&other.words) {
+            mine.fetch_or(theirs.load(Ordering::Acquire), Ordering::AcqRel);
+        }
+    }
+
     /// Removes every member of `other` (same length), word by word.
     pub fn subtract(&self, other: &PageSet) {
         for (mine, theirs) in self.words.iter().zip(&other.words) {

@@ -75,10 +75,11 @@ impl Postcopy {
     /// Drops the discarded pages, registers all of guest RAM and starts the fault and
     /// receiver threads. `have` holds the pages pre-copy already delivered (none in pure
     /// post-copy); everything else, and everything discarded, will come from the source.
+    /// `dropped`: pages already discarded before the switch (hybrid's Discard).
     pub fn start(
         ram: &GuestRam,
         (stream, urgent): (Box<dyn Stream>, Option<Box<dyn Stream>>),
-        have: Option<PageSet>,
+        (have, dropped): (Option<PageSet>, Option<PageSet>),
         discard: &[(u64, u64)],
         recovery: Recovery,
     ) -> Result<Postcopy, String> {
@@ -87,16 +88,11 @@ impl Postcopy {
         if let Some(have) = &have {
             need.subtract(have);
         }
-        need.insert_ranges(&map, discard)?;
-        for &(gpa, pages) in discard {
-            let host = map.index_of_gpa(gpa).map(|i| map.host(i)).unwrap_or(0);
-            // SAFETY: `insert_ranges` checked the range lies in one RAM region of this
-            // process; dropping the pages makes the next access fault into userfaultfd.
-            let rc = unsafe { libc::madvise(host as *mut libc::c_void, (pages * PAGE) as usize, libc::MADV_DONTNEED) };
-            if rc != 0 {
-                return Err(format!("cannot discard re-dirtied pages: {}", std::io::Error::last_os_error()));
-            }
+        if let Some(dropped) = &dropped {
+            need.union(dropped);
         }
+        need.insert_ranges(&map, discard)?;
+        drop_pages(&map, discard)?;
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -164,6 +160,26 @@ impl Postcopy {
     pub fn wait(self) -> Result<Done, String> {
         self.receiver.join().map_err(|_| "the post-copy receiver panicked".to_string())?
     }
+}
+
+/// Drops the pages of `ranges` (checked against RAM) from this process: their next access
+/// faults (into userfaultfd once RAM is registered).
+pub fn drop_pages(map: &PageMap, ranges: &[(u64, u64)]) -> Result<(), String> {
+    for &(gpa, pages) in ranges {
+        let first = map.index_of_gpa(gpa).filter(|&i| gpa % PAGE == 0 && pages <= map.run_limit(i));
+        let Some(first) = first else {
+            return Err(format!("page range {gpa:#x}+{pages} lies outside guest RAM"));
+        };
+        // SAFETY: the range lies in one RAM region of this process (checked above);
+        // MADV_DONTNEED only drops pages, which then read as missing.
+        let rc = unsafe {
+            libc::madvise(map.host(first) as *mut libc::c_void, (pages * PAGE) as usize, libc::MADV_DONTNEED)
+        };
+        if rc != 0 {
+            return Err(format!("cannot discard re-dirtied pages: {}", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 /// Reads fault events until post-copy is finished, then unregisters RAM (which wakes any

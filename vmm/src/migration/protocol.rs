@@ -75,6 +75,10 @@ pub enum Kind {
     /// hybrid migration opens after Accept: the urgent channel, which carries page
     /// requests and their answers past the background push (JSON `Resume`).
     Urgent = 15,
+    /// Source -> destination, hybrid, just before the switch while the guest still runs:
+    /// drop these pages now (re-dirtied since sent; they come again in post-copy), so the
+    /// switch itself has little left to drop (JSON `Missing`); answered with Accept.
+    Discard = 16,
 }
 
 impl Kind {
@@ -95,6 +99,7 @@ impl Kind {
             13 => Kind::Resume,
             14 => Kind::Missing,
             15 => Kind::Urgent,
+            16 => Kind::Discard,
             other => return Err(Error::UnknownKind(other)),
         })
     }

@@ -3,6 +3,7 @@
 //! resumes the VM here: nothing is lost.
 
 use super::memory::{self, Outgoing, Transfer};
+use super::pages::{PageMap, PageSet};
 use super::protocol::{self, Answer, Complete, Hello, Kind, Running};
 use super::transport::{self, Address};
 use crate::vm::Vm;
@@ -292,6 +293,17 @@ struct Postcopy {
     hybrid: bool,
 }
 
+/// Hybrid, before the pause: tells the destination to drop the pages dirtied since they
+/// were last sent and waits until it did; returns them.
+fn predrop(vm: &Vm, stream: &mut Box<dyn transport::Stream>, map: &PageMap) -> Result<PageSet, String> {
+    let dirty = vm.take_dirty().map_err(|e| chain(&e))?;
+    let set = PageSet::from_bitmaps(map, &dirty);
+    protocol::write_json(stream, Kind::Discard, &protocol::Missing { ranges: set.ranges(map) })
+        .map_err(|e| chain(&e))?;
+    let _: Answer = protocol::read_json(stream, Kind::Accept).map_err(|e| chain(&e))?;
+    Ok(set)
+}
+
 /// Pauses the vCPUs, sends the switch and the machine state, and serves memory until the
 /// destination has all of it.
 fn postcopy(
@@ -301,14 +313,26 @@ fn postcopy(
     mode: Mode,
     progress: &mut dyn FnMut(serde_json::Value),
 ) -> Result<Report, Failed> {
-    use super::pages::{PageMap, PageSet};
     use super::postcopy_source::Failure;
     let Postcopy { mut stream, urgent, mut outgoing, rounds, start, hybrid } = phase;
+    let map = PageMap::new(vm.ram());
+    // Hybrid: the destination drops what the last rounds left stale while the guest still
+    // runs here; the switch then drops only what was dirtied since (a few pages).
+    let dropped = if hybrid {
+        match predrop(vm, &mut stream, &map) {
+            Ok(set) => set,
+            Err(e) => {
+                let _ = vm.set_dirty_logging(false);
+                return Err(e.into());
+            }
+        }
+    } else {
+        PageSet::new(map.total())
+    };
     let paused = Instant::now();
     let vcpus = vm.pause_all()?;
     let mut breakdown = Breakdown { pause: paused.elapsed().as_secs_f64() * 1e3, ..Default::default() };
     let lap = Instant::now();
-    let map = PageMap::new(vm.ram());
     let switched = (|| -> Result<(PageSet, u64), String> {
         let needed = if hybrid {
             let dirty = vm.take_dirty().map_err(|e| chain(&e))?;
@@ -328,6 +352,13 @@ fn postcopy(
         }
         outgoing.flush(&mut stream).map_err(|e| chain(&e))?;
         let discard = if hybrid { needed.ranges(&map) } else { Vec::new() };
+        // The pages dropped before the pause are needed too (the device pages were sent).
+        needed.union(&dropped);
+        for gpa in machine.devices.generation_gpa.into_iter() {
+            if let Some(index) = map.index_of_gpa(gpa) {
+                needed.remove(index);
+            }
+        }
         let switch = protocol::Postcopy { discard, memory_crc32: outgoing.crc32() };
         protocol::write_json(&mut stream, Kind::Postcopy, &switch).map_err(|e| chain(&e))?;
         let state = serde_json::to_vec(&machine).map_err(|e| e.to_string())?;
