@@ -213,3 +213,43 @@ fn a_killed_source_during_postcopy_is_reported_by_the_destination() {
     assert!(err.contains("post-copy link lost"), "{err}");
     assert!(err.contains("unrecoverable"), "{err}");
 }
+
+/// A destination with its RAM allocated ahead (`--prealloc`), for both ways of filling it.
+fn prealloc_destination(scratch: &Scratch, memory: &str) -> (Proc, String) {
+    let to = format!("unix:{}", scratch.0.join("dst.sock").display());
+    let dst = Proc::spawn(scratch, "dst", &["run", "--no-stdin", "--prealloc", "--memory", memory, "--incoming", &to]);
+    dst.listening();
+    assert!(std::fs::read_to_string(&dst.err).unwrap().contains("allocated 256 MiB of guest RAM"));
+    (dst, to)
+}
+
+#[test]
+fn postcopy_into_preallocated_ram_maps_pages_with_minor_faults() {
+    require_kvm();
+    let scratch = Scratch::new("pc-prealloc");
+    let (src, api) = workload(&scratch, &[], "test=migrate pages=2048 order=random seconds=60");
+    let (dst, to) = prealloc_destination(&scratch, "256M");
+    let mig = migrate(&scratch, &api, &to, "postcopy", &[]);
+    let report = arrived(&scratch, mig, src, dst, "2048", "postcopy");
+    check_postcopy(&report);
+}
+
+#[test]
+fn stop_copy_into_preallocated_ram_and_a_size_mismatch_is_refused() {
+    require_kvm();
+    let scratch = Scratch::new("pc-prealloc-stop");
+    let (src, api) = workload(&scratch, &[], "test=migrate pages=2048 seconds=60");
+    // A destination prepared for another size refuses, and the source runs on.
+    let to = format!("unix:{}", scratch.0.join("small.sock").display());
+    let small =
+        Proc::spawn(&scratch, "small", &["run", "--no-stdin", "--prealloc", "--memory", "128M", "--incoming", &to]);
+    small.listening();
+    popek(&["migrate", "--api-socket", &api, "--to", &to], None)
+        .expect_status(18)
+        .expect_stderr("prepared 134217728 bytes of RAM");
+    assert_eq!(small.wait().0, 18);
+    let (dst, to) = prealloc_destination(&scratch, "256M");
+    let mig = migrate(&scratch, &api, &to, "stop-copy", &["--verify-memory"]);
+    let report = arrived(&scratch, mig, src, dst, "2048", "stop-copy");
+    assert_eq!(report["memory_verified"], true, "the destination's RAM equals the source's at the pause: {report}");
+}

@@ -32,6 +32,13 @@ pub enum Error {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// Preparing guest RAM ahead of a migration failed.
+    #[error("Cannot {what}")]
+    Prepare {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     /// The host KVM cannot map read-only memory.
     #[error("This KVM cannot map read-only memory (KVM_CAP_READONLY_MEM), needed for the firmware ROM")]
     NoReadonlyMemory,
@@ -66,6 +73,103 @@ pub fn create_ram_for_incoming(size: u64) -> Result<GuestRam, Error> {
         }
     }
     Ok(ram)
+}
+
+/// Guest RAM allocated ahead of time for a migration destination (`run --incoming
+/// --prealloc`): a memfd whose pages are all allocated before the source connects, mapped
+/// twice: once for the guest (through `GuestRam`, shared) and once here, with page tables
+/// filled in, for the VMM to write incoming pages. Filling RAM then costs memcpy speed
+/// instead of one page allocation and fault per page, and post-copy can install a page by
+/// writing it here and mapping it for the guest (userfaultfd minor faults, UFFDIO_CONTINUE).
+pub struct Prepared {
+    pub ram: GuestRam,
+    /// The second mapping: page `n` of RAM (regions in order) at `staging + n * 4096`.
+    staging: *mut u8,
+    len: usize,
+}
+
+// SAFETY: `staging` is a private mapping owned by this value, written only through
+// `write` (callers order writes against guest access, as with any guest RAM).
+unsafe impl Send for Prepared {}
+unsafe impl Sync for Prepared {}
+
+impl Prepared {
+    /// Allocates and maps `size` bytes of guest RAM.
+    pub fn new(size: u64) -> Result<Prepared, Error> {
+        use std::os::unix::io::{AsRawFd, FromRawFd};
+        let io = |what: &'static str| {
+            let source = std::io::Error::last_os_error();
+            move || Error::Prepare { what, source }
+        };
+        // SAFETY: memfd_create with a valid C string; the fd is owned by `file` below.
+        let fd = unsafe { libc::memfd_create(c"popek-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io("memfd_create")());
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(size).map_err(|source| Error::Prepare { what: "size the memfd", source })?;
+        // SAFETY: fallocate on our own memfd: allocates every page now (the point).
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) } != 0 {
+            return Err(io("allocate guest RAM (fallocate)")());
+        }
+        // SAFETY: a new shared mapping of our memfd, `size` bytes; MAP_POPULATE fills its
+        // page tables now too.
+        let staging = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if staging == libc::MAP_FAILED {
+            return Err(io("map guest RAM")());
+        }
+        let mut offset = 0;
+        let mut ranges = Vec::new();
+        for (gpa, len) in ram_ranges(size) {
+            let f = file.try_clone().map_err(|source| Error::Prepare { what: "share the memfd", source })?;
+            ranges.push((gpa, len, Some(vm_memory::FileOffset::new(f, offset))));
+            offset += len as u64;
+        }
+        let ram = GuestRam::from_ranges_with_files(&ranges).map_err(|source| Error::Allocate { size, source })?;
+        Ok(Prepared { ram, staging: staging.cast(), len: size as usize })
+    }
+
+    /// Bytes of guest RAM.
+    pub fn size(&self) -> u64 {
+        self.len as u64
+    }
+
+    /// Writes `data` at byte `offset` of RAM (page order across regions).
+    pub fn write(&self, offset: usize, data: &[u8]) -> bool {
+        if offset.checked_add(data.len()).is_none_or(|end| end > self.len) {
+            return false;
+        }
+        // SAFETY: checked to lie inside the staging mapping; `data` is our own buffer.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.staging.add(offset), data.len()) };
+        true
+    }
+
+    /// Zeroes `len` bytes at byte `offset` of RAM.
+    pub fn zero(&self, offset: usize, len: usize) -> bool {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return false;
+        }
+        // SAFETY: checked to lie inside the staging mapping.
+        unsafe { std::ptr::write_bytes(self.staging.add(offset), 0, len) };
+        true
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping of `len` bytes.
+        unsafe { libc::munmap(self.staging.cast(), self.len) };
+    }
 }
 
 /// End of RAM below the MMIO hole.

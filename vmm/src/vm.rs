@@ -121,15 +121,13 @@ impl Vm {
     }
 
     /// Builds an empty VM for a migration to fill: same devices and vCPUs, no kernel.
-    /// `huge_pages`: back RAM with transparent huge pages (faster to fill); not for a
-    /// migration that may switch to post-copy, where writing one page must not make its
-    /// 2 MiB neighbourhood present (userfaultfd only sees pages that are absent).
-    pub fn new_incoming(config: &VmConfig, console: Box<dyn Write + Send>, huge_pages: bool) -> Result<Self, Error> {
-        Self::build(config, console, Some(huge_pages))
+    /// A VM to receive a migration into, with RAM as `ram` says.
+    pub fn new_incoming(config: &VmConfig, console: Box<dyn Write + Send>, ram: IncomingRam) -> Result<Self, Error> {
+        Self::build(config, console, Some(ram))
     }
 
-    /// `incoming`: None for a fresh boot, or whether incoming RAM gets huge pages.
-    fn build(config: &VmConfig, console: Box<dyn Write + Send>, incoming: Option<bool>) -> Result<Self, Error> {
+    /// `incoming`: None for a fresh boot, or the RAM a migration comes into.
+    fn build(config: &VmConfig, console: Box<dyn Write + Send>, incoming: Option<IncomingRam>) -> Result<Self, Error> {
         let load_kernel = incoming.is_none();
         let kvm = open_kvm(&config.kvm_device)?;
         let fd = kvm.create_vm().map_err(|source| Error::Kvm { what: "create a VM", source })?;
@@ -142,8 +140,9 @@ impl Vm {
         // added after KVM_CREATE_IRQCHIP waits ~5 ms for an SRCU grace period, which would
         // be half of Popek's time to first guest byte.
         let ram = match incoming {
-            Some(true) => memory::create_ram_for_incoming(config.memory_bytes)?,
-            None | Some(false) => memory::create_ram(config.memory_bytes)?,
+            Some(IncomingRam::Anonymous { huge_pages: true }) => memory::create_ram_for_incoming(config.memory_bytes)?,
+            Some(IncomingRam::Prepared(ram)) => ram,
+            None | Some(IncomingRam::Anonymous { huge_pages: false }) => memory::create_ram(config.memory_bytes)?,
         };
         let slots = memory::register_ram(&fd, &ram)?;
         let plan = if load_kernel {
@@ -537,6 +536,16 @@ impl Vm {
         self.hypercalls.import(&machine.devices, &self.ram);
         Ok(())
     }
+}
+
+/// The RAM a migration comes into.
+pub enum IncomingRam {
+    /// Fresh anonymous memory. `huge_pages`: transparent huge pages (faster to fill); not
+    /// for a migration that may switch to post-copy, where writing one page must not make
+    /// its 2 MiB neighbourhood present (userfaultfd only sees pages that are absent).
+    Anonymous { huge_pages: bool },
+    /// RAM allocated ahead of time (`memory::Prepared`).
+    Prepared(GuestRam),
 }
 
 /// Kicks a vCPU thread out of KVM_RUN.

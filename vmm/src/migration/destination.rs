@@ -11,7 +11,7 @@ use super::state::MachineState;
 use super::transport::{self, Address, Stream};
 use crate::config::{BootMode, Kernel, VmConfig};
 use crate::trap::msr::UnknownMsrPolicy;
-use crate::vm::Vm;
+use crate::vm::{IncomingRam, Vm};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -74,13 +74,21 @@ impl Write for WriteAdapter<'_> {
 
 /// Memory frames (any number of rounds), the State, then Complete with the checksum; or,
 /// for post-copy, the Postcopy switch and the State.
-fn receive_memory_and_state(vm: &Vm, stream: &mut Box<dyn Stream>) -> Result<Received, String> {
-    let mut incoming = memory::Incoming::default();
+fn receive_memory_and_state(
+    vm: &Vm,
+    stream: &mut Box<dyn Stream>,
+    prepared: Option<std::sync::Arc<crate::memory::Prepared>>,
+) -> Result<Received, String> {
+    let mut incoming = match prepared {
+        Some(p) => memory::Incoming::into_prepared(vm.ram(), p),
+        None => memory::Incoming::default(),
+    };
     let mut machine = None;
     let mut switch = None;
     let mut dropped: Option<PageSet> = None;
+    let mut payload = Vec::new();
     loop {
-        let (kind, payload) = protocol::read_frame(stream).map_err(|e| chain(&e))?;
+        let kind = protocol::read_frame_into(stream, &mut payload).map_err(|e| chain(&e))?;
         match kind {
             Kind::Discard => {
                 let discard: protocol::Missing =
@@ -170,7 +178,7 @@ pub fn receive(
     kvm_device: PathBuf,
     auth_key: Option<&super::auth::Key>,
     console: Box<dyn Write + Send>,
-    recover_timeout: Duration,
+    (recover_timeout, prepared): (Duration, Option<std::sync::Arc<crate::memory::Prepared>>),
 ) -> Result<Incoming, String> {
     let listener = transport::Listener::bind(address).map_err(|e| chain(&e))?;
     let mut stream = listener.accept(None).map_err(|e| chain(&e))?;
@@ -215,7 +223,21 @@ pub fn receive(
         refuse(stream.as_mut(), &reason);
         return Err(reason);
     }
-    let mut vm = match Vm::new_incoming(&config, console, !hello.postcopy) {
+    let ram = match &prepared {
+        Some(p) if p.size() != hello.memory_bytes => {
+            let reason = format!(
+                "this destination prepared {} bytes of RAM (--prealloc --memory), the VM has {}: start it with --memory {}",
+                p.size(),
+                hello.memory_bytes,
+                hello.memory_bytes
+            );
+            refuse(stream.as_mut(), &reason);
+            return Err(reason);
+        }
+        Some(p) => IncomingRam::Prepared(p.ram.clone()),
+        None => IncomingRam::Anonymous { huge_pages: !hello.postcopy },
+    };
+    let mut vm = match Vm::new_incoming(&config, console, ram) {
         Ok(vm) => vm,
         Err(e) => {
             let reason = format!("this destination cannot build the VM: {}", chain(&e));
@@ -258,7 +280,11 @@ pub fn receive(
     } else {
         None
     };
-    let received = match receive_memory_and_state(&vm, &mut stream) {
+    // Without post-copy, prepared RAM is filled through its second mapping; a migration
+    // that may switch fills the guest's own mapping, so that what pre-copy delivered is
+    // mapped before userfaultfd watches it.
+    let fill_prepared = if hello.postcopy { None } else { prepared.clone() };
+    let received = match receive_memory_and_state(&vm, &mut stream, fill_prepared) {
         Ok(received) => received,
         Err(reason) => {
             refuse(stream.as_mut(), &reason);
@@ -279,7 +305,7 @@ pub fn receive(
             };
             let mut spare = stream.try_clone_stream().map_err(|e| e.to_string())?;
             let links = (stream, urgent);
-            match Postcopy::start(vm.ram(), links, (have, dropped), &switch.discard, recovery) {
+            match Postcopy::start(vm.ram(), links, (have, dropped), (&switch.discard, prepared), recovery) {
                 Ok(postcopy) => {
                     log::debug!("incoming: post-copy started {:?} after the state arrived", arrived.elapsed());
                     (machine, arrived, Link::Postcopy(postcopy))

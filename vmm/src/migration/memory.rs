@@ -87,7 +87,6 @@ pub struct Outgoing {
     crc: crc32fast::Hasher,
     pub stats: Transfer,
     zero_run: Option<(u64, u32, u32)>,
-    page: Vec<u8>,
     /// Bytes per second not to exceed, and since when we count.
     limit: Option<std::sync::Arc<RateLimit>>,
     /// Post-copy: frames are PostcopyPages, each starting with the CRC32 of its records.
@@ -101,7 +100,6 @@ impl Default for Outgoing {
             crc: crc32fast::Hasher::new(),
             stats: Transfer::default(),
             zero_run: None,
-            page: vec![0u8; PAGE as usize],
             limit: None,
             postcopy: false,
         }
@@ -187,18 +185,29 @@ impl Outgoing {
         }
     }
 
-    /// Reads one page and queues it as data or as a zero record.
+    /// Reads one page and queues it as data or as a zero record. The page is read straight
+    /// into the frame (and taken back out if it is all zeros): one copy less per page.
     fn page(&mut self, ram: &GuestRam, gpa: u64, fresh: bool) -> Result<(), Error> {
         self.stats.pages += 1;
-        ram.read_slice(&mut self.page, GuestAddress(gpa))?;
-        if self.page.iter().all(|&b| b == 0) {
+        let at = self.frame.len();
+        self.frame.resize(at + RECORD_HEADER + PAGE as usize, 0);
+        ram.read_slice(&mut self.frame[at + RECORD_HEADER..], GuestAddress(gpa))?;
+        if self.frame[at + RECORD_HEADER..].iter().all(|&b| b == 0) {
+            self.frame.truncate(at);
             self.zero_page(gpa, fresh);
         } else {
-            self.flush_zero_run();
-            self.frame.extend_from_slice(&gpa.to_le_bytes());
-            self.frame.extend_from_slice(&1u32.to_le_bytes());
-            self.frame.extend_from_slice(&0u32.to_le_bytes());
-            self.frame.extend_from_slice(&self.page);
+            // A pending zero run goes before this page: move the page up by one header.
+            if let Some((run_gpa, n, flags)) = self.zero_run.take() {
+                let mut header = [0u8; RECORD_HEADER];
+                header[..8].copy_from_slice(&run_gpa.to_le_bytes());
+                header[8..12].copy_from_slice(&n.to_le_bytes());
+                header[12..].copy_from_slice(&flags.to_le_bytes());
+                self.frame.splice(at..at, header);
+            }
+            let at = self.frame.len() - PAGE as usize - RECORD_HEADER;
+            self.frame[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
+            self.frame[at + 8..at + 12].copy_from_slice(&1u32.to_le_bytes());
+            self.frame[at + 12..at + 16].copy_from_slice(&0u32.to_le_bytes());
         }
         Ok(())
     }
@@ -389,21 +398,47 @@ fn prefault(ram: &GuestRam, payload: &[u8]) {
 
 /// Applies one Memory payload to guest RAM, checking every record against RAM.
 pub fn apply(ram: &GuestRam, payload: &[u8], stats: &mut Transfer) -> Result<(), Error> {
-    prefault(ram, payload);
+    apply_to(ram, None, payload, stats)
+}
+
+/// Applies a payload, writing through RAM's second mapping when it was prepared ahead
+/// (page tables there are filled in already: no faults at all while memory arrives).
+fn apply_to(
+    ram: &GuestRam,
+    prepared: Option<&(std::sync::Arc<memory::Prepared>, PageMap)>,
+    payload: &[u8],
+    stats: &mut Transfer,
+) -> Result<(), Error> {
+    if prepared.is_none() {
+        prefault(ram, payload);
+    }
     for record in records(ram, payload) {
         let record = record?;
         stats.pages += record.pages;
+        let offset = prepared.and_then(|(_, map)| map.index_of_gpa(record.gpa)).map(|i| (i * PAGE) as usize);
         if record.is_zero() {
             stats.zero_pages += record.pages;
             if record.flags & FRESH == 0 {
                 // A page sent earlier became zero: clear it.
-                let zero = [0u8; PAGE as usize];
-                for p in 0..record.pages {
-                    ram.write_slice(&zero, GuestAddress(record.gpa + p * PAGE))?;
+                match (prepared, offset) {
+                    (Some((p, _)), Some(offset)) => {
+                        p.zero(offset, (record.pages * PAGE) as usize);
+                    }
+                    _ => {
+                        let zero = [0u8; PAGE as usize];
+                        for p in 0..record.pages {
+                            ram.write_slice(&zero, GuestAddress(record.gpa + p * PAGE))?;
+                        }
+                    }
                 }
             }
         } else {
-            write_ram(ram, record.gpa, record.data)?;
+            match (prepared, offset) {
+                (Some((p, _)), Some(offset)) => {
+                    p.write(offset, record.data);
+                }
+                _ => write_ram(ram, record.gpa, record.data)?,
+            }
         }
     }
     Ok(())
@@ -430,14 +465,22 @@ pub struct Incoming {
     pub stats: Transfer,
     /// Every page some record covered (a hybrid migration's destination has these).
     received: Option<(PageMap, PageSet)>,
+    /// RAM prepared ahead, written through its second mapping (not with post-copy, whose
+    /// delivered pages must be mapped for the guest already).
+    prepared: Option<(std::sync::Arc<memory::Prepared>, PageMap)>,
 }
 
 impl Incoming {
+    /// A receiver that writes through `prepared`'s second mapping.
+    pub fn into_prepared(ram: &GuestRam, prepared: std::sync::Arc<memory::Prepared>) -> Incoming {
+        Incoming { prepared: Some((prepared, PageMap::new(ram))), ..Default::default() }
+    }
+
     /// Applies one Memory payload.
     pub fn memory(&mut self, ram: &GuestRam, payload: &[u8]) -> Result<(), Error> {
         self.crc.update(payload);
         self.stats.bytes_on_wire += payload.len() as u64 + 16;
-        apply(ram, payload, &mut self.stats)?;
+        apply_to(ram, self.prepared.as_ref(), payload, &mut self.stats)?;
         let (map, set) = self.received.get_or_insert_with(|| {
             let map = PageMap::new(ram);
             let set = PageSet::new(map.total());

@@ -13,13 +13,14 @@ use super::protocol::{self, Done, Kind, Missing, Resume, Running};
 use super::source::chain;
 use super::transport::{self, Address, Stream};
 use crate::memory::GuestRam;
+use crate::memory::Prepared;
 use std::collections::HashMap;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use userfaultfd::{Event, Uffd, UffdBuilder};
+use userfaultfd::{Event, RegisterMode, Uffd, UffdBuilder};
 
 /// How to find the source again after a broken link.
 pub struct Recovery {
@@ -37,6 +38,11 @@ struct Shared {
     map: PageMap,
     /// Pages still to come from the source (removed once installed).
     need: PageSet,
+    /// Pages whose memory here is not zero (pre-copy wrote them): a zero page from the
+    /// source must be written as zeros there (prepared RAM only).
+    touched: PageSet,
+    /// RAM allocated ahead: install by writing it and mapping it (UFFDIO_CONTINUE).
+    prepared: Option<Arc<Prepared>>,
     /// Pages asked for and not yet installed, with when they were asked for.
     pending: Mutex<HashMap<u64, Instant>>,
     latencies_us: Mutex<Vec<u64>>,
@@ -75,33 +81,44 @@ impl Postcopy {
     /// Drops the discarded pages, registers all of guest RAM and starts the fault and
     /// receiver threads. `have` holds the pages pre-copy already delivered (none in pure
     /// post-copy); everything else, and everything discarded, will come from the source.
-    /// `dropped`: pages already discarded before the switch (hybrid's Discard).
+    /// `dropped`: pages already discarded before the switch (hybrid's Discard);
+    /// `prepared`: RAM allocated ahead (`--prealloc`), filled through its second mapping and
+    /// mapped for the guest with minor faults, instead of missing-page faults.
     pub fn start(
         ram: &GuestRam,
         (stream, urgent): (Box<dyn Stream>, Option<Box<dyn Stream>>),
         (have, dropped): (Option<PageSet>, Option<PageSet>),
-        discard: &[(u64, u64)],
+        (discard, prepared): (&[(u64, u64)], Option<Arc<Prepared>>),
         recovery: Recovery,
     ) -> Result<Postcopy, String> {
         let map = PageMap::new(ram);
         let need = PageSet::full(map.total());
+        // Pages that hold something other than zeros here (pre-copy wrote them).
+        let touched = PageSet::new(map.total());
         if let Some(have) = &have {
             need.subtract(have);
+            touched.union(have);
         }
         if let Some(dropped) = &dropped {
             need.union(dropped);
+            touched.union(dropped);
         }
         need.insert_ranges(&map, discard)?;
+        touched.insert_ranges(&map, discard)?;
         drop_pages(&map, discard)?;
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            .user_mode_only(false)
-            .create()
-            .map_err(|e| chain(&Error::Create(e)))?;
+        let mut builder = UffdBuilder::new();
+        builder.close_on_exec(true).non_blocking(true).user_mode_only(false);
+        if prepared.is_some() {
+            // UFFD_FEATURE_MINOR_SHMEM (Linux 5.14), which this version of the crate does
+            // not name.
+            builder.require_features(userfaultfd::FeatureFlags::from_bits_retain(1 << 10));
+        }
+        let uffd = builder.create().map_err(|e| chain(&Error::Create(e)))?;
+        let mode = if prepared.is_some() { RegisterMode::MINOR } else { RegisterMode::MISSING };
         for region in vm_memory::GuestMemoryBackend::iter(ram) {
             use vm_memory::GuestMemoryRegion;
-            uffd.register(region.as_ptr().cast(), region.len() as usize).map_err(|e| chain(&Error::Register(e)))?;
+            uffd.register_with_mode(region.as_ptr().cast(), region.len() as usize, mode)
+                .map_err(|e| chain(&Error::Register(e)))?;
         }
         stream.limit_buffers(super::postcopy_source::POSTCOPY_BUFFERS);
         let writer = stream.try_clone_stream().map_err(|e| chain(&Error::Clone(e)))?;
@@ -109,6 +126,8 @@ impl Postcopy {
             uffd,
             map,
             need,
+            touched,
+            prepared,
             pending: Mutex::new(HashMap::new()),
             latencies_us: Mutex::new(Vec::new()),
             writer: Mutex::new(Some(writer)),
@@ -213,10 +232,17 @@ fn on_fault(shared: &Shared, addr: usize) {
     };
     let host = shared.map.host(index);
     if !shared.need.contains(index) {
-        // Already installed (the fault raced the install), or a page pre-copy left zero:
-        // zero-fill it here; EEXIST means it is there, and the install woke the thread.
+        // Already installed (the fault raced the install), or a page pre-copy delivered
+        // (prepared RAM: its contents are there, map it) or left zero (zero-fill it);
+        // EEXIST means it is there, and the install woke the thread.
         // SAFETY: one page of registered guest RAM.
-        match unsafe { shared.uffd.zeropage(host as *mut libc::c_void, PAGE as usize, true) } {
+        let filled = unsafe {
+            match shared.prepared {
+                Some(_) => shared.uffd.r#continue(host as *mut libc::c_void, PAGE as usize, true).map(|n| n as usize),
+                None => shared.uffd.zeropage(host as *mut libc::c_void, PAGE as usize, true),
+            }
+        };
+        match filled {
             Ok(_) => {
                 shared.local_zero.fetch_add(1, Relaxed);
             }
@@ -247,10 +273,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Installs the answers that come over the urgent channel; a broken urgent channel only
 /// sends later requests over the main connection.
 fn receive_urgent(shared: &Shared, ram: &GuestRam, mut stream: Box<dyn Stream>) {
+    let mut payload = Vec::new();
     loop {
-        let applied = match protocol::read_frame(&mut stream) {
-            Ok((Kind::PostcopyPages, payload)) => shared.apply(ram, &payload),
-            Ok((other, _)) => Err(format!("unexpected {other:?} on the urgent channel")),
+        let applied = match protocol::read_frame_into(&mut stream, &mut payload) {
+            Ok(Kind::PostcopyPages) => shared.apply(ram, &payload),
+            Ok(other) => Err(format!("unexpected {other:?} on the urgent channel")),
             Err(e) => Err(chain(&e)),
         };
         if let Err(e) = applied {
@@ -318,7 +345,7 @@ impl Shared {
     /// Installs `pages` pages at page `first` from `data` (or zeros when `data` is None),
     /// skipping the ones already here, and records the latency of requested ones.
     fn install(&self, first: u64, pages: u64, data: Option<&[u8]>) -> Result<(), String> {
-        use userfaultfd::Error::{CopyFailed, PartiallyCopied, ZeropageFailed};
+        use userfaultfd::Error::{CopyFailed, PartiallyCopied, SystemError, ZeropageFailed};
         let (mut i, mut single, mut retries) = (0, false, 0);
         while i < pages {
             if !self.need.contains(first + i) {
@@ -331,13 +358,17 @@ impl Shared {
             }
             let dst = self.map.host(first + i) as *mut libc::c_void;
             let len = (run * PAGE) as usize;
-            // SAFETY: `dst..dst+len` is registered guest RAM within one region (the record
-            // was checked against RAM), `src` points to `len` bytes of the received frame.
-            let result = unsafe {
-                match data {
-                    Some(d) => self.uffd.copy(d[(i * PAGE) as usize..].as_ptr().cast(), dst, len, true),
-                    None => self.uffd.zeropage(dst, len, true),
-                }
+            let src = data.map(|d| &d[(i * PAGE) as usize..][..len]);
+            let result = match &self.prepared {
+                Some(prepared) => self.fill_prepared(prepared, first + i, run, src),
+                // SAFETY: `dst..dst+len` is registered guest RAM within one region (the
+                // record was checked against RAM), `src` holds `len` bytes of the frame.
+                None => unsafe {
+                    match src {
+                        Some(d) => self.uffd.copy(d.as_ptr().cast(), dst, len, true),
+                        None => self.uffd.zeropage(dst, len, true),
+                    }
+                },
             };
             // The kernel stops a range at a page it cannot fill: one that exists already
             // (EEXIST when it is the first) or a transient EAGAIN. Go on page by page from
@@ -348,8 +379,10 @@ impl Shared {
                     single = true;
                     ((n as u64 / PAGE).min(run), 0)
                 }
-                Err(CopyFailed(e) | ZeropageFailed(e)) if e as i32 == libc::EEXIST => (0, 1),
-                Err(CopyFailed(e) | ZeropageFailed(e)) if e as i32 == libc::EAGAIN && retries < 1000 => {
+                Err(CopyFailed(e) | ZeropageFailed(e) | SystemError(e)) if e as i32 == libc::EEXIST => (0, 1),
+                Err(CopyFailed(e) | ZeropageFailed(e) | SystemError(e))
+                    if e as i32 == libc::EAGAIN && retries < 1000 =>
+                {
                     single = true;
                     retries += 1;
                     std::thread::yield_now();
@@ -363,6 +396,35 @@ impl Shared {
             i += done + skipped;
         }
         Ok(())
+    }
+
+    /// Prepared RAM: writes `run` pages from page `first` (zeros where nothing but zeros
+    /// was written here, nothing where the memory is still fresh) through the second
+    /// mapping, then maps them for the guest (UFFDIO_CONTINUE), which wakes the faulting
+    /// threads. Returns the bytes mapped, like UFFDIO_COPY.
+    fn fill_prepared(
+        &self,
+        prepared: &Prepared,
+        first: u64,
+        run: u64,
+        data: Option<&[u8]>,
+    ) -> Result<usize, userfaultfd::Error> {
+        let offset = (first * PAGE) as usize;
+        match data {
+            Some(d) => {
+                prepared.write(offset, d);
+            }
+            None => {
+                for p in first..first + run {
+                    if self.touched.contains(p) {
+                        prepared.zero((p * PAGE) as usize, PAGE as usize);
+                    }
+                }
+            }
+        }
+        let dst = self.map.host(first) as *mut libc::c_void;
+        // `run` pages of registered guest RAM within one region.
+        self.uffd.r#continue(dst, (run * PAGE) as usize, true).map(|n| n as usize)
     }
 
     fn installed(&self, index: u64) {
@@ -429,6 +491,7 @@ fn receive_loop(
     let started = Instant::now();
     let mut recoveries = 0;
     let (mut complete, mut asked_again) = (false, false);
+    let mut payload = Vec::new();
     loop {
         if complete && !asked_again && shared.need.count() > 0 {
             asked_again = true;
@@ -450,17 +513,17 @@ fn receive_loop(
             }
             return Ok(done);
         }
-        let failure = match protocol::read_frame(&mut stream) {
-            Ok((Kind::PostcopyPages, payload)) => match shared.apply(ram, &payload) {
+        let failure = match protocol::read_frame_into(&mut stream, &mut payload) {
+            Ok(Kind::PostcopyPages) => match shared.apply(ram, &payload) {
                 Ok(()) => continue,
                 Err(e) => e,
             },
-            Ok((Kind::Complete, _)) => {
+            Ok(Kind::Complete) => {
                 (complete, asked_again) = (true, false);
                 continue;
             }
-            Ok((Kind::Refuse, _)) => unrecoverable("the source aborted during post-copy"),
-            Ok((other, _)) => format!("unexpected {other:?} message during post-copy"),
+            Ok(Kind::Refuse) => unrecoverable("the source aborted during post-copy"),
+            Ok(other) => format!("unexpected {other:?} message during post-copy"),
             Err(e) => chain(&e),
         };
         stream.shutdown_both();

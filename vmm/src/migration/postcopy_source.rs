@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 const PREFETCH: u64 = 15;
 /// Bytes of page data per background frame: small enough that a request waits little
 /// behind it. Zero pages cost no data, so an idle guest's memory goes in few frames.
-const PUSH_BYTES: usize = 256 << 10;
+const PUSH_BYTES: usize = 1 << 20;
 /// Pages per background frame at most: the destination installs a frame in one go, and a
 /// request waits behind it (zero-filling 4096 pages takes about half a millisecond).
 const PUSH_SCAN: u64 = 4096;

@@ -127,6 +127,15 @@ pub fn write_json<T: Serialize>(w: &mut impl Write, kind: Kind, value: &T) -> Re
 
 /// Reads one frame, checking magic, version and size before allocating.
 pub fn read_frame(r: &mut impl Read) -> Result<(Kind, Vec<u8>), Error> {
+    let mut payload = Vec::new();
+    let kind = read_frame_into(r, &mut payload)?;
+    Ok((kind, payload))
+}
+
+/// Reads one frame into `payload`, reusing its allocation: a receiver of many large frames
+/// then touches the same memory again instead of fresh pages for every frame (a new
+/// buffer of megabytes comes from mmap, one page fault per 4 KiB).
+pub fn read_frame_into(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind, Error> {
     let mut header = [0u8; 16];
     r.read_exact(&mut header)?;
     let magic = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
@@ -144,9 +153,9 @@ pub fn read_frame(r: &mut impl Read) -> Result<(Kind, Vec<u8>), Error> {
     if len > MAX_PAYLOAD {
         return Err(Error::TooLarge(len));
     }
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload)?;
-    Ok((kind, payload))
+    payload.resize(len as usize, 0);
+    r.read_exact(payload)?;
+    Ok(kind)
 }
 
 /// Reads a frame of the `expected` kind as JSON; a Refuse frame becomes `Error::Refused`.

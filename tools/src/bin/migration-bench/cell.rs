@@ -156,16 +156,26 @@ impl Drop for Proc {
 }
 
 /// Runs one Popek migration of `cell`.
-pub fn run_popek(popek: &Path, cell: &Cell, net: &Net, dir: &Path, port: u16, rate: u64) -> Result<Sample, String> {
+pub fn run_popek(
+    popek: &Path,
+    cell: &Cell,
+    net: &Net,
+    dir: &Path,
+    port: u16,
+    (rate, prealloc): (u64, bool),
+) -> Result<Sample, String> {
     let api = dir.join("api.sock").display().to_string();
     let to = format!("tcp:{}", net.destination(port));
-    let mut dst =
-        Proc::spawn(&net.prefix(1), popek, &["run", "--no-stdin", "--insecure", "--incoming", &to], dir, "dst")?;
+    let mut dst_args = vec!["run", "--no-stdin", "--insecure", "--incoming", &to];
+    if prealloc {
+        dst_args.extend(["--prealloc", "--memory", &cell.memory]);
+    }
+    let mut dst = Proc::spawn(&net.prefix(1), popek, &dst_args, dir, "dst")?;
     let cmdline = cell.workload.cmdline(rate);
     let src_args = ["run", "--no-stdin", "-m", &cell.memory, "--api-socket", &api, "--cmdline", &cmdline];
     let mut src = Proc::spawn(&net.prefix(0), popek, &src_args, dir, "src")?;
     src.wait_for("migrate: ready", Duration::from_secs(60))?;
-    dst.wait_for("waiting for a migration", Duration::from_secs(10))?;
+    dst.wait_for("waiting for a migration", Duration::from_secs(60))?;
     // The workload runs a moment first, so any dirtying is at full speed.
     std::thread::sleep(Duration::from_millis(200));
     let out = Command::new(popek)

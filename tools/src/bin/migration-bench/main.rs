@@ -72,6 +72,43 @@ struct Args {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Start Popek destinations with `--prealloc` (RAM allocated before the source
+    /// connects, as QEMU's destination gets its -m up front).
+    #[arg(long)]
+    prealloc: bool,
+    /// Measure TCP loopback throughput first (one stream, 4 MiB writes) and print it: the
+    /// physical limit the stop-and-copy figures compare with.
+    #[arg(long)]
+    loopback_probe: bool,
+}
+
+/// TCP loopback throughput of one stream, bytes per second: 2 GiB in 4 MiB writes.
+fn loopback_probe() -> std::io::Result<f64> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let address = listener.local_addr()?;
+    const TOTAL: usize = 2 << 30;
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut s = std::net::TcpStream::connect(address)?;
+        let chunk = vec![0x5au8; 4 << 20];
+        for _ in 0..TOTAL / chunk.len() {
+            s.write_all(&chunk)?;
+        }
+        Ok(())
+    });
+    let (mut r, _) = listener.accept()?;
+    let mut buf = vec![0u8; 4 << 20];
+    let started = Instant::now();
+    let mut got = 0;
+    while got < TOTAL {
+        match r.read(&mut buf)? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    sender.join().map_err(|_| std::io::Error::other("sender panicked"))??;
+    Ok(got as f64 / secs)
 }
 
 fn main() {
@@ -95,6 +132,12 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if args.loopback_probe {
+        match loopback_probe() {
+            Ok(rate) => println!("TCP loopback, one stream: {:.2} GB/s\n", rate / 1e9),
+            Err(e) => eprintln!("migration-bench: loopback probe: {e}"),
+        }
+    }
     let dir = std::env::temp_dir().join(format!("popek-migration-bench-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let vmms: Vec<&'static str> = if qemu.is_some() { vec!["popek", "qemu"] } else { vec!["popek"] };
@@ -141,7 +184,7 @@ fn main() {
             port = port.wrapping_add(1).max(20000);
             let result = match (cell.vmm, &qemu) {
                 ("qemu", Some(q)) => q.run(&cell, net, &dir, port, args.rate),
-                _ => cell::run_popek(&popek, &cell, net, &dir, port, args.rate),
+                _ => cell::run_popek(&popek, &cell, net, &dir, port, (args.rate, args.prealloc)),
             };
             match result {
                 Ok(s) => samples.push(s),
