@@ -38,6 +38,8 @@ struct Shared {
     map: PageMap,
     /// Pages still to come from the source (removed once installed).
     need: PageSet,
+    /// Pages a receiver has taken on to install (see `install`).
+    claimed: PageSet,
     /// Pages whose memory here is not zero (pre-copy wrote them): a zero page from the
     /// source must be written as zeros there (prepared RAM only).
     touched: PageSet,
@@ -126,6 +128,7 @@ impl Postcopy {
             uffd,
             map,
             need,
+            claimed: PageSet::new(touched.len()),
             touched,
             prepared,
             pending: Mutex::new(HashMap::new()),
@@ -345,15 +348,34 @@ impl Shared {
     /// Installs `pages` pages at page `first` from `data` (or zeros when `data` is None),
     /// skipping the ones already here, and records the latency of requested ones.
     fn install(&self, first: u64, pages: u64, data: Option<&[u8]>) -> Result<(), String> {
+        // Claim the pages first: the urgent and the main receiver may both hold a page,
+        // and with prepared RAM a write through the second mapping is not atomic with
+        // mapping it, so only one of them may write it, once (a second write could land
+        // after the guest already changed the page).
+        let ours: Vec<bool> = (first..first + pages).map(|p| self.need.contains(p) && self.claimed.insert(p)).collect();
+        let result = self.install_claimed(first, &ours, data);
+        if result.is_err() {
+            for (k, _) in ours.iter().enumerate().filter(|(_, o)| **o) {
+                if self.need.contains(first + k as u64) {
+                    self.claimed.remove(first + k as u64);
+                }
+            }
+        }
+        result
+    }
+
+    /// Installs the pages of a record this receiver claimed (`ours`).
+    fn install_claimed(&self, first: u64, ours: &[bool], data: Option<&[u8]>) -> Result<(), String> {
         use userfaultfd::Error::{CopyFailed, PartiallyCopied, SystemError, ZeropageFailed};
+        let pages = ours.len() as u64;
         let (mut i, mut single, mut retries) = (0, false, 0);
         while i < pages {
-            if !self.need.contains(first + i) {
+            if !ours[i as usize] || !self.need.contains(first + i) {
                 i += 1;
                 continue;
             }
             let mut run = 1;
-            while !single && i + run < pages && self.need.contains(first + i + run) {
+            while !single && i + run < pages && ours[(i + run) as usize] {
                 run += 1;
             }
             let dst = self.map.host(first + i) as *mut libc::c_void;
