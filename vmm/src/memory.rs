@@ -59,22 +59,6 @@ pub fn create_ram(size: u64) -> Result<GuestRam, Error> {
     GuestRam::from_ranges(&ram_ranges(size)).map_err(|source| Error::Allocate { size, source })
 }
 
-/// Guest RAM for a migration destination: transparent huge pages, one fault per 2 MiB
-/// instead of per 4 KiB. A destination filling 1 GiB otherwise spends most of its time
-/// in page faults (about 9 us each on this project's test host). Not used for a fresh
-/// boot, where zeroing whole huge pages at first touch would delay the first instruction.
-pub fn create_ram_for_incoming(size: u64) -> Result<GuestRam, Error> {
-    let ram = create_ram(size)?;
-    for region in ram.iter() {
-        // SAFETY: advice on a live anonymous mapping owned by `ram`; it changes no contents.
-        let rc = unsafe { libc::madvise(region.as_ptr().cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
-        if rc != 0 {
-            log::debug!("MADV_HUGEPAGE refused: {}", std::io::Error::last_os_error());
-        }
-    }
-    Ok(ram)
-}
-
 /// Guest RAM allocated ahead of time for a migration destination (`run --incoming
 /// --prealloc`): a memfd whose pages are all allocated before the source connects, mapped
 /// twice: once for the guest (through `GuestRam`, shared) and once here, with page tables

@@ -140,9 +140,8 @@ impl Vm {
         // added after KVM_CREATE_IRQCHIP waits ~5 ms for an SRCU grace period, which would
         // be half of Popek's time to first guest byte.
         let ram = match incoming {
-            Some(IncomingRam::Anonymous { huge_pages: true }) => memory::create_ram_for_incoming(config.memory_bytes)?,
             Some(IncomingRam::Prepared(ram)) => ram,
-            None | Some(IncomingRam::Anonymous { huge_pages: false }) => memory::create_ram(config.memory_bytes)?,
+            None | Some(IncomingRam::Anonymous) => memory::create_ram(config.memory_bytes)?,
         };
         let slots = memory::register_ram(&fd, &ram)?;
         let plan = if load_kernel {
@@ -540,10 +539,12 @@ impl Vm {
 
 /// The RAM a migration comes into.
 pub enum IncomingRam {
-    /// Fresh anonymous memory. `huge_pages`: transparent huge pages (faster to fill); not
-    /// for a migration that may switch to post-copy, where writing one page must not make
-    /// its 2 MiB neighbourhood present (userfaultfd only sees pages that are absent).
-    Anonymous { huge_pages: bool },
+    /// Fresh anonymous memory, 4 KiB pages. Not transparent huge pages: one page written
+    /// in the downtime into a 2 MiB area not yet touched costs zeroing all of it (up to
+    /// ~4 ms on this project's nested test host), and in post-copy it would make the
+    /// neighbourhood present, which userfaultfd then never sees missing. `--prealloc`
+    /// is the way to fill RAM fast.
+    Anonymous,
     /// RAM allocated ahead of time (`memory::Prepared`).
     Prepared(GuestRam),
 }

@@ -90,6 +90,9 @@ fn receive_memory_and_state(
     loop {
         let kind = protocol::read_frame_into(stream, &mut payload).map_err(|e| chain(&e))?;
         match kind {
+            Kind::Sync => {
+                protocol::write_json(stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
+            }
             Kind::Discard => {
                 let discard: protocol::Missing =
                     serde_json::from_slice(&payload).map_err(|e| format!("malformed Discard message: {e}"))?;
@@ -235,7 +238,7 @@ pub fn receive(
             return Err(reason);
         }
         Some(p) => IncomingRam::Prepared(p.ram.clone()),
-        None => IncomingRam::Anonymous { huge_pages: !hello.postcopy },
+        None => IncomingRam::Anonymous,
     };
     let mut vm = match Vm::new_incoming(&config, console, ram) {
         Ok(vm) => vm,

@@ -79,6 +79,9 @@ pub enum Kind {
     /// drop these pages now (re-dirtied since sent; they come again in post-copy), so the
     /// switch itself has little left to drop (JSON `Missing`); answered with Accept.
     Discard = 16,
+    /// Source -> destination, before the pause: answer Accept once everything sent so far
+    /// is applied, so the downtime never waits for the destination to catch up (empty).
+    Sync = 17,
 }
 
 impl Kind {
@@ -100,6 +103,7 @@ impl Kind {
             14 => Kind::Missing,
             15 => Kind::Urgent,
             16 => Kind::Discard,
+            17 => Kind::Sync,
             other => return Err(Error::UnknownKind(other)),
         })
     }

@@ -214,6 +214,16 @@ pub fn migrate(
         return postcopy(vm, phase, &reconnect, mode, progress);
     }
 
+    if !rounds.is_empty() {
+        // Let the destination catch up with the rounds before the pause: what it still had
+        // to apply would otherwise fall inside the downtime.
+        let synced = protocol::write_json(&mut stream, Kind::Sync, &serde_json::json!({}))
+            .and_then(|()| protocol::read_json::<Answer>(&mut stream, Kind::Accept));
+        if let Err(e) = synced {
+            let _ = vm.set_dirty_logging(false);
+            return Err(chain(&e).into());
+        }
+    }
     let paused = Instant::now();
     let vcpus = vm.pause_all()?;
     let mut breakdown = Breakdown { pause: paused.elapsed().as_secs_f64() * 1e3, ..Default::default() };

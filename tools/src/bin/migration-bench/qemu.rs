@@ -200,7 +200,10 @@ impl Qemu {
                 Some("failed" | "cancelled") => return Err(format!("QEMU migration failed: {info}")),
                 _ if started.elapsed() > Duration::from_secs(60) => {
                     let _ = src.execute("migrate_cancel", json!({}));
-                    return Err(format!("QEMU's migration did not complete in 60 s ({} dirty-bitmap syncs)", info["ram"]["dirty-sync-count"]));
+                    return Err(format!(
+                        "QEMU's migration did not complete in 60 s ({} dirty-bitmap syncs)",
+                        info["ram"]["dirty-sync-count"]
+                    ));
                 }
                 _ => std::thread::sleep(Duration::from_millis(2)),
             }
