@@ -214,14 +214,11 @@ pub fn migrate(
         return postcopy(vm, phase, &reconnect, mode, progress);
     }
 
-    if !rounds.is_empty() {
-        // Let the destination catch up with the rounds before the pause: what it still had
-        // to apply would otherwise fall inside the downtime.
-        let synced = protocol::write_json(&mut stream, Kind::Sync, &serde_json::json!({}))
-            .and_then(|()| protocol::read_json::<Answer>(&mut stream, Kind::Accept));
-        if let Err(e) = synced {
+    if end == RoundsEnd::GaveUp {
+        // The destination catches up with the rounds before the pause, not inside it.
+        if let Err(e) = sync(&mut stream) {
             let _ = vm.set_dirty_logging(false);
-            return Err(chain(&e).into());
+            return Err(e.into());
         }
     }
     let paused = Instant::now();
@@ -301,6 +298,13 @@ struct Postcopy {
     start: Instant,
     /// Pre-copy rounds ran: only the pages dirtied since are needed (and discarded there).
     hybrid: bool,
+}
+
+/// A barrier: returns once the destination has applied everything sent so far.
+fn sync(stream: &mut Box<dyn transport::Stream>) -> Result<(), String> {
+    protocol::write_json(stream, Kind::Sync, &serde_json::json!({})).map_err(|e| chain(&e))?;
+    let _: Answer = protocol::read_json(stream, Kind::Accept).map_err(|e| chain(&e))?;
+    Ok(())
 }
 
 /// Hybrid, before the pause: tells the destination to drop the pages dirtied since they
@@ -456,9 +460,19 @@ fn precopy(
         serde_json::json!({"round": 0, "pages": outgoing.stats.pages, "ms": first * 1e3, "mb_s": bandwidth / 1e6}),
     );
     for round in 1..=max_rounds {
-        let dirty = vm.take_dirty().map_err(|e| chain(&e))?;
-        let pending = memory::count_dirty(&dirty);
-        let estimate_ms = pending as f64 * memory::PAGE as f64 / bandwidth * 1e3;
+        let mut dirty = vm.take_dirty().map_err(|e| chain(&e))?;
+        let mut pending = memory::count_dirty(&dirty);
+        let mut estimate_ms = pending as f64 * memory::PAGE as f64 / bandwidth * 1e3;
+        if estimate_ms <= downtime_limit_ms {
+            // It looks converged, but the destination may still be applying earlier
+            // rounds (its socket buffers hold megabytes): let it catch up first, or that
+            // work falls inside the downtime; then look again at what the guest dirtied.
+            sync(stream)?;
+            vm.redirty(&dirty);
+            dirty = vm.take_dirty().map_err(|e| chain(&e))?;
+            pending = memory::count_dirty(&dirty);
+            estimate_ms = pending as f64 * memory::PAGE as f64 / bandwidth * 1e3;
+        }
         if estimate_ms <= downtime_limit_ms {
             // Converged: these pages go again in the final round, with the vCPUs paused
             // (the dirty log keeps them: put them back by marking nothing as sent).
