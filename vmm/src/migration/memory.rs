@@ -366,7 +366,9 @@ fn next_record<'a>(ram: &GuestRam, rest: &mut &'a [u8]) -> Result<Record<'a>, Er
 /// records are about to fill: one `MADV_POPULATE_WRITE` over 4 MiB costs far less than a
 /// thousand separate first-touch faults (each a trap, ~9 us on this project's test host).
 /// Best effort: kernels before 5.14 refuse it and the copy faults the pages in as usual.
-fn prefault(ram: &GuestRam, payload: &[u8]) {
+/// `populated`: pages known to be faulted in already (written by an earlier round), which
+/// need no advice (walking the page tables of 16,000 present pages a round is not free).
+fn prefault(ram: &GuestRam, payload: &[u8], populated: Option<&(PageMap, PageSet)>) {
     use vm_memory::GuestMemoryBackend;
     let flush = |run: Option<(u64, u64)>| {
         if let Some((gpa, len)) = run {
@@ -381,7 +383,12 @@ fn prefault(ram: &GuestRam, payload: &[u8]) {
         }
     };
     let mut run: Option<(u64, u64)> = None;
-    for record in records(ram, payload).map_while(Result::ok).filter(|r| !r.is_zero()) {
+    let known = |r: &Record| {
+        populated.is_some_and(|(map, set)| {
+            map.index_of_gpa(r.gpa).is_some_and(|first| (first..first + r.pages).all(|i| set.contains(i)))
+        })
+    };
+    for record in records(ram, payload).map_while(Result::ok).filter(|r| !r.is_zero() && !known(r)) {
         let len = record.pages * PAGE;
         run = match run {
             Some((start, l)) if start + l == record.gpa && memory::is_ram(ram, start, l + len) => {
@@ -398,19 +405,19 @@ fn prefault(ram: &GuestRam, payload: &[u8]) {
 
 /// Applies one Memory payload to guest RAM, checking every record against RAM.
 pub fn apply(ram: &GuestRam, payload: &[u8], stats: &mut Transfer) -> Result<(), Error> {
-    apply_to(ram, None, payload, stats)
+    apply_to(ram, (None, None), payload, stats)
 }
 
 /// Applies a payload, writing through RAM's second mapping when it was prepared ahead
 /// (page tables there are filled in already: no faults at all while memory arrives).
 fn apply_to(
     ram: &GuestRam,
-    prepared: Option<&(std::sync::Arc<memory::Prepared>, PageMap)>,
+    (prepared, populated): (Option<&(std::sync::Arc<memory::Prepared>, PageMap)>, Option<&(PageMap, PageSet)>),
     payload: &[u8],
     stats: &mut Transfer,
 ) -> Result<(), Error> {
     if prepared.is_none() {
-        prefault(ram, payload);
+        prefault(ram, payload, populated);
     }
     for record in records(ram, payload) {
         let record = record?;
@@ -465,6 +472,8 @@ pub struct Incoming {
     pub stats: Transfer,
     /// Every page some record covered (a hybrid migration's destination has these).
     received: Option<(PageMap, PageSet)>,
+    /// Every page data was written to (faulted in: no need to advise it again).
+    populated: Option<(PageMap, PageSet)>,
     /// RAM prepared ahead, written through its second mapping (not with post-copy, whose
     /// delivered pages must be mapped for the guest already).
     prepared: Option<(std::sync::Arc<memory::Prepared>, PageMap)>,
@@ -480,14 +489,19 @@ impl Incoming {
     pub fn memory(&mut self, ram: &GuestRam, payload: &[u8]) -> Result<(), Error> {
         self.crc.update(payload);
         self.stats.bytes_on_wire += payload.len() as u64 + 16;
-        apply_to(ram, self.prepared.as_ref(), payload, &mut self.stats)?;
-        let (map, set) = self.received.get_or_insert_with(|| {
+        let fresh = || {
             let map = PageMap::new(ram);
             let set = PageSet::new(map.total());
             (map, set)
-        });
+        };
+        let populated = self.populated.get_or_insert_with(fresh);
+        apply_to(ram, (self.prepared.as_ref(), Some(populated)), payload, &mut self.stats)?;
+        let (map, set) = self.received.get_or_insert_with(fresh);
         for record in records(ram, payload).flatten() {
             set.insert_ranges(map, &[(record.gpa, record.pages)]).map_err(Error::Record)?;
+            if !record.is_zero() {
+                populated.1.insert_ranges(&populated.0, &[(record.gpa, record.pages)]).map_err(Error::Record)?;
+            }
         }
         Ok(())
     }

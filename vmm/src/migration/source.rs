@@ -459,14 +459,18 @@ fn precopy(
     progress(
         serde_json::json!({"round": 0, "pages": outgoing.stats.pages, "ms": first * 1e3, "mb_s": bandwidth / 1e6}),
     );
+    let mut synced = false;
     for round in 1..=max_rounds {
         let mut dirty = vm.take_dirty().map_err(|e| chain(&e))?;
         let mut pending = memory::count_dirty(&dirty);
         let mut estimate_ms = pending as f64 * memory::PAGE as f64 / bandwidth * 1e3;
-        if estimate_ms <= downtime_limit_ms {
+        if estimate_ms <= downtime_limit_ms && !synced {
             // It looks converged, but the destination may still be applying earlier
-            // rounds (its socket buffers hold megabytes): let it catch up first, or that
-            // work falls inside the downtime; then look again at what the guest dirtied.
+            // rounds (its socket buffers hold megabytes, the first round is all of RAM):
+            // let it catch up first, or that work falls inside the downtime; then look
+            // again at what the guest dirtied. Once only: a barrier every time would let a
+            // fast dirtier outgrow the limit again and again.
+            synced = true;
             sync(stream)?;
             vm.redirty(&dirty);
             dirty = vm.take_dirty().map_err(|e| chain(&e))?;
