@@ -403,6 +403,11 @@ fn prefault(ram: &GuestRam, payload: &[u8], populated: Option<&(PageMap, PageSet
     flush(run);
 }
 
+/// Prepared RAM and its page numbering.
+type PreparedMap = (std::sync::Arc<memory::Prepared>, PageMap);
+/// A set of pages and their numbering.
+type Pages = (PageMap, PageSet);
+
 /// Applies one Memory payload to guest RAM, checking every record against RAM.
 pub fn apply(ram: &GuestRam, payload: &[u8], stats: &mut Transfer) -> Result<(), Error> {
     apply_to(ram, (None, None), payload, stats)
@@ -412,7 +417,7 @@ pub fn apply(ram: &GuestRam, payload: &[u8], stats: &mut Transfer) -> Result<(),
 /// (page tables there are filled in already: no faults at all while memory arrives).
 fn apply_to(
     ram: &GuestRam,
-    (prepared, populated): (Option<&(std::sync::Arc<memory::Prepared>, PageMap)>, Option<&(PageMap, PageSet)>),
+    (prepared, populated): (Option<&PreparedMap>, Option<&Pages>),
     payload: &[u8],
     stats: &mut Transfer,
 ) -> Result<(), Error> {
@@ -476,7 +481,7 @@ pub struct Incoming {
     populated: Option<(PageMap, PageSet)>,
     /// RAM prepared ahead, written through its second mapping (not with post-copy, whose
     /// delivered pages must be mapped for the guest already).
-    prepared: Option<(std::sync::Arc<memory::Prepared>, PageMap)>,
+    prepared: Option<PreparedMap>,
 }
 
 impl Incoming {
