@@ -488,11 +488,15 @@ fn precopy(
         }
         // With auto-converge: not shrinking by a tenth a round after a few rounds means the
         // guest outruns the link; slow it down step by step.
-        let outrun = round >= 4 && pending.saturating_mul(10) > last_pending.saturating_mul(9);
-        if hybrid && (outrun || SWITCH_TO_POSTCOPY.load(std::sync::atomic::Ordering::SeqCst)) {
+        // Hybrid judges after two rounds (post-copy is its way out, so waiting costs only
+        // time); auto-converge after four.
+        let judge_from = if hybrid { 2 } else { 4 };
+        let outrun = round >= judge_from && pending.saturating_mul(10) > last_pending.saturating_mul(9);
+        let asked = SWITCH_TO_POSTCOPY.load(std::sync::atomic::Ordering::SeqCst);
+        if hybrid && (outrun || asked) {
             // These pages were not sent this round: they are what post-copy must move.
             vm.redirty(&dirty);
-            let why = if outrun { "the rounds stopped converging" } else { "asked to (migrate-postcopy)" };
+            let why = if asked { "asked to (migrate-postcopy)" } else { "the rounds stopped converging" };
             progress(serde_json::json!({"round": round, "pending_pages": pending, "switch_to_postcopy": why}));
             return Ok(RoundsEnd::Switch);
         }
