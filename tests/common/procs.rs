@@ -14,10 +14,18 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(scratch: &Scratch, tag: &str, args: &[&str]) -> Proc {
+        Proc::spawn_in(scratch, tag, &[], args)
+    }
+
+    /// `popek ARGS` run through `prefix` (e.g. `ip netns exec NAME`); output in files.
+    pub fn spawn_in(scratch: &Scratch, tag: &str, prefix: &[&str], args: &[&str]) -> Proc {
         let out = scratch.0.join(format!("{tag}.out"));
         let err = scratch.0.join(format!("{tag}.err"));
-        let child = Command::new(popek_bin())
-            .args(args)
+        let mut command: Vec<&str> = prefix.to_vec();
+        command.push(popek_bin());
+        command.extend_from_slice(args);
+        let child = Command::new(command[0])
+            .args(&command[1..])
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&err).unwrap())
@@ -145,19 +153,9 @@ impl Hosts {
 
     /// `popek ARGS` inside host `i`.
     pub fn popek(&self, scratch: &Scratch, i: usize, tag: &str, args: &[&str]) -> Proc {
-        let out = scratch.0.join(format!("{tag}.out"));
-        let err = scratch.0.join(format!("{tag}.err"));
-        let mut command: Vec<&str> = root_prefix();
-        command.extend(["ip", "netns", "exec", &self.names[i], popek_bin()]);
-        command.extend_from_slice(args);
-        let child = Command::new(command[0])
-            .args(&command[1..])
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(&err).unwrap())
-            .spawn()
-            .unwrap();
-        Proc { child, out, err }
+        let mut prefix: Vec<&str> = root_prefix();
+        prefix.extend(["ip", "netns", "exec", &self.names[i]]);
+        Proc::spawn_in(scratch, tag, &prefix, args)
     }
 }
 

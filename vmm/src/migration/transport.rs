@@ -94,37 +94,28 @@ fn set_buffers(fd: std::os::unix::io::RawFd, bytes: usize) {
     }
 }
 
-impl Stream for TcpStream {
-    fn set_timeout(&self, t: Duration) -> std::io::Result<()> {
-        self.set_read_timeout(Some(t))?;
-        self.set_write_timeout(Some(t))
-    }
-    fn try_clone_stream(&self) -> std::io::Result<Box<dyn Stream>> {
-        Ok(Box::new(self.try_clone()?))
-    }
-    fn shutdown_both(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Both);
-    }
-    fn limit_buffers(&self, bytes: usize) {
-        set_buffers(std::os::unix::io::AsRawFd::as_raw_fd(self), bytes);
-    }
+/// TCP and Unix streams do the same through the same std methods.
+macro_rules! impl_stream {
+    ($($t:ty),*) => {$(
+        impl Stream for $t {
+            fn set_timeout(&self, t: Duration) -> std::io::Result<()> {
+                self.set_read_timeout(Some(t))?;
+                self.set_write_timeout(Some(t))
+            }
+            fn try_clone_stream(&self) -> std::io::Result<Box<dyn Stream>> {
+                Ok(Box::new(self.try_clone()?))
+            }
+            fn shutdown_both(&self) {
+                let _ = self.shutdown(std::net::Shutdown::Both);
+            }
+            fn limit_buffers(&self, bytes: usize) {
+                set_buffers(std::os::unix::io::AsRawFd::as_raw_fd(self), bytes);
+            }
+        }
+    )*};
 }
 
-impl Stream for UnixStream {
-    fn set_timeout(&self, t: Duration) -> std::io::Result<()> {
-        self.set_read_timeout(Some(t))?;
-        self.set_write_timeout(Some(t))
-    }
-    fn try_clone_stream(&self) -> std::io::Result<Box<dyn Stream>> {
-        Ok(Box::new(self.try_clone()?))
-    }
-    fn shutdown_both(&self) {
-        let _ = self.shutdown(std::net::Shutdown::Both);
-    }
-    fn limit_buffers(&self, bytes: usize) {
-        set_buffers(std::os::unix::io::AsRawFd::as_raw_fd(self), bytes);
-    }
-}
+impl_stream!(TcpStream, UnixStream);
 
 /// Connects to a listening destination.
 pub fn connect(address: &Address) -> Result<Box<dyn Stream>, Error> {
