@@ -464,3 +464,136 @@ fn precopy_with_auto_converge_moves_a_fast_dirtier_intact() {
     assert_eq!(r["memory_verified"], true);
     expect_arrived(src, dst, 8192);
 }
+
+/// Relays one connection from `listen` to `target`, recording what the source sent.
+fn recording_relay(listen: PathBuf, target: PathBuf) -> std::thread::JoinHandle<Vec<u8>> {
+    let listener = std::os::unix::net::UnixListener::bind(&listen).unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut src, _) = listener.accept().unwrap();
+        let mut dst = std::os::unix::net::UnixStream::connect(&target).unwrap();
+        let (mut src_back, mut dst_back) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+        let back = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut dst_back, &mut src_back);
+        });
+        let mut recorded = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n) = src.read(&mut buf) {
+            if n == 0 || dst.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            recorded.extend_from_slice(&buf[..n]);
+        }
+        let _ = dst.shutdown(std::net::Shutdown::Write);
+        let _ = back.join();
+        recorded
+    })
+}
+
+/// Frame boundaries of a recorded stream: (offset, kind, payload length).
+fn frames(stream: &[u8]) -> Vec<(usize, u16, usize)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 16 <= stream.len() {
+        let kind = u16::from_le_bytes([stream[at + 6], stream[at + 7]]);
+        let len = u64::from_le_bytes(stream[at + 8..at + 16].try_into().unwrap()) as usize;
+        out.push((at, kind, len));
+        at += 16 + len;
+    }
+    out
+}
+
+/// Sends `bytes` to a fresh destination (with `extra` arguments) and checks it refuses
+/// cleanly: status 18, no guest output, no panic.
+fn expect_refused(scratch: &Scratch, tag: &str, extra: &[&str], bytes: &[u8]) -> String {
+    use std::io::Write;
+    let path = scratch.0.join(format!("{tag}.sock"));
+    let addr = format!("unix:{}", path.display());
+    let mut args = vec!["run", "--no-stdin", "--incoming", &addr];
+    args.extend_from_slice(extra);
+    let dst = Proc::spawn(scratch, tag, &args);
+    dst.listening();
+    let mut stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let _ = stream.write_all(bytes);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let (status, out, err) = dst.wait();
+    assert_eq!(status, 18, "{tag}: refused cleanly (status 18): {err}");
+    assert!(!out.contains("migrate:"), "{tag}: no guest ran from a bad stream: {out}");
+    assert!(!err.contains("panicked"), "{tag}: {err}");
+    err
+}
+
+#[test]
+fn truncated_corrupted_and_replayed_streams_are_refused() {
+    require_kvm();
+    let scratch = Scratch::new("mig-streamfuzz");
+    // Record a real stop-and-copy stream through a relay (the move itself succeeds).
+    let (src, api) = source(&scratch, "1");
+    let (dst, dst_addr) = destination(&scratch);
+    let relay_path = scratch.0.join("relay.sock");
+    let recorder = recording_relay(relay_path.clone(), dst_addr.trim_start_matches("unix:").into());
+    let run = migrate_to(&api, &format!("unix:{}", relay_path.display()), &scratch.0.join("report.json"));
+    check_moved(&scratch, src, dst, &run, 1);
+    let stream = recorder.join().unwrap();
+    let frames = frames(&stream);
+    let kinds: Vec<u16> = frames.iter().map(|f| f.1).collect();
+    assert_eq!(kinds.first(), Some(&1), "Hello first: {kinds:?}");
+    assert_eq!(kinds.last(), Some(&6), "Complete last: {kinds:?}");
+    let state = frames.iter().find(|f| f.1 == 4).expect("a State frame");
+    let memory = frames.iter().find(|f| f.1 == 5 && f.2 > 4096).expect("a Memory frame with data");
+
+    // Cut at the end of every frame but the last, and inside frames.
+    for (i, &(at, _, len)) in frames.iter().enumerate() {
+        expect_refused(&scratch, &format!("cut{i}"), &[], &stream[..at + 16 + len / 2]);
+    }
+    // A flipped bit in page data (CRC32 of the memory stream) and in the state.
+    let mut bad = stream.clone();
+    bad[memory.0 + 16 + memory.2 - 100] ^= 0x10;
+    let err = expect_refused(&scratch, "memflip", &[], &bad);
+    assert!(err.contains("checksum"), "{err}");
+    // A digit in the state changed into another digit: still valid JSON, caught by the
+    // state's own checksum.
+    let mut bad = stream.clone();
+    let digit =
+        (state.0 + 16 + state.2 / 2..state.0 + 16 + state.2).find(|&i| bad[i].is_ascii_digit() && bad[i] != b'9');
+    let digit = digit.expect("a digit in the state");
+    bad[digit] += 1;
+    let err = expect_refused(&scratch, "stateflip", &[], &bad);
+    assert!(err.contains("machine state checksum mismatch"), "{err}");
+    // A Memory frame replayed: the checksum no longer adds up.
+    let mut replayed = stream[..memory.0 + 16 + memory.2].to_vec();
+    replayed.extend_from_slice(&stream[memory.0..]);
+    let err = expect_refused(&scratch, "replay", &[], &replayed);
+    assert!(err.contains("checksum"), "{err}");
+    // Hello twice.
+    let mut twice = stream[..frames[1].0].to_vec();
+    twice.extend_from_slice(&stream);
+    expect_refused(&scratch, "hello2", &[], &twice);
+}
+
+#[test]
+fn a_recorded_authenticated_stream_cannot_be_replayed() {
+    require_kvm();
+    let scratch = Scratch::new("mig-replay-auth");
+    let key = scratch.file("key", b"a key both sides share, 32 bytes");
+    let api = scratch.0.join("src.sock").display().to_string();
+    let src = Proc::spawn(
+        &scratch,
+        "src",
+        &["run", "--no-stdin", "--auth-key", &key, "--api-socket", &api, "--cmdline", "test=migrate pages=256"],
+    );
+    wait_for("the source workload", || src.stdout().contains("migrate: ready"));
+    let dst_path = scratch.0.join("dst.sock");
+    let dst_addr = format!("unix:{}", dst_path.display());
+    let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--auth-key", &key, "--incoming", &dst_addr]);
+    dst.listening();
+    let relay_path = scratch.0.join("relay.sock");
+    let recorder = recording_relay(relay_path.clone(), dst_path);
+    popek(&["migrate", "--api-socket", &api, "--to", &format!("unix:{}", relay_path.display())], None).expect_status(0);
+    expect_arrived(src, dst, 256);
+    let stream = recorder.join().unwrap();
+    // The same bytes again, to a destination holding the same key: its fresh nonce makes
+    // the recorded proof worthless.
+    let err = expect_refused(&scratch, "replayed", &["--auth-key", &key], &stream);
+    assert!(err.contains("incoming migration failed"), "{err}");
+}

@@ -86,6 +86,7 @@ fn receive_memory_and_state(
     let mut machine = None;
     let mut switch = None;
     let mut dropped: Option<PageSet> = None;
+    let mut state_crc32 = None;
     let mut payload = Vec::new();
     loop {
         let kind = protocol::read_frame_into(stream, &mut payload).map_err(|e| chain(&e))?;
@@ -124,10 +125,12 @@ fn receive_memory_and_state(
             }
             Kind::State => {
                 let t = Instant::now();
+                state_crc32 = Some(crc32fast::hash(&payload));
                 let state: MachineState =
                     serde_json::from_slice(&payload).map_err(|e| format!("malformed machine state: {e}"))?;
                 log::debug!("incoming: state of {} bytes parsed in {:?}", payload.len(), t.elapsed());
                 if let Some(switch) = switch.take() {
+                    check_state(switch.state_crc32, state_crc32)?;
                     let have = incoming.take_received();
                     return Ok(Received::Postcopy { machine: state, arrived: Instant::now(), switch, have, dropped });
                 }
@@ -137,6 +140,7 @@ fn receive_memory_and_state(
                 let complete: protocol::Complete =
                     serde_json::from_slice(&payload).map_err(|e| format!("malformed Complete message: {e}"))?;
                 incoming.complete(vm.ram(), &complete).map_err(|e| chain(&e))?;
+                check_state(complete.state_crc32, state_crc32)?;
                 log::debug!("received {} pages, {} bytes", incoming.stats.pages, incoming.stats.bytes_on_wire);
                 let (machine, arrived) =
                     machine.ok_or_else(|| "the source completed without sending the machine state".to_string())?;
@@ -145,6 +149,15 @@ fn receive_memory_and_state(
             Kind::Refuse => return Err("the source aborted the migration".into()),
             other => return Err(format!("unexpected {other:?} message during the transfer")),
         }
+    }
+}
+
+/// The state that arrived must be the state the source sent.
+fn check_state(sent: Option<u32>, received: Option<u32>) -> Result<(), String> {
+    match (sent, received) {
+        (Some(a), Some(b)) if a == b => Ok(()),
+        (Some(a), Some(b)) => Err(format!("machine state checksum mismatch: received {b:#x}, the source sent {a:#x}")),
+        _ => Err("the source sent no checksum for the machine state".into()),
     }
 }
 

@@ -555,6 +555,7 @@ mod tests {
             pages_sent: outgoing.stats.pages,
             zero_pages: outgoing.stats.zero_pages,
             ram_crc32: Some(ram_crc32(&src).unwrap()),
+            state_crc32: None,
         };
         assert_eq!(outgoing.stats.pages, 4096);
         assert_eq!(outgoing.stats.zero_pages, 4094);

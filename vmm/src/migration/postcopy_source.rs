@@ -310,6 +310,8 @@ pub fn serve(
                         pages_sent: out.stats.pages,
                         zero_pages: out.stats.zero_pages,
                         ram_crc32: None,
+                        // The state went with the switch, checked there.
+                        state_crc32: None,
                     };
                     protocol::write_json(&mut link.stream, Kind::Complete, &complete).map_err(|e| chain(&e))
                 }

@@ -211,6 +211,9 @@ pub struct Postcopy {
     /// pages the VMM's devices write at restore), checked before post-copy starts.
     #[serde(default)]
     pub memory_crc32: u32,
+    /// CRC32 of the State payload that follows.
+    #[serde(default)]
+    pub state_crc32: Option<u32>,
 }
 
 /// A post-copy reconnection.
@@ -256,6 +259,9 @@ pub struct Complete {
     /// destination compares it with its own RAM before running the VM.
     #[serde(default)]
     pub ram_crc32: Option<u32>,
+    /// CRC32 of the State payload: a damaged state is refused, never restored.
+    #[serde(default)]
+    pub state_crc32: Option<u32>,
 }
 
 /// The destination's confirmation.
@@ -275,7 +281,7 @@ mod tests {
         write_json(
             &mut buf,
             Kind::Complete,
-            &Complete { memory_crc32: 7, pages_sent: 1, zero_pages: 2, ram_crc32: None },
+            &Complete { memory_crc32: 7, pages_sent: 1, zero_pages: 2, ram_crc32: None, state_crc32: None },
         )
         .unwrap();
         let c: Complete = read_json(&mut buf.as_slice(), Kind::Complete).unwrap();

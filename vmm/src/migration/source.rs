@@ -248,6 +248,7 @@ pub fn migrate(
             pages_sent: outgoing.stats.pages,
             zero_pages: outgoing.stats.zero_pages,
             ram_crc32,
+            state_crc32: Some(crc32fast::hash(&state)),
         };
         protocol::write_json(&mut stream, Kind::Complete, &complete).map_err(|e| chain(&e))?;
         mark(&mut breakdown.state);
@@ -373,9 +374,10 @@ fn postcopy(
                 needed.remove(index);
             }
         }
-        let switch = protocol::Postcopy { discard, memory_crc32: outgoing.crc32() };
-        protocol::write_json(&mut stream, Kind::Postcopy, &switch).map_err(|e| chain(&e))?;
         let state = serde_json::to_vec(&machine).map_err(|e| e.to_string())?;
+        let state_crc32 = Some(crc32fast::hash(&state));
+        let switch = protocol::Postcopy { discard, memory_crc32: outgoing.crc32(), state_crc32 };
+        protocol::write_json(&mut stream, Kind::Postcopy, &switch).map_err(|e| chain(&e))?;
         protocol::write_frame(&mut stream, Kind::State, &state).map_err(|e| chain(&e))?;
         std::io::Write::flush(&mut stream).map_err(|e| e.to_string())?;
         Ok((needed, state.len() as u64))
