@@ -14,10 +14,12 @@ use super::source::chain;
 use super::transport::{Address, Stream};
 use crate::memory::GuestRam;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Messages from the destination waiting to be handled, at most.
+const EVENT_QUEUE: usize = 64;
 /// Pages sent after each requested one.
 const PREFETCH: u64 = 15;
 /// Bytes of page data per background frame: small enough that a request waits little
@@ -84,7 +86,9 @@ pub const POSTCOPY_BUFFERS: usize = 1 << 20;
 fn open_link(stream: Box<dyn Stream>) -> Result<Link, String> {
     stream.limit_buffers(POSTCOPY_BUFFERS);
     let reader = stream.try_clone_stream().map_err(|e| format!("cannot split the migration connection: {e}"))?;
-    let (tx, rx) = mpsc::channel();
+    // Bounded: a destination that floods requests faster than they are served fills this,
+    // then the reader stops reading, then TCP stops the peer; memory stays bounded.
+    let (tx, rx) = mpsc::sync_channel(EVENT_QUEUE);
     std::thread::Builder::new()
         .name("postcopy-reader".into())
         .spawn(move || read_events(reader, &tx))
@@ -94,7 +98,7 @@ fn open_link(stream: Box<dyn Stream>) -> Result<Link, String> {
 
 /// Forwards the destination's messages; ends at the first error (or when the link is
 /// replaced and its receiver dropped).
-fn read_events(mut reader: Box<dyn Stream>, tx: &Sender<Event>) {
+fn read_events(mut reader: Box<dyn Stream>, tx: &SyncSender<Event>) {
     loop {
         let event = match protocol::read_frame(&mut reader) {
             Ok((Kind::PageRequest, payload)) if payload.len() % 8 == 0 && !payload.is_empty() => Event::Requests(
