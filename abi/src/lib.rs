@@ -130,7 +130,8 @@ pub mod hypercall {
     pub const EXIT: u64 = 4;
     /// (clock) -> nanoseconds of [`CLOCK_MONOTONIC`] or [`CLOCK_REALTIME`] on the host.
     pub const CLOCK: u64 = 5;
-    /// (ns) -> 0 after the vCPU slept ns (<= [`SLEEP_MAX_NS`]) in the VMM.
+    /// (ns) -> 0 after the vCPU slept ns (<= [`SLEEP_MAX_NS`]) in the VMM, or the ns left
+    /// when the VMM needed the vCPU back first (a pause for migration).
     pub const SLEEP: u64 = 6;
     /// -> 0 after the vCPU thread yielded the host CPU.
     pub const YIELD: u64 = 7;

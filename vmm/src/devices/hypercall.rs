@@ -114,6 +114,22 @@ impl HypercallState {
     }
 }
 
+/// Sleeps up to `duration`, but returns early when the vCPU thread is kicked (a pause for
+/// migration must not wait out a 10 s sleep); returns the time left. std's sleep would
+/// resume after the signal, so this is one nanosleep(2).
+fn interruptible_sleep(duration: Duration) -> Duration {
+    let request = libc::timespec {
+        tv_sec: duration.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(duration.subsec_nanos() as i32),
+    };
+    let mut left = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: nanosleep reads `request` and writes `left`, both live locals.
+    if unsafe { libc::nanosleep(&request, &mut left) } == 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(left.tv_sec.max(0) as u64, left.tv_nsec.clamp(0, 999_999_999) as u32)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -192,10 +208,7 @@ impl HypercallDevice {
             },
             hc::CLOCK => clock(a0),
             hc::SLEEP if a0 > hc::SLEEP_MAX_NS => errno(hc::EINVAL),
-            hc::SLEEP => {
-                std::thread::sleep(Duration::from_nanos(a0));
-                (0, None)
-            }
+            hc::SLEEP => (interruptible_sleep(Duration::from_nanos(a0)).as_nanos() as i64, None),
             hc::YIELD => {
                 std::thread::yield_now();
                 (0, None)
@@ -357,6 +370,22 @@ fn host_random(bytes: &mut [u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    extern "C" fn ignore(_: libc::c_int) {}
+
+    #[test]
+    fn a_kicked_sleep_returns_early_with_the_time_left() {
+        use std::os::unix::thread::JoinHandleExt;
+        // SAFETY: a no-op handler for a signal only this test sends.
+        unsafe { libc::signal(libc::SIGUSR2, ignore as *const () as libc::sighandler_t) };
+        let sleeper = std::thread::spawn(|| interruptible_sleep(Duration::from_secs(10)));
+        std::thread::sleep(Duration::from_millis(100));
+        // SAFETY: the thread is alive (it sleeps for 10 s) and handles SIGUSR2.
+        unsafe { libc::pthread_kill(sleeper.as_pthread_t(), libc::SIGUSR2) };
+        let left = sleeper.join().unwrap();
+        assert!(left > Duration::from_secs(5), "returned with {left:?} left");
+        assert_eq!(interruptible_sleep(Duration::from_millis(1)), Duration::ZERO);
+    }
 
     fn device() -> (HypercallDevice, GuestRam) {
         let ram = memory::create_ram(16 << 20).unwrap();
