@@ -37,3 +37,20 @@ fn the_downtime_gate_fails_when_it_should_and_passes_otherwise() {
     assert!(xml.contains("failures=\"0\"") && !xml.contains("<failure"), "{xml}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_sweep_runs_the_same_cell_under_qemu_side_by_side() {
+    assert!(std::path::Path::new("/dev/kvm").exists(), "/dev/kvm is missing: this test drives real KVM");
+    let out = Command::new(env!("CARGO_BIN_EXE_migration-bench"))
+        .args(["--runs", "1", "--memory", "256M", "--workloads", "idle", "--modes", "postcopy", "--quiet"])
+        .args(["--compare", "qemu"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("| qemu | postcopy | 256M | idle | loopback | 1 |"), "{stdout}");
+    assert!(stdout.contains("Popek against QEMU"), "{stdout}");
+    let row = stdout.lines().find(|l| l.starts_with("| postcopy | 256M | idle | loopback |")).expect("a ratio row");
+    let ratio: f64 = row.split('|').nth(7).unwrap().trim().parse().unwrap();
+    assert!(ratio > 0.0 && ratio.is_finite(), "{row}");
+}
