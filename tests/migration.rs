@@ -597,3 +597,58 @@ fn a_recorded_authenticated_stream_cannot_be_replayed() {
     let err = expect_refused(&scratch, "replayed", &["--auth-key", &key], &stream);
     assert!(err.contains("incoming migration failed"), "{err}");
 }
+
+/// A destination for post-copy and hybrid that dies at `phase`: after Hello, after
+/// Accept, after taking the urgent channel, or once the machine state arrived (the VM
+/// never ran there). It answers the barriers (Sync, Discard) hybrid's rounds send.
+fn fake_postcopy_destination(path: PathBuf, phase: &'static str) -> std::thread::JoinHandle<&'static str> {
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        let accept = br#"{"reason":""}"#;
+        let (mut s, _) = listener.accept().unwrap();
+        let Some(_hello) = read_frame(&mut s) else { return "nothing" };
+        if phase == "hello" {
+            return "hello";
+        }
+        write_frame(&mut s, 2, accept, 1);
+        if phase == "accept" {
+            return "accept";
+        }
+        let (mut urgent, _) = listener.accept().unwrap();
+        if read_frame(&mut urgent).map(|f| f.0) != Some(15) {
+            return "no urgent channel";
+        }
+        write_frame(&mut urgent, 2, accept, 1);
+        if phase == "urgent" {
+            return "urgent";
+        }
+        while let Some((kind, _)) = read_frame(&mut s) {
+            match kind {
+                16 | 17 => write_frame(&mut s, 2, accept, 1),
+                4 => return "state", // die before the VM could run here
+                _ => {}
+            }
+        }
+        "no state"
+    })
+}
+
+#[test]
+fn a_postcopy_that_fails_before_the_vm_runs_there_leaves_the_source_running() {
+    require_kvm();
+    let scratch = Scratch::new("mig-pc-cuts");
+    let (src, api) = source(&scratch, "1");
+    for phase in ["hello", "accept", "urgent", "state"] {
+        for mode in ["postcopy", "hybrid"] {
+            let path = scratch.0.join(format!("{phase}-{mode}.sock"));
+            let fake = fake_postcopy_destination(path.clone(), phase);
+            let to = format!("unix:{}", path.display());
+            let run = popek(&["migrate", "--api-socket", &api, "--to", &to, "--mode", mode], None);
+            run.expect_status(18);
+            assert_eq!(fake.join().unwrap(), phase, "{mode}: the fake destination got as far as planned");
+            popek(&["status", "--api-socket", &api], None).expect_status(0).expect_stdout("\"running\"");
+        }
+    }
+    // Eight failed attempts later the VM is intact: a real move verifies every page.
+    move_intact(&scratch, src, &api);
+}
