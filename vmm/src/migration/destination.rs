@@ -3,7 +3,7 @@
 //! run from partial state: any failure before the VM starts discards it.
 
 use super::memory;
-use super::pages::{PageMap, PageSet};
+use super::pages::PageMap;
 use super::postcopy_destination::{drop_pages, Postcopy, Recovery};
 use super::protocol::{self, Answer, Hello, Kind};
 use super::source::chain;
@@ -51,8 +51,7 @@ enum Received {
         machine: MachineState,
         arrived: Instant,
         switch: protocol::Postcopy,
-        have: Option<PageSet>,
-        dropped: Option<PageSet>,
+        arrived_pages: Option<memory::Arrived>,
     },
 }
 
@@ -80,12 +79,11 @@ fn receive_memory_and_state(
     prepared: Option<std::sync::Arc<crate::memory::Prepared>>,
 ) -> Result<Received, String> {
     let mut incoming = match prepared {
-        Some(p) => memory::Incoming::into_prepared(vm.ram(), p),
+        Some(p) => memory::Incoming::into_prepared(p),
         None => memory::Incoming::default(),
     };
     let mut machine = None;
     let mut switch = None;
-    let mut dropped: Option<PageSet> = None;
     let mut state_crc32 = None;
     let mut payload = Vec::new();
     loop {
@@ -97,26 +95,11 @@ fn receive_memory_and_state(
             Kind::Discard => {
                 let discard: protocol::Missing =
                     serde_json::from_slice(&payload).map_err(|e| format!("malformed Discard message: {e}"))?;
-                let map = PageMap::new(vm.ram());
-                let set = dropped.get_or_insert_with(|| PageSet::new(map.total()));
-                set.insert_ranges(&map, &discard.ranges)?;
-                drop_pages(&map, &discard.ranges)?;
+                incoming.forget(vm.ram(), &discard.ranges).map_err(|e| chain(&e))?;
+                drop_pages(&PageMap::new(vm.ram()), &discard.ranges)?;
                 protocol::write_json(stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
             }
-            Kind::Memory => {
-                incoming.memory(vm.ram(), &payload).map_err(|e| chain(&e))?;
-                // A page dropped earlier and sent again (a device page, ahead of the
-                // state) is here now.
-                if let Some(dropped) = &dropped {
-                    let map = PageMap::new(vm.ram());
-                    for record in memory::records(vm.ram(), &payload).flatten() {
-                        let first = map.index_of_gpa(record.gpa).unwrap_or(u64::MAX);
-                        (first..first.saturating_add(record.pages)).for_each(|i| {
-                            dropped.remove(i);
-                        });
-                    }
-                }
-            }
+            Kind::Memory => incoming.memory(vm.ram(), &payload).map_err(|e| chain(&e))?,
             Kind::Postcopy => {
                 let postcopy: protocol::Postcopy =
                     serde_json::from_slice(&payload).map_err(|e| format!("malformed Postcopy message: {e}"))?;
@@ -131,8 +114,8 @@ fn receive_memory_and_state(
                 log::debug!("incoming: state of {} bytes parsed in {:?}", payload.len(), t.elapsed());
                 if let Some(switch) = switch.take() {
                     check_state(switch.state_crc32, state_crc32)?;
-                    let have = incoming.take_received();
-                    return Ok(Received::Postcopy { machine: state, arrived: Instant::now(), switch, have, dropped });
+                    let arrived_pages = incoming.take_arrived();
+                    return Ok(Received::Postcopy { machine: state, arrived: Instant::now(), switch, arrived_pages });
                 }
                 machine = Some((state, Instant::now()));
             }
@@ -309,7 +292,7 @@ pub fn receive(
     };
     let (machine, state_arrived, mut link) = match received {
         Received::Complete(machine, arrived) => (machine, arrived, Link::Complete(stream)),
-        Received::Postcopy { machine, arrived, switch, have, dropped } => {
+        Received::Postcopy { machine, arrived, switch, arrived_pages } => {
             // RAM is registered with userfaultfd before the restore below or any vCPU can
             // touch it: a page touched first would read as zero and could not be filled.
             let recovery = Recovery {
@@ -321,7 +304,7 @@ pub fn receive(
             };
             let mut spare = stream.try_clone_stream().map_err(|e| e.to_string())?;
             let links = (stream, urgent);
-            match Postcopy::start(vm.ram(), links, (have, dropped), (&switch.discard, prepared), recovery) {
+            match Postcopy::start(vm.ram(), links, arrived_pages, (&switch.discard, prepared), recovery) {
                 Ok(postcopy) => {
                     log::debug!("incoming: post-copy started {:?} after the state arrived", arrived.elapsed());
                     (machine, arrived, Link::Postcopy(postcopy))

@@ -7,6 +7,7 @@
 //! Memory payload is checked at Complete.
 
 use super::pages::{PageMap, PageSet};
+
 use super::protocol::{self, Kind};
 use crate::memory::{self, GuestRam};
 use std::io::Write;
@@ -366,9 +367,9 @@ fn next_record<'a>(ram: &GuestRam, rest: &mut &'a [u8]) -> Result<Record<'a>, Er
 /// records are about to fill: one `MADV_POPULATE_WRITE` over 4 MiB costs far less than a
 /// thousand separate first-touch faults (each a trap, ~9 us on this project's test host).
 /// Best effort: kernels before 5.14 refuse it and the copy faults the pages in as usual.
-/// `populated`: pages known to be faulted in already (written by an earlier round), which
+/// `arrived`: its `populated` pages are faulted in already (written by an earlier round), which
 /// need no advice (walking the page tables of 16,000 present pages a round is not free).
-fn prefault(ram: &GuestRam, payload: &[u8], populated: Option<&(PageMap, PageSet)>) {
+fn prefault(ram: &GuestRam, payload: &[u8], arrived: Option<&Arrived>) {
     use vm_memory::GuestMemoryBackend;
     let flush = |run: Option<(u64, u64)>| {
         if let Some((gpa, len)) = run {
@@ -384,8 +385,9 @@ fn prefault(ram: &GuestRam, payload: &[u8], populated: Option<&(PageMap, PageSet
     };
     let mut run: Option<(u64, u64)> = None;
     let known = |r: &Record| {
-        populated.is_some_and(|(map, set)| {
-            map.index_of_gpa(r.gpa).is_some_and(|first| (first..first + r.pages).all(|i| set.contains(i)))
+        arrived.is_some_and(|a| {
+            let first = a.first(r);
+            (first..first.saturating_add(r.pages)).all(|i| a.populated.contains(i))
         })
     };
     for record in records(ram, payload).map_while(Result::ok).filter(|r| !r.is_zero() && !known(r)) {
@@ -403,40 +405,71 @@ fn prefault(ram: &GuestRam, payload: &[u8], populated: Option<&(PageMap, PageSet
     flush(run);
 }
 
-/// Prepared RAM and its page numbering.
-type PreparedMap = (std::sync::Arc<memory::Prepared>, PageMap);
-/// A set of pages and their numbering.
-type Pages = (PageMap, PageSet);
+/// What a receiver knows of the pages that arrived.
+pub struct Arrived {
+    map: PageMap,
+    /// Every page some record covered (and not dropped since): a hybrid migration's
+    /// destination has these.
+    pub received: PageSet,
+    /// Every page data was written to: faulted in (no need to advise it again) and,
+    /// in prepared RAM, possibly not zero.
+    pub populated: PageSet,
+}
+
+impl Arrived {
+    fn new(ram: &GuestRam) -> Arrived {
+        let map = PageMap::new(ram);
+        let (received, populated) = (PageSet::new(map.total()), PageSet::new(map.total()));
+        Arrived { map, received, populated }
+    }
+
+    /// Page `record` starts at (records are checked to lie in RAM).
+    fn first(&self, record: &Record) -> u64 {
+        self.map.index_of_gpa(record.gpa).unwrap_or(u64::MAX)
+    }
+
+    fn mark(&self, record: &Record) {
+        let first = self.first(record);
+        for i in first..first.saturating_add(record.pages) {
+            self.received.insert(i);
+            if !record.is_zero() {
+                self.populated.insert(i);
+            }
+        }
+    }
+}
 
 /// Applies one Memory payload to guest RAM, checking every record against RAM.
 pub fn apply(ram: &GuestRam, payload: &[u8], stats: &mut Transfer) -> Result<(), Error> {
-    apply_to(ram, (None, None), payload, stats)
+    apply_to(ram, None, None, payload, stats)
 }
 
-/// Applies a payload, writing through RAM's second mapping when it was prepared ahead
-/// (page tables there are filled in already: no faults at all while memory arrives).
+/// Applies a payload and notes what arrived; with `prepared` RAM (and `arrived`, for its
+/// page numbering) writes through its second mapping, whose page tables are filled in
+/// already: no faults at all while memory arrives.
 fn apply_to(
     ram: &GuestRam,
-    (prepared, populated): (Option<&PreparedMap>, Option<&Pages>),
+    prepared: Option<&memory::Prepared>,
+    arrived: Option<&Arrived>,
     payload: &[u8],
     stats: &mut Transfer,
 ) -> Result<(), Error> {
     if prepared.is_none() {
-        prefault(ram, payload, populated);
+        prefault(ram, payload, arrived);
     }
     for record in records(ram, payload) {
         let record = record?;
         stats.pages += record.pages;
-        let offset = prepared.and_then(|(_, map)| map.index_of_gpa(record.gpa)).map(|i| (i * PAGE) as usize);
+        let target = prepared.zip(arrived).map(|(p, a)| (p, (a.first(&record) * PAGE) as usize));
         if record.is_zero() {
             stats.zero_pages += record.pages;
             if record.flags & FRESH == 0 {
                 // A page sent earlier became zero: clear it.
-                match (prepared, offset) {
-                    (Some((p, _)), Some(offset)) => {
+                match target {
+                    Some((p, offset)) => {
                         p.zero(offset, (record.pages * PAGE) as usize);
                     }
-                    _ => {
+                    None => {
                         let zero = [0u8; PAGE as usize];
                         for p in 0..record.pages {
                             ram.write_slice(&zero, GuestAddress(record.gpa + p * PAGE))?;
@@ -445,12 +478,15 @@ fn apply_to(
                 }
             }
         } else {
-            match (prepared, offset) {
-                (Some((p, _)), Some(offset)) => {
+            match target {
+                Some((p, offset)) => {
                     p.write(offset, record.data);
                 }
-                _ => write_ram(ram, record.gpa, record.data)?,
+                None => write_ram(ram, record.gpa, record.data)?,
             }
+        }
+        if let Some(arrived) = arrived {
+            arrived.mark(&record);
         }
     }
     Ok(())
@@ -475,45 +511,39 @@ fn write_ram(ram: &GuestRam, gpa: u64, data: &[u8]) -> Result<(), Error> {
 pub struct Incoming {
     crc: crc32fast::Hasher,
     pub stats: Transfer,
-    /// Every page some record covered (a hybrid migration's destination has these).
-    received: Option<(PageMap, PageSet)>,
-    /// Every page data was written to (faulted in: no need to advise it again).
-    populated: Option<(PageMap, PageSet)>,
+    /// Set up with the first payload.
+    arrived: Option<Arrived>,
     /// RAM prepared ahead, written through its second mapping (not with post-copy, whose
     /// delivered pages must be mapped for the guest already).
-    prepared: Option<PreparedMap>,
+    prepared: Option<std::sync::Arc<memory::Prepared>>,
 }
 
 impl Incoming {
     /// A receiver that writes through `prepared`'s second mapping.
-    pub fn into_prepared(ram: &GuestRam, prepared: std::sync::Arc<memory::Prepared>) -> Incoming {
-        Incoming { prepared: Some((prepared, PageMap::new(ram))), ..Default::default() }
+    pub fn into_prepared(prepared: std::sync::Arc<memory::Prepared>) -> Incoming {
+        Incoming { prepared: Some(prepared), ..Default::default() }
     }
 
     /// Applies one Memory payload.
     pub fn memory(&mut self, ram: &GuestRam, payload: &[u8]) -> Result<(), Error> {
         self.crc.update(payload);
         self.stats.bytes_on_wire += payload.len() as u64 + 16;
-        let fresh = || {
-            let map = PageMap::new(ram);
-            let set = PageSet::new(map.total());
-            (map, set)
-        };
-        let populated = self.populated.get_or_insert_with(fresh);
-        apply_to(ram, (self.prepared.as_ref(), Some(populated)), payload, &mut self.stats)?;
-        let (map, set) = self.received.get_or_insert_with(fresh);
-        for record in records(ram, payload).flatten() {
-            set.insert_ranges(map, &[(record.gpa, record.pages)]).map_err(Error::Record)?;
-            if !record.is_zero() {
-                populated.1.insert_ranges(&populated.0, &[(record.gpa, record.pages)]).map_err(Error::Record)?;
-            }
-        }
+        let arrived = self.arrived.get_or_insert_with(|| Arrived::new(ram));
+        apply_to(ram, self.prepared.as_deref(), Some(arrived), payload, &mut self.stats)
+    }
+
+    /// Pages dropped here again (hybrid's Discard): no longer received, to come again.
+    pub fn forget(&mut self, ram: &GuestRam, ranges: &[(u64, u64)]) -> Result<(), Error> {
+        let arrived = self.arrived.get_or_insert_with(|| Arrived::new(ram));
+        let gone = PageSet::new(arrived.map.total());
+        gone.insert_ranges(&arrived.map, ranges).map_err(Error::Record)?;
+        arrived.received.subtract(&gone);
         Ok(())
     }
 
-    /// The pages received so far (none yet: `None`).
-    pub fn take_received(&mut self) -> Option<PageSet> {
-        self.received.take().map(|(_, set)| set)
+    /// What arrived (none yet: `None`).
+    pub fn take_arrived(&mut self) -> Option<Arrived> {
+        self.arrived.take()
     }
 
     /// Checks the Memory payloads so far against the source's CRC32 of them.

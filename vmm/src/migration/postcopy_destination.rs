@@ -83,27 +83,24 @@ impl Postcopy {
     /// Drops the discarded pages, registers all of guest RAM and starts the fault and
     /// receiver threads. `have` holds the pages pre-copy already delivered (none in pure
     /// post-copy); everything else, and everything discarded, will come from the source.
-    /// `dropped`: pages already discarded before the switch (hybrid's Discard);
-    /// `prepared`: RAM allocated ahead (`--prealloc`), filled through its second mapping and
-    /// mapped for the guest with minor faults, instead of missing-page faults.
+    /// `arrived`: what pre-copy delivered (none in pure post-copy; hybrid's Discard took
+    /// its pages out again); `prepared`: RAM allocated ahead (`--prealloc`), filled through
+    /// its second mapping and mapped for the guest with minor faults, instead of
+    /// missing-page faults.
     pub fn start(
         ram: &GuestRam,
         (stream, urgent): (Box<dyn Stream>, Option<Box<dyn Stream>>),
-        (have, dropped): (Option<PageSet>, Option<PageSet>),
+        arrived: Option<memory::Arrived>,
         (discard, prepared): (&[(u64, u64)], Option<Arc<Prepared>>),
         recovery: Recovery,
     ) -> Result<Postcopy, String> {
         let map = PageMap::new(ram);
         let need = PageSet::full(map.total());
-        // Pages that hold something other than zeros here (pre-copy wrote them).
+        // Pages that may hold something other than zeros here (pre-copy wrote them).
         let touched = PageSet::new(map.total());
-        if let Some(have) = &have {
-            need.subtract(have);
-            touched.union(have);
-        }
-        if let Some(dropped) = &dropped {
-            need.union(dropped);
-            touched.union(dropped);
+        if let Some(arrived) = &arrived {
+            need.subtract(&arrived.received);
+            touched.union(&arrived.populated);
         }
         need.insert_ranges(&map, discard)?;
         touched.insert_ranges(&map, discard)?;
