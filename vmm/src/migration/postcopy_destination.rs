@@ -164,7 +164,7 @@ impl Postcopy {
 
     /// Tells the source the VM runs here.
     pub fn confirm_running(&self, running: &Running) -> Result<(), String> {
-        match self.shared.writer.lock().map_err(|_| "post-copy writer poisoned")?.as_mut() {
+        match lock(&self.shared.writer).as_mut() {
             Some(w) => protocol::write_json(w, Kind::Running, running).map_err(|e| chain(&e)),
             None => Err("the link to the source is down".into()),
         }
@@ -252,10 +252,7 @@ fn on_fault(shared: &Shared, addr: usize) {
         }
         return;
     }
-    let mut pending = match shared.pending.lock() {
-        Ok(p) => p,
-        Err(p) => p.into_inner(),
-    };
+    let mut pending = lock(&shared.pending);
     if pending.contains_key(&index) {
         return;
     }
@@ -451,14 +448,9 @@ impl Shared {
             return;
         }
         self.received.fetch_add(1, Relaxed);
-        let asked = match self.pending.lock() {
-            Ok(mut p) => p.remove(&index),
-            Err(p) => p.into_inner().remove(&index),
-        };
+        let asked = lock(&self.pending).remove(&index);
         if let Some(asked) = asked {
-            if let Ok(mut l) = self.latencies_us.lock() {
-                l.push(asked.elapsed().as_micros() as u64);
-            }
+            lock(&self.latencies_us).push(asked.elapsed().as_micros() as u64);
         }
     }
 
@@ -478,10 +470,7 @@ impl Shared {
     }
 
     fn done(&self, started: Instant, recoveries: u32) -> Done {
-        let mut latencies = match self.latencies_us.lock() {
-            Ok(l) => l.clone(),
-            Err(l) => l.into_inner().clone(),
-        };
+        let mut latencies = lock(&self.latencies_us).clone();
         latencies.sort_unstable();
         let pick = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0);
         Done {
@@ -556,9 +545,7 @@ fn receive_loop(
 
 /// Waits for the source to come back, bounded by the recovery timeout.
 fn reconnect(shared: &Shared, recovery: &Recovery, why: &str) -> Result<Box<dyn Stream>, String> {
-    if let Ok(mut w) = shared.writer.lock() {
-        *w = None;
-    }
+    *lock(&shared.writer) = None;
     eprintln!(
         "popek: post-copy link lost ({why}); the guest waits on {} missing pages; waiting up to {} s for the source on {}",
         shared.need.count(),
@@ -598,12 +585,9 @@ fn resume_handshake(shared: &Shared, recovery: &Recovery, stream: &mut Box<dyn S
     let missing = Missing { ranges: shared.need.ranges(&shared.map) };
     protocol::write_json(stream, Kind::Missing, &missing).map_err(|e| chain(&e))?;
     let writer = stream.try_clone_stream().map_err(|e| e.to_string())?;
-    *shared.writer.lock().map_err(|_| "post-copy writer poisoned")? = Some(writer);
+    *lock(&shared.writer) = Some(writer);
     // The requests sent on the broken link may be lost: ask again.
-    let pending: Vec<u64> = match shared.pending.lock() {
-        Ok(p) => p.keys().copied().collect(),
-        Err(p) => p.into_inner().keys().copied().collect(),
-    };
+    let pending: Vec<u64> = lock(&shared.pending).keys().copied().collect();
     if !pending.is_empty() {
         shared.request(&pending);
     }

@@ -101,9 +101,10 @@ fn open_link(stream: Box<dyn Stream>) -> Result<Link, String> {
 fn read_events(mut reader: Box<dyn Stream>, tx: &SyncSender<Event>) {
     loop {
         let event = match protocol::read_frame(&mut reader) {
-            Ok((Kind::PageRequest, payload)) if payload.len() % 8 == 0 && !payload.is_empty() => Event::Requests(
-                payload.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
-            ),
+            Ok((Kind::PageRequest, payload)) => match parse_requests(&payload) {
+                Some(gpas) => Event::Requests(gpas),
+                None => Event::Lost(format!("malformed page request of {} bytes", payload.len())),
+            },
             Ok((Kind::Running, payload)) => match serde_json::from_slice(&payload) {
                 Ok(r) => Event::Running(r, Instant::now()),
                 Err(e) => Event::Lost(format!("malformed Running message: {e}")),
