@@ -453,12 +453,8 @@ impl Vm {
         use vm_memory::GuestMemoryBackend;
         for (region, bits) in self.ram.iter().zip(dirty) {
             let bitmap = vm_memory::MmapRegion::bitmap(&**region);
-            for (w, word) in bits.iter().enumerate() {
-                let mut word = *word;
-                while word != 0 {
-                    bitmap.set_bit(w * 64 + word.trailing_zeros() as usize);
-                    word &= word - 1;
-                }
+            for bit in crate::migration::pages::set_bits(bits) {
+                bitmap.set_bit(bit as usize);
             }
         }
     }

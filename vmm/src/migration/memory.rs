@@ -263,18 +263,10 @@ impl Outgoing {
         for (region, bits) in ram.iter().zip(dirty) {
             let base = region.start_addr().0;
             let pages = region.len() / PAGE;
-            for (w, word) in bits.iter().enumerate() {
-                let mut word = *word;
-                while word != 0 {
-                    let bit = u64::from(word.trailing_zeros());
-                    word &= word - 1;
-                    let index = w as u64 * 64 + bit;
-                    if index < pages {
-                        self.page(ram, base + index * PAGE, false)?;
-                        sent += 1;
-                        self.maybe_send(out, false)?;
-                    }
-                }
+            for index in super::pages::set_bits(bits).take_while(|&index| index < pages) {
+                self.page(ram, base + index * PAGE, false)?;
+                sent += 1;
+                self.maybe_send(out, false)?;
             }
         }
         self.maybe_send(out, true)?;

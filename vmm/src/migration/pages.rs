@@ -79,6 +79,20 @@ impl PageMap {
     }
 }
 
+/// The positions of the set bits of a bitmap (KVM's dirty log layout), in order.
+pub fn set_bits(words: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    words.iter().enumerate().flat_map(|(w, &word)| {
+        let mut word = word;
+        std::iter::from_fn(move || {
+            (word != 0).then(|| {
+                let bit = w as u64 * 64 + u64::from(word.trailing_zeros());
+                word &= word - 1;
+                bit
+            })
+        })
+    })
+}
+
 /// A set of page numbers that several threads read and update.
 pub struct PageSet {
     words: Vec<AtomicU64>,
@@ -177,15 +191,8 @@ impl PageSet {
     pub fn from_bitmaps(map: &PageMap, bitmaps: &[Vec<u64>]) -> PageSet {
         let set = PageSet::new(map.total());
         for (span, bits) in map.spans.iter().zip(bitmaps) {
-            for (w, word) in bits.iter().enumerate() {
-                let mut word = *word;
-                while word != 0 {
-                    let bit = w as u64 * 64 + u64::from(word.trailing_zeros());
-                    word &= word - 1;
-                    if bit < span.pages {
-                        set.insert(span.first + bit);
-                    }
-                }
+            for bit in set_bits(bits).take_while(|&bit| bit < span.pages) {
+                set.insert(span.first + bit);
             }
         }
         set
@@ -242,6 +249,7 @@ mod tests {
         assert_eq!(set.next_from(5), Some(100));
         assert!(set.remove(100) && !set.remove(100));
         assert_eq!(set.count(), 2);
+        assert_eq!(set_bits(&[0b1010, 1 << 63, 1]).collect::<Vec<_>>(), vec![1, 3, 127, 128]);
         let full = PageSet::full(100);
         assert_eq!((full.count(), full.next_from(99), full.next_from(100)), (100, Some(99), None));
         full.subtract(&set);
