@@ -97,7 +97,9 @@ impl HypercallState {
     /// Takes over a migrated state: the generation goes up by one, and the guest's
     /// registered generation word is updated so it sees the move with a plain load.
     pub fn import(&self, devices: &crate::migration::state::DeviceState, ram: &GuestRam) {
-        let generation = devices.generation + 1;
+        // Wraps instead of overflowing: only a forged state holds u64::MAX, and a guest
+        // learns of a migration from the generation changing, which 0 still is.
+        let generation = devices.generation.wrapping_add(1);
         self.generation.store(generation, Ordering::SeqCst);
         *lock(&self.generation_gpa) = devices.generation_gpa;
         self.doorbell_rings.store(devices.doorbell_rings, Ordering::SeqCst);
