@@ -110,26 +110,64 @@ pub struct Initrd {
     pub name: String,
 }
 
+/// A kernel image already in memory and how to boot it: everything [`load`] reads from
+/// the configuration and from files.
+pub struct Boot<'a> {
+    pub kernel: &'a [u8],
+    /// Names the image in errors.
+    pub name: &'a str,
+    pub initrd: Option<&'a Initrd>,
+    pub cmdline: &'a str,
+    pub vcpus: u32,
+    pub mode: BootMode,
+}
+
 /// Loads the configured kernel (and initrd) into `ram` and returns how to start it.
 pub fn load(config: &VmConfig, ram: &GuestRam) -> Result<BootPlan, Error> {
     let (kernel, name) = read_kernel(&config.kernel)?;
-    let parsed = image::parse(&kernel).map_err(|source| Error::Image { path: name.clone(), source })?;
-    check_segments(&name, &parsed, ram)?;
+    // The image is checked before the initrd is read: a bad kernel is the error to report.
+    let parsed = checked_image(&kernel, &name, ram)?;
     let initrd = config.initrd.as_deref().map(read_initrd).transpose()?;
+    let boot = Boot {
+        kernel: &kernel,
+        name: &name,
+        initrd: initrd.as_ref(),
+        cmdline: &config.cmdline,
+        vcpus: config.vcpus,
+        mode: config.boot,
+    };
+    load_checked(ram, &boot, &parsed)
+}
 
-    write(ram, layout::CMDLINE, &cmdline_bytes(&config.cmdline), "the command line")?;
-    let mptable = MpTable { cpus: config.vcpus as u8 }.build(layout::MPTABLE);
+/// Loads an image from memory into `ram`: [`load`] without the files (the fuzzing surface,
+/// `crate::fuzzing`, feeds hostile images through here).
+pub fn load_image(ram: &GuestRam, boot: &Boot) -> Result<BootPlan, Error> {
+    let parsed = checked_image(boot.kernel, boot.name, ram)?;
+    load_checked(ram, boot, &parsed)
+}
+
+/// Parses the image and checks its segments against RAM and Popek's boot data.
+fn checked_image(kernel: &[u8], name: &str, ram: &GuestRam) -> Result<image::Image, Error> {
+    let parsed = image::parse(kernel).map_err(|source| Error::Image { path: name.into(), source })?;
+    check_segments(name, &parsed, ram)?;
+    Ok(parsed)
+}
+
+fn load_checked(ram: &GuestRam, boot: &Boot, parsed: &image::Image) -> Result<BootPlan, Error> {
+    let (kernel, name) = (boot.kernel, boot.name.to_string());
+    write(ram, layout::CMDLINE, &cmdline_bytes(boot.cmdline), "the command line")?;
+    let mptable = MpTable { cpus: boot.vcpus as u8 }.build(layout::MPTABLE);
     write(ram, layout::MPTABLE, &mptable, "the MP table")?;
 
     let (kernel_entry, protocol) = match parsed.class {
-        image::Class::Elf64 => (pvh::load(ram, &kernel, &name, initrd.as_ref())?, "pvh"),
+        image::Class::Elf64 => (pvh::load(ram, kernel, &name, boot.initrd)?, "pvh"),
         image::Class::Elf32 => {
-            let header = image::find_multiboot_header(&kernel)
+            let header = image::find_multiboot_header(kernel)
                 .ok_or_else(|| Error::Image { path: name.clone(), source: image::Error::NoMultibootHeader })?;
-            (multiboot::load(ram, &kernel, &name, &parsed, &header, initrd.as_ref())?, "multiboot")
+            (multiboot::load(ram, kernel, &name, parsed, &header, boot.initrd)?, "multiboot")
         }
     };
-    match config.boot {
+    match boot.mode {
         BootMode::Direct => Ok(BootPlan { entry: Entry::ProtectedMode(kernel_entry), rom: None, protocol }),
         BootMode::Firmware => {
             if protocol != "pvh" {
