@@ -16,7 +16,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::Duration;
 
 /// Longest request line accepted.
-const MAX_REQUEST: usize = 64 * 1024;
+pub const MAX_REQUEST: usize = 64 * 1024;
 
 /// One request, where its reply goes, and how the VM learns the reply was written
 /// (after a migration the process ends: the client must have its report first).

@@ -456,13 +456,7 @@ impl Shared {
 
     /// Checks one PostcopyPages payload (CRC32 first, then every record) and installs it.
     fn apply(&self, ram: &GuestRam, payload: &[u8]) -> Result<(), String> {
-        let (crc, records) = payload.split_at_checked(4).ok_or("post-copy frame without a checksum")?;
-        let crc = u32::from_le_bytes(crc.try_into().unwrap_or([0; 4]));
-        if crc32fast::hash(records) != crc {
-            return Err("post-copy frame checksum mismatch".into());
-        }
-        let parsed: Result<Vec<memory::Record>, memory::Error> = memory::records(ram, records).collect();
-        for record in parsed.map_err(|e| chain(&e))? {
+        for record in postcopy_records(ram, payload)? {
             let first = self.map.index_of_gpa(record.gpa).ok_or("record outside RAM")?;
             self.install(first, record.pages, (!record.is_zero()).then_some(record.data))?;
         }
@@ -485,6 +479,17 @@ impl Shared {
             postcopy_ms: started.elapsed().as_secs_f64() * 1e3,
         }
     }
+}
+
+/// The records of one PostcopyPages payload, all checked (CRC32 first, then every record
+/// against RAM) before the caller installs a single page.
+pub(crate) fn postcopy_records<'a>(ram: &'a GuestRam, payload: &'a [u8]) -> Result<Vec<memory::Record<'a>>, String> {
+    let (crc, records) = payload.split_at_checked(4).ok_or("post-copy frame without a checksum")?;
+    let crc = u32::from_le_bytes(crc.try_into().unwrap_or([0; 4]));
+    if crc32fast::hash(records) != crc {
+        return Err("post-copy frame checksum mismatch".into());
+    }
+    memory::records(ram, records).collect::<Result<Vec<_>, _>>().map_err(|e| chain(&e))
 }
 
 /// Installs what the source sends until it says it sent everything, recovering from

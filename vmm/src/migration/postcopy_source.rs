@@ -191,7 +191,7 @@ fn serve_urgent(pages: Pages, mut stream: Box<dyn Stream>, mut out: Outgoing) ->
 }
 
 /// A PageRequest payload: gpa u64 each, at least one.
-fn parse_requests(payload: &[u8]) -> Option<Vec<u64>> {
+pub(crate) fn parse_requests(payload: &[u8]) -> Option<Vec<u64>> {
     (payload.len().is_multiple_of(8) && !payload.is_empty())
         .then(|| payload.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
 }
