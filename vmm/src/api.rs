@@ -81,6 +81,8 @@ pub fn spawn_server(path: &Path) -> std::io::Result<Receiver<Call>> {
     let listener = UnixListener::bind(path)?;
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new().name("api".into()).spawn(move || {
+        // The per-client threads inherit this filter.
+        crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Api);
         for stream in listener.incoming().flatten() {
             let tx = tx.clone();
             let _ = std::thread::Builder::new().name("api-client".into()).spawn(move || serve_client(stream, tx));

@@ -24,12 +24,16 @@ mod status {
     pub const MIGRATION: u8 = 18;
 }
 
+/// How long an exiting `popek run` waits for its TLS connections to send what it wrote.
+const TLS_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Parser)]
 #[command(name = "popek", version, about = "A tiny KVM hypervisor for seeing and measuring virtualization")]
 #[command(after_help = "Exit status: the guest's exit-port value v gives (v << 1) | 1 (odd), as QEMU's \
 isa-debug-exit does; popek's own: 0 guest asked for reset, 2 usage, 4 bad input (image, size, file), \
 6 KVM unavailable, 8 triple fault, 10 VM entry failed, 12 emulation failure, 14 KVM system event, \
-16 other VMM error, 18 migration failed (the VM keeps running where it was).")]
+16 other VMM error, 18 migration failed (the VM keeps running where it was), 20 a thread made a system call \
+its seccomp filter forbids.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -38,7 +42,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a kernel (the bundled test guest by default) and run it until it exits.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Classify an image's instructions by the Popek-Goldberg criteria (privileged,
     /// sensitive-unprivileged, innocuous) and list every sensitive-unprivileged site.
     Classify {
@@ -174,6 +178,18 @@ struct RunArgs {
     /// any state moves; give the same key to the source and the destination.
     #[arg(long, value_name = "FILE")]
     auth_key: Option<PathBuf>,
+    /// Migrate over mutual TLS 1.3: this side's certificate (PEM), used by both the
+    /// source (client) and the destination (server). Needs --tls-key and --tls-ca.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// The CA certificate(s) (PEM) the peer's certificate must be signed by. The
+    /// destination's certificate must name the address the source dials (its IP or DNS
+    /// name; "localhost" for unix: addresses).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
     /// Allow --incoming on a non-loopback address without --auth-key.
     #[arg(long)]
     insecure: bool,
@@ -210,6 +226,27 @@ struct RunArgs {
     /// Most instructions the audit steps; then the guest runs on unaudited.
     #[arg(long, default_value_t = 100_000, value_name = "N")]
     audit_limit: u64,
+    /// System-call filters per thread kind (vmm, vcpu, api, migration; docs/security.md):
+    /// `on` stops the process (exit 20, naming the thread and call) on a forbidden call,
+    /// `log` lets it through and has the kernel log it, `off` installs none.
+    #[arg(long, value_enum, default_value = "on")]
+    seccomp: SeccompArg,
+    /// Test hook: the first thread of this kind (vmm, vcpu, api, migration) makes one
+    /// system call its filter forbids.
+    #[arg(long, hide = true, value_name = "KIND", value_parser = parse_thread_kind)]
+    seccomp_probe: Option<popek::seccomp::ThreadKind>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SeccompArg {
+    On,
+    Log,
+    Off,
+}
+
+fn parse_thread_kind(text: &str) -> Result<popek::seccomp::ThreadKind, String> {
+    popek::seccomp::ThreadKind::parse(text)
+        .ok_or_else(|| format!("'{text}' is not a thread kind (vmm, vcpu, api, migration)"))
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -228,7 +265,11 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => {
+            let code = run(*args);
+            popek::migration::tls::flush(TLS_FLUSH);
+            code
+        }
         Command::Classify { image, flat, bits, base, json } => {
             classify(&image, popek::classify::Options { flat, bits, base }, json)
         }
@@ -474,6 +515,22 @@ fn run(args: RunArgs) -> ExitCode {
     if let Err(e) = config.validate() {
         return fail(status::BAD_INPUT, &e.to_string());
     }
+    if let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+        use popek::migration::tls;
+        match tls::Settings::load(&tls::Files { cert, key, ca }) {
+            Ok(settings) => tls::enable(settings),
+            Err(e) => return fail(status::BAD_INPUT, &chain(&e)),
+        }
+    }
+    // Before any other thread starts, so that every thread inherits at least this filter.
+    let seccomp = match args.seccomp {
+        SeccompArg::On => popek::seccomp::Mode::Enforce,
+        SeccompArg::Log => popek::seccomp::Mode::Log,
+        SeccompArg::Off => popek::seccomp::Mode::Off,
+    };
+    if let Err(e) = popek::seccomp::install(seccomp, args.seccomp_probe) {
+        return fail(status::VMM_ERROR, &e.to_string());
+    }
     let requests = match args.api_socket.as_deref().map(popek::api::spawn_server).transpose() {
         Ok(r) => r,
         Err(e) => return fail(status::BAD_INPUT, &format!("cannot serve the API socket: {e}")),
@@ -536,6 +593,7 @@ fn report_stats(vm: &Vm, exit: &VmExit, table: bool, json: Option<&std::path::Pa
 fn finish(exit: VmExit) -> ExitCode {
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    popek::migration::tls::flush(TLS_FLUSH);
     let code: i32 = match exit {
         VmExit::Guest(v) => (i32::from(v) << 1) | 1,
         VmExit::Reset => {

@@ -221,6 +221,7 @@ impl Vcpu {
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
+                crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Vcpu);
                 let mut vcpu = self;
                 let exit = vcpu.run(&handlers, &control);
                 // The receiver is gone only when the VM is already ending.

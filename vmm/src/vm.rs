@@ -471,6 +471,7 @@ impl Vm {
         let thread = std::thread::Builder::new()
             .name("throttle".into())
             .spawn(move || {
+                crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Migration);
                 const PERIOD_US: u64 = 10_000;
                 // park_timeout, not sleep: dropping the throttle unparks it at once, so the
                 // migration never waits for the rest of a period before it pauses.
@@ -630,10 +631,13 @@ fn spawn_event_loop(doorbell: Doorbell) -> Result<(), Error> {
     event_manager::SubscriberOps::add_subscriber(&mut manager, Arc::new(Mutex::new(doorbell)));
     std::thread::Builder::new()
         .name("event-loop".into())
-        .spawn(move || loop {
-            if let Err(e) = manager.run() {
-                log::error!("event loop: {e:?}");
-                return;
+        .spawn(move || {
+            crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Api);
+            loop {
+                if let Err(e) = manager.run() {
+                    log::error!("event loop: {e:?}");
+                    return;
+                }
             }
         })
         .map_err(io)?;

@@ -114,6 +114,7 @@ pub fn spawn_input_thread<R: Read + Send + 'static>(
     mut input: R,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("serial-input".into()).spawn(move || {
+        crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Api);
         let mut buffer = [0u8; 256];
         loop {
             let n = match input.read(&mut buffer) {

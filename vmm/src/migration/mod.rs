@@ -10,4 +10,5 @@ pub mod postcopy_source;
 pub mod protocol;
 pub mod source;
 pub mod state;
+pub mod tls;
 pub mod transport;

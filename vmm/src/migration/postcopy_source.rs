@@ -91,7 +91,10 @@ fn open_link(stream: Box<dyn Stream>) -> Result<Link, String> {
     let (tx, rx) = mpsc::sync_channel(EVENT_QUEUE);
     std::thread::Builder::new()
         .name("postcopy-reader".into())
-        .spawn(move || read_events(reader, &tx))
+        .spawn(move || {
+            crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Migration);
+            read_events(reader, &tx)
+        })
         .map_err(|e| format!("cannot start the post-copy reader: {e}"))?;
     Ok(Link { stream, events: rx })
 }
@@ -258,7 +261,10 @@ pub fn serve(
         let (p, o) = (pages.clone(), out.sibling());
         let thread = std::thread::Builder::new()
             .name("postcopy-urgent".into())
-            .spawn(move || serve_urgent(p, stream, o))
+            .spawn(move || {
+                crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Migration);
+                serve_urgent(p, stream, o)
+            })
             .ok()?;
         Some((closer, thread))
     });

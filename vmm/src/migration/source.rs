@@ -127,6 +127,8 @@ pub struct Report {
     /// memory, the machine state, and waiting for the destination to run the VM.
     pub downtime_breakdown_ms: Breakdown,
     pub to: String,
+    /// "tls1.3" (mutual TLS, `--tls-*`) or "none": what protected the stream on the wire.
+    pub encryption: &'static str,
     pub total_ms: f64,
     /// Source vCPUs paused -> destination confirmed its vCPUs run (end to end).
     pub downtime_ms: f64,
@@ -138,6 +140,14 @@ pub struct Report {
     pub vcpus: u32,
     /// Post-copy and hybrid (when it switched): the post-copy phase.
     pub postcopy: Option<PostcopyReport>,
+}
+
+fn encryption() -> &'static str {
+    if super::tls::enabled() {
+        "tls1.3"
+    } else {
+        "none"
+    }
 }
 
 /// Migrates `vm` to the destination listening at `to`; `progress` gets one JSON value per
@@ -271,6 +281,7 @@ pub fn migrate(
                 downtime_breakdown_ms: breakdown,
                 converged,
                 to: to.to_string(),
+                encryption: encryption(),
                 total_ms: total.as_secs_f64() * 1e3,
                 downtime_ms: downtime.as_secs_f64() * 1e3,
                 destination_restore_ms: running.restore_us as f64 / 1e3,
@@ -419,6 +430,7 @@ fn postcopy(
         memory_verified: false,
         downtime_breakdown_ms: breakdown,
         to: reconnect.to.to_string(),
+        encryption: encryption(),
         total_ms: total.as_secs_f64() * 1e3,
         downtime_ms: downtime.as_secs_f64() * 1e3,
         destination_restore_ms: outcome.running.restore_us as f64 / 1e3,

@@ -124,10 +124,27 @@ pub fn connect(address: &Address) -> Result<Box<dyn Stream>, Error> {
         Address::Tcp(a) => {
             let s = TcpStream::connect(a).map_err(err)?;
             let _ = s.set_nodelay(true);
-            Box::new(s)
+            let host = a.rsplit_once(':').map_or(a.as_str(), |(h, _)| h).trim_matches(['[', ']']);
+            secure_client(s, host).map_err(err)?
         }
-        Address::Unix(p) => Box::new(UnixStream::connect(p).map_err(err)?),
+        // A Unix socket's peer is this host: its certificate names "localhost".
+        Address::Unix(p) => secure_client(UnixStream::connect(p).map_err(err)?, "localhost").map_err(err)?,
     })
+}
+
+/// The connection as it is, or its plaintext end through TLS when TLS is on.
+fn secure_client<S: super::tls::Socket + Stream>(socket: S, host: &str) -> std::io::Result<Box<dyn Stream>> {
+    if super::tls::enabled() {
+        return Ok(Box::new(super::tls::client(socket, host)?));
+    }
+    Ok(Box::new(socket))
+}
+
+fn secure_server<S: super::tls::Socket + Stream>(socket: S) -> std::io::Result<Box<dyn Stream>> {
+    if super::tls::enabled() {
+        return Ok(Box::new(super::tls::server(socket)?));
+    }
+    Ok(Box::new(socket))
 }
 
 /// A destination's listening socket, kept for the whole migration: post-copy takes a
@@ -181,11 +198,11 @@ impl Listener {
                 Listener::Tcp(l, _) => l.accept().and_then(|(s, _)| {
                     s.set_nonblocking(false)?;
                     let _ = s.set_nodelay(true);
-                    Ok(Box::new(s) as Box<dyn Stream>)
+                    secure_server(s)
                 }),
                 Listener::Unix(l, _) => l.accept().and_then(|(s, _)| {
                     s.set_nonblocking(false)?;
-                    Ok(Box::new(s) as Box<dyn Stream>)
+                    secure_server(s)
                 }),
             };
             match (accepted, deadline) {
