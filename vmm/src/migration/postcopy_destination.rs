@@ -141,7 +141,10 @@ impl Postcopy {
         let s = shared.clone();
         std::thread::Builder::new()
             .name("postcopy-faults".into())
-            .spawn(move || fault_loop(&s))
+            .spawn(move || {
+                crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Migration);
+                fault_loop(&s)
+            })
             .map_err(|e| chain(&Error::Thread(e)))?;
         if let Some(urgent) = urgent {
             urgent.limit_buffers(super::postcopy_source::POSTCOPY_BUFFERS);
@@ -150,14 +153,20 @@ impl Postcopy {
             let (s, ram) = (shared.clone(), ram.clone());
             std::thread::Builder::new()
                 .name("postcopy-urgent".into())
-                .spawn(move || receive_urgent(&s, &ram, urgent))
+                .spawn(move || {
+                    crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Migration);
+                    receive_urgent(&s, &ram, urgent)
+                })
                 .map_err(|e| chain(&Error::Thread(e)))?;
         }
         let s = shared.clone();
         let ram = ram.clone();
         let receiver = std::thread::Builder::new()
             .name("postcopy-receiver".into())
-            .spawn(move || receive_loop(&s, &ram, stream, &recovery))
+            .spawn(move || {
+                crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Migration);
+                receive_loop(&s, &ram, stream, &recovery)
+            })
             .map_err(|e| chain(&Error::Thread(e)))?;
         Ok(Postcopy { shared, receiver })
     }
