@@ -326,7 +326,7 @@ impl Shared {
             missing.push(i);
             at = i + 1;
         }
-        for chunk in missing.chunks(4096) {
+        for chunk in missing.chunks(protocol::MAX_REQUEST_PAGES) {
             let mut writer = lock(&self.writer);
             if let Some(w) = writer.as_mut() {
                 let payload: Vec<u8> = chunk.iter().flat_map(|&i| self.map.gpa(i).to_le_bytes()).collect();
@@ -610,8 +610,8 @@ fn resume_handshake(shared: &Shared, recovery: &Recovery, stream: &mut Box<dyn S
     *lock(&shared.writer) = Some(writer);
     // The requests sent on the broken link may be lost: ask again.
     let pending: Vec<u64> = lock(&shared.pending).keys().copied().collect();
-    if !pending.is_empty() {
-        shared.request(&pending);
+    for chunk in pending.chunks(protocol::MAX_REQUEST_PAGES) {
+        shared.request(chunk);
     }
     Ok(())
 }

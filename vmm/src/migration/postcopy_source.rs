@@ -193,9 +193,10 @@ fn serve_urgent(pages: Pages, mut stream: Box<dyn Stream>, mut out: Outgoing) ->
     }
 }
 
-/// A PageRequest payload: gpa u64 each, at least one.
+/// A PageRequest payload: gpa u64 each, at least one, at most `MAX_REQUEST_PAGES`.
 pub(crate) fn parse_requests(payload: &[u8]) -> Option<Vec<u64>> {
-    (payload.len().is_multiple_of(8) && !payload.is_empty())
+    let pages = payload.len() / 8;
+    (payload.len().is_multiple_of(8) && pages > 0 && pages <= protocol::MAX_REQUEST_PAGES)
         .then(|| payload.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
 }
 

@@ -13,6 +13,10 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"PPKM");
 pub const VERSION: u16 = 1;
 /// Largest payload accepted: a peer cannot make us allocate more for one frame.
 pub const MAX_PAYLOAD: u64 = 64 << 20;
+/// Most pages one PageRequest may ask for (32 KiB of addresses): the post-copy source
+/// queues at most a bounded number of requests, so this bounds what a destination can
+/// make it hold (docs/security.md).
+pub const MAX_REQUEST_PAGES: usize = 4096;
 
 /// Protocol errors.
 #[derive(Debug, thiserror::Error)]
