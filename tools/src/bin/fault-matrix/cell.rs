@@ -254,7 +254,12 @@ fn run_in(cfg: &Config, cell: Cell, dir: &Path, row: &mut Row) -> Result<(), Str
         } else {
             ("source", src_status, src.stderr())
         };
-        if cell.documented_unrecoverable() {
+        // A source killed at its Complete: every page was sent, but answers on the urgent
+        // channel may still have been on their way; the documented case only if the
+        // destination says pages were missing.
+        let pages_missing = missing_pages(&dst.stderr()).is_some_and(|n| n > 0);
+        let late_kill = (cell.phase, cell.fault) == (Phase::Complete, Fault::KillSrc) && pages_missing;
+        if cell.documented_unrecoverable() || late_kill {
             let said = err.contains("unrecoverable");
             if status == Some(MIGRATION_FAILED) && said {
                 row.unrecoverable_documented = true;
@@ -282,6 +287,12 @@ fn run_in(cfg: &Config, cell: Cell, dir: &Path, row: &mut Row) -> Result<(), Str
         }
     }
     Ok(())
+}
+
+/// N in the destination's "the guest waits on N missing pages" (a lost post-copy link).
+fn missing_pages(stderr: &str) -> Option<u64> {
+    let (_, rest) = stderr.rsplit_once("the guest waits on ")?;
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// The line that says "unrecoverable", whole (the word tends to come last).
@@ -329,5 +340,16 @@ fn move_again(cfg: &Config, dir: &Path, api: &str, src: &mut Proc) -> (bool, Str
     match result {
         Ok(line) => (true, format!("moved again from the source with --verify-memory; the guest: {line}")),
         Err(e) => (false, format!("moved again from the source: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn missing_pages_are_read_from_the_destinations_last_complaint() {
+        let err = "popek: post-copy link lost (x); the guest waits on 12 missing pages; waiting up to 3 s\n\
+                   popek: post-copy link lost (y); the guest waits on 0 missing pages; waiting up to 3 s\n";
+        assert_eq!(super::missing_pages(err), Some(0));
+        assert_eq!(super::missing_pages("popek: waiting for a migration on unix:x"), None);
     }
 }

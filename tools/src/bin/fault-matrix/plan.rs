@@ -120,7 +120,8 @@ impl Cell {
 
     /// A side killed once the VM ran on the destination in post-copy: neither side alone
     /// holds the VM any more (docs/migration.md, "The unrecoverable case"). The survivor
-    /// must say so and exit; the VM is gone by design.
+    /// must say so and exit; the VM is gone by design. (The source killed at Complete is
+    /// not: every page was sent, and the destination keeps the VM if they all arrived.)
     pub fn documented_unrecoverable(&self) -> bool {
         self.mode.postcopy()
             && match self.fault {
