@@ -24,6 +24,8 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
 # ip and tc (iproute2) build the two-host network of the cross-namespace migration tests
 # and shape its link.
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+# g++ builds libFuzzer for the fuzz targets (tools/fuzz.sh).
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
 # libclang builds the userfaultfd bindings (post-copy migration).
 dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -12,6 +12,7 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --manifest-path tools/fuzz/Cargo.toml -- --check
 echo "== cargo clippy (host crates)"
 cargo clippy --release --all-targets --quiet -- -D warnings
 echo "== cargo clippy (guest and firmware, x86_64-unknown-none)"
@@ -27,3 +28,8 @@ awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n",
 echo "== migration sweep (gate: median downtime <= 100 ms per cell)"
 target/release/migration-bench --runs 1 --memory 256M --workloads idle,dirty \
     --modes precopy,postcopy,hybrid --max-downtime-ms 100 --quiet | grep -v '^BENCH_JSON'
+# Fuzzing, bounded: each target replays its corpus and regression inputs (with overflow
+# checks on), then fuzzes for 10 s. The first build of tools/fuzz/ compiles every
+# dependency again, instrumented: about 2.5 minutes on 2 cores (docs/security.md).
+echo "== fuzz (10 s per target; tools/fuzz.sh --seconds N for longer runs)"
+tools/fuzz.sh --seconds 10
