@@ -81,7 +81,11 @@ impl Settings {
             roots.add(ca).map_err(|source| Error::Ca { path: files.ca.into(), source })?;
         }
         let roots = Arc::new(roots);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut provider = rustls::crypto::ring::default_provider();
+        // AES-128-GCM first: as safe for a migration's lifetime and a third cheaper per
+        // byte than AES-256 (10 rounds, not 14), which shows at memory-copy speeds.
+        provider.cipher_suites.sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        let provider = Arc::new(provider);
         let versions: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
@@ -274,7 +278,7 @@ fn pump(
     // once every record went out).
     conn.set_buffer_limit(None);
     let mut app = app;
-    let mut buffer = vec![0u8; CHUNK];
+    let (mut buffer, mut ciphertext) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
     let (mut to_app, mut to_net) = (Pending::default(), Pending::default());
     let mut ends = Ends::default();
     loop {
@@ -342,7 +346,7 @@ fn pump(
         idle.store(false, SeqCst);
         let [net_ready, app_ready] = ready?;
         if read_net && net_ready {
-            receive(&mut conn, net, &mut to_app, &mut ends, &mut buffer)?;
+            receive(&mut conn, net, &mut to_app, &mut ends, (&mut ciphertext, &mut buffer))?;
         }
         if read_app && app_ready {
             match app.read(&mut buffer) {
@@ -367,23 +371,31 @@ fn receive(
     net: &mut impl Socket,
     to_app: &mut Pending,
     ends: &mut Ends,
-    buffer: &mut [u8],
+    (ciphertext, plaintext): (&mut [u8], &mut [u8]),
 ) -> std::io::Result<()> {
-    match conn.read_tls(net) {
+    // One read(2) for up to CHUNK bytes, then rustls takes them from memory: its own
+    // read_tls would make a system call per few KiB, which costs more than the AES here.
+    let n = match net.read(ciphertext) {
         Ok(0) => {
             log::debug!("pump {}: the peer closed the connection", net.as_raw_fd());
             ends.net_done = true;
+            return drain(conn, to_app, ends, plaintext);
         }
-        Ok(_) => {}
-        Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+        Ok(n) => n,
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => return Ok(()),
         Err(e) => return Err(e),
+    };
+    let mut fed = 0;
+    while fed < n {
+        fed += conn.read_tls(&mut &ciphertext[fed..n])?;
+        if let Err(e) = conn.process_new_packets() {
+            // Tell the peer why (an alert), best effort, then give up on the connection.
+            let _ = conn.write_tls(net);
+            return Err(std::io::Error::new(ErrorKind::InvalidData, e));
+        }
+        drain(conn, to_app, ends, plaintext)?;
     }
-    if let Err(e) = conn.process_new_packets() {
-        // Tell the peer why (an alert), best effort, then give up on the connection.
-        let _ = conn.write_tls(net);
-        return Err(std::io::Error::new(ErrorKind::InvalidData, e));
-    }
-    drain(conn, to_app, ends, buffer)
+    Ok(())
 }
 
 /// Moves decrypted plaintext out of rustls into the queue for the app.
