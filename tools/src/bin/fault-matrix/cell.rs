@@ -177,10 +177,9 @@ fn run_in(cfg: &Config, cell: Cell, dir: &Path, row: &mut Row) -> Result<(), Str
         row.migrate_error = Some(error.unwrap_or_else(|| last_line(&migrate.stderr())));
     }
 
-    // Where does the VM run now? The source either ended (moved away, killed, or gave
-    // up) or runs it.
-    // After a failure ask it first (it may run for ever); after a success, or when it
-    // says it does not run (it may be on its way out), let it end first.
+    // Where does the VM run now? The source either ended (moved away, killed, gave up)
+    // or runs it. After a failure ask it first (it may run for ever); after a success,
+    // or when it says it does not run (it may be on its way out), let it end first.
     let mut src_runs = row.migrate_status != Some(0) && source_running(popek, &api, dir)?;
     let mut src_status = None;
     if !src_runs {
