@@ -23,13 +23,16 @@ fn probe(kind: &str, mode: &str) -> Run {
 #[test]
 fn a_forbidden_call_from_the_vmm_vcpu_and_api_threads_is_stopped() {
     // execve(2) = 59 (no thread may run a program), socket(2) = 41 (the VMM thread may,
-    // a vCPU may not), openat(2) = 257 (the VMM thread may, the control socket may not).
-    for (kind, call) in [("vmm", 59), ("vcpu", 41), ("api", 257)] {
+    // a vCPU or the control socket's threads may not).
+    for (kind, call) in [("vmm", 59), ("vcpu", 41), ("api", 41)] {
         let run = probe(kind, "on");
         run.expect_status(VIOLATION)
-            .expect_stderr(&format!("seccomp: the {kind} thread made the forbidden system call {call} "));
+            .expect_stderr(&format!("seccomp: the {kind} thread ("))
+            .expect_stderr(&format!(") made the forbidden system call {call} "));
         assert!(!run.stderr.contains("was allowed"), "{}", run.stderr);
     }
+    // Opening a file from a narrow thread is refused, not fatal (glibc itself tries).
+    probe("api", "on").expect_stderr("api thread: openat gave: Permission denied");
 }
 
 #[test]
@@ -54,5 +57,7 @@ fn a_forbidden_call_from_a_migration_thread_is_stopped_and_says_so() {
     assert_ne!(migrate.status, 0, "the source died, the migration cannot report success: {}", migrate.stderr);
     let (status, _, err) = src.wait();
     assert_eq!(status, VIOLATION, "{err}");
-    assert!(err.contains("seccomp: the migration thread made the forbidden system call 59 "), "{err}");
+    // Whichever migration thread starts first (the reader or the urgent server) trips it.
+    assert!(err.contains("seccomp: the migration thread (postcopy-"), "{err}");
+    assert!(err.contains(") made the forbidden system call 59 "), "{err}");
 }

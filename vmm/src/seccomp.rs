@@ -100,10 +100,22 @@ thread_local! {
 pub fn install(mode: Mode, probe: Option<ThreadKind>) -> Result<(), Error> {
     let _ = SETTINGS.set(Settings { mode, probe });
     if mode != Mode::Off {
+        cap_malloc_arenas();
         vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
             .map_err(|e| Error::Handler(e.to_string()))?;
     }
     enter(ThreadKind::Vmm)
+}
+
+/// glibc's malloc, the first time a thread needs a ninth arena, counts the CPUs by
+/// opening /sys/devices/system/cpu/online: an `openat` from whichever thread that is (a
+/// vCPU, a TLS pump...). Setting the arena limit up front (what glibc would compute: 8
+/// per CPU) means it never has to.
+fn cap_malloc_arenas() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let arenas = libc::c_int::try_from(8 * cpus).unwrap_or(libc::c_int::MAX);
+    // SAFETY: mallopt only sets a malloc tunable; no pointers are involved.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
 }
 
 /// Narrows the calling thread to `kind`'s allow-list (nothing with `--seccomp off`).
@@ -113,8 +125,13 @@ pub fn enter(kind: ThreadKind) -> Result<(), Error> {
     };
     KIND.with(|k| k.set(kind as u8));
     if settings.mode != Mode::Off {
-        let program = program(kind, settings.mode)?;
-        seccompiler::apply_filter(&program).map_err(|e| Error::Install { kind: kind.name(), detail: e.to_string() })?;
+        let install = |program: BpfProgram| {
+            seccompiler::apply_filter(&program).map_err(|e| Error::Install { kind: kind.name(), detail: e.to_string() })
+        };
+        if kind != ThreadKind::Vmm {
+            install(files_refused(kind, settings.mode)?)?;
+        }
+        install(program(kind, settings.mode)?)?;
     }
     if settings.probe == Some(kind) {
         probe(kind);
@@ -137,8 +154,12 @@ fn probe(kind: ThreadKind) {
     let (name, result) = match kind {
         // A vCPU has no business with sockets (the VMM thread opens them for migration).
         ThreadKind::Vcpu => ("socket", forbidden_socket()),
-        // The control socket's threads never open files (the VMM thread does).
-        ThreadKind::Api => ("openat", forbidden_open()),
+        // The control socket's threads never open files (the VMM thread does): refused
+        // (EACCES), and no sockets of their own either: stopped.
+        ThreadKind::Api => {
+            eprintln!("popek: seccomp probe: api thread: openat gave: {}", forbidden_open());
+            ("socket", forbidden_socket())
+        }
         // No thread may run a program: execve(NULL) fails with EFAULT if it gets through.
         ThreadKind::Vmm | ThreadKind::Migration => ("execve", forbidden_execve()),
     };
@@ -167,18 +188,48 @@ fn forbidden_execve() -> std::io::Error {
 
 /// The SIGSYS handler: says which thread kind made which call, then ends the process.
 /// Only async-signal-safe work: a stack buffer, write(2), _exit(2).
-extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SIGSYS; on x86_64 its _sigsys member
     // (void *call_addr; int syscall; unsigned arch) starts at offset 16, so the call
     // number is the i32 at offset 24.
     let number = unsafe { info.cast::<u8>().add(24).cast::<i32>().read_unaligned() };
     let kind = KIND.with(|k| ThreadKind::from_u8(k.get())).map_or("starting (vmm filter)", ThreadKind::name);
-    let mut message = [0u8; 160];
+    // The thread's own name ("vcpu0", "tls", "postcopy-urgent"...): prctl is allowed to all.
+    let mut name = [0u8; 17];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes and a NUL into the 17-byte buffer.
+    unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr()) };
+    let name_len = name.iter().position(|&b| b == 0).unwrap_or(16);
+    let mut message = [0u8; 200];
     let mut len = 0;
-    for part in [b"popek: seccomp: the ".as_slice(), kind.as_bytes(), b" thread made the forbidden system call "] {
+    for part in [
+        b"popek: seccomp: the ".as_slice(),
+        kind.as_bytes(),
+        b" thread (",
+        &name[..name_len],
+        b") made the forbidden system call ",
+    ] {
         len += copy(&mut message[len..], part);
     }
     len += decimal(&mut message[len..], number);
+    if i64::from(number) == libc::SYS_openat {
+        // Which file: the path is openat's second argument (rsi at the trap).
+        // SAFETY: for SIGSYS the kernel passes the interrupted thread's ucontext; the
+        // path pointer was valid for the call the thread was making, and at most 100
+        // bytes are read, stopping at its NUL.
+        unsafe {
+            let regs = &(*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs;
+            let path = regs[libc::REG_RSI as usize] as *const u8;
+            if !path.is_null() {
+                len += copy(&mut message[len..], b" on \"");
+                let mut i = 0;
+                while i < 100 && *path.add(i) != 0 && len < message.len() - 40 {
+                    message[len] = *path.add(i);
+                    (len, i) = (len + 1, i + 1);
+                }
+                len += copy(&mut message[len..], b"\"");
+            }
+        }
+    }
     len += copy(&mut message[len..], b" (see `ausyscall`); stopping\n");
     // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer lives on this stack.
     unsafe {
@@ -208,11 +259,33 @@ fn decimal(into: &mut [u8], value: i32) -> usize {
     copy(into, &digits[i..])
 }
 
+/// The narrow kinds may not open files, but glibc itself opens a few from any thread
+/// (malloc reads /proc/sys/vm/overcommit_memory the first time a thread's heap shrinks)
+/// and copes when that fails. So opening a file is refused with EACCES rather than
+/// trapped: this filter answers `openat` and `open` with EACCES, and the kind's list
+/// (installed on top) allows them, since the strictest answer of all filters wins.
+fn files_refused(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, Error> {
+    let build = |detail: String| Error::Build { kind: kind.name(), detail };
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_openat, vec![]), (libc::SYS_open, vec![])].into();
+    let refuse = match mode {
+        Mode::Log => SeccompAction::Log,
+        _ => SeccompAction::Errno(libc::EACCES as u32),
+    };
+    let arch = std::env::consts::ARCH.try_into().map_err(|e| build(format!("{e:?}")))?;
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, refuse, arch).map_err(|e| build(e.to_string()))?;
+    filter.try_into().map_err(|e: seccompiler::BackendError| build(e.to_string()))
+}
+
 fn program(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, Error> {
     let build = |detail: String| Error::Build { kind: kind.name(), detail };
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for call in allowed(kind) {
         rules.insert(call, vec![]);
+    }
+    if kind != ThreadKind::Vmm {
+        // Refused with EACCES by `files_refused`, not trapped.
+        rules.insert(libc::SYS_openat, vec![]);
+        rules.insert(libc::SYS_open, vec![]);
     }
     rules.insert(libc::SYS_ioctl, ioctl_rules(kind).map_err(build)?);
     let mismatch = match mode {
