@@ -162,7 +162,7 @@ pub fn run_popek(
     net: &Net,
     dir: &Path,
     port: u16,
-    (rate, prealloc): (u64, bool),
+    (rate, prealloc, tls): (u64, bool, Option<&crate::pki::Pki>),
 ) -> Result<Sample, String> {
     let api = dir.join("api.sock").display().to_string();
     let to = format!("tcp:{}", net.destination(port));
@@ -170,9 +170,15 @@ pub fn run_popek(
     if prealloc {
         dst_args.extend(["--prealloc", "--memory", &cell.memory]);
     }
+    if let Some(pki) = tls {
+        dst_args.extend(pki.destination.iter().map(String::as_str));
+    }
     let mut dst = Proc::spawn(&net.prefix(1), popek, &dst_args, dir, "dst")?;
     let cmdline = cell.workload.cmdline(rate);
-    let src_args = ["run", "--no-stdin", "-m", &cell.memory, "--api-socket", &api, "--cmdline", &cmdline];
+    let mut src_args = vec!["run", "--no-stdin", "-m", &cell.memory, "--api-socket", &api, "--cmdline", &cmdline];
+    if let Some(pki) = tls {
+        src_args.extend(pki.source.iter().map(String::as_str));
+    }
     let mut src = Proc::spawn(&net.prefix(0), popek, &src_args, dir, "src")?;
     src.wait_for("migrate: ready", Duration::from_secs(60))?;
     dst.wait_for("waiting for a migration", Duration::from_secs(60))?;

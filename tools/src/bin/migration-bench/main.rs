@@ -7,6 +7,7 @@
 
 mod cell;
 mod net;
+mod pki;
 mod qemu;
 mod report;
 
@@ -17,6 +18,13 @@ use popek_tools::default_popek;
 use report::Outcome;
 use std::path::PathBuf;
 use std::time::Instant;
+
+/// What protects a Popek cell's migration stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Encryption {
+    None,
+    Tls,
+}
 
 #[derive(Parser)]
 #[command(about = "Migration downtime, total time and bytes over a matrix of modes, sizes, workloads and links")]
@@ -76,6 +84,10 @@ struct Args {
     /// connects, as QEMU's destination gets its -m up front).
     #[arg(long)]
     prealloc: bool,
+    /// Stream protection per Popek cell: none, tls (mutual TLS 1.3 with throwaway
+    /// certificates; the cells show as "popek-tls", with a TLS-cost table).
+    #[arg(long, value_delimiter = ',', value_enum, default_value = "none")]
+    encryption: Vec<Encryption>,
     /// Measure TCP loopback throughput first (one stream, 4 MiB writes) and print it: the
     /// physical limit the stop-and-copy figures compare with.
     #[arg(long)]
@@ -140,7 +152,23 @@ fn main() {
     }
     let dir = std::env::temp_dir().join(format!("popek-migration-bench-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
-    let vmms: Vec<&'static str> = if qemu.is_some() { vec!["popek", "qemu"] } else { vec!["popek"] };
+    let mut vmms: Vec<&'static str> = Vec::new();
+    for encryption in &args.encryption {
+        vmms.push(match encryption {
+            Encryption::None => "popek",
+            Encryption::Tls => "popek-tls",
+        });
+    }
+    if qemu.is_some() {
+        vmms.push("qemu");
+    }
+    let pki = match args.encryption.contains(&Encryption::Tls).then(|| pki::Pki::issue(&dir)).transpose() {
+        Ok(pki) => pki,
+        Err(e) => {
+            eprintln!("migration-bench: {e}");
+            std::process::exit(2);
+        }
+    };
     let mut cells = Vec::new();
     for &link in &args.links {
         for memory in &args.memory {
@@ -184,7 +212,10 @@ fn main() {
             port = port.wrapping_add(1).max(20000);
             let result = match (cell.vmm, &qemu) {
                 ("qemu", Some(q)) => q.run(&cell, net, &dir, port, args.rate),
-                _ => cell::run_popek(&popek, &cell, net, &dir, port, (args.rate, args.prealloc)),
+                (vmm, _) => {
+                    let tls = if vmm == "popek-tls" { pki.as_ref() } else { None };
+                    cell::run_popek(&popek, &cell, net, &dir, port, (args.rate, args.prealloc, tls))
+                }
             };
             match result {
                 Ok(s) => samples.push(s),
@@ -208,7 +239,7 @@ fn main() {
 
 /// Marks a cell failed when the popek cells exceed the limits (QEMU cells are baselines).
 fn gate(outcome: &mut Outcome, args: &Args) {
-    if outcome.cell.vmm != "popek" {
+    if !outcome.cell.vmm.starts_with("popek") {
         return;
     }
     if !outcome.failures.is_empty() {
@@ -233,6 +264,9 @@ fn print_and_write(outcomes: &[Outcome], args: &Args) {
     let mut markdown = report::table(outcomes);
     if let Some(c) = report::comparison(outcomes) {
         markdown += &format!("\nPopek against QEMU (medians; ratio < 1: Popek is better):\n\n{c}");
+    }
+    if let Some(c) = report::tls_cost(outcomes) {
+        markdown += &format!("\nWhat TLS costs (medians, the same cells without and with it):\n\n{c}");
     }
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| !o.gate.is_empty()).collect();
     for o in &failed {

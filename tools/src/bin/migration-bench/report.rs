@@ -126,6 +126,46 @@ pub fn comparison(outcomes: &[Outcome]) -> Option<String> {
     (rows > 0).then_some(t)
 }
 
+/// Each TLS cell against the same cell in the clear: total time, throughput and downtime.
+pub fn tls_cost(outcomes: &[Outcome]) -> Option<String> {
+    let mut t = String::from(
+        "| mode | RAM | workload | link | total plain (ms) | total TLS (ms) | TLS/plain | MB/s plain | MB/s TLS | downtime plain (ms) | downtime TLS (ms) |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut rows = 0;
+    for tls in outcomes.iter().filter(|o| o.cell.vmm == "popek-tls") {
+        let same = |o: &&Outcome| {
+            o.cell.vmm == "popek"
+                && o.cell.mode == tls.cell.mode
+                && o.cell.memory == tls.cell.memory
+                && o.cell.workload == tls.cell.workload
+                && o.cell.link == tls.cell.link
+        };
+        let Some(plain) = outcomes.iter().find(same) else { continue };
+        let rate = |o: &Outcome| o.stat(|s| Some(s.bytes / 1e6 / (s.total_ms / 1e3))).map(|s| s.median);
+        let (Some(pt), Some(tt), Some(pd), Some(td)) = (plain.total(), tls.total(), plain.downtime(), tls.downtime())
+        else {
+            continue;
+        };
+        rows += 1;
+        t += &format!(
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {} | {} | {:.2} | {:.2} |\n",
+            tls.cell.mode,
+            tls.cell.memory,
+            tls.cell.workload,
+            tls.cell.link,
+            pt.median,
+            tt.median,
+            tt.median / pt.median,
+            opt(rate(plain), 0),
+            opt(rate(tls), 0),
+            pd.median,
+            td.median
+        );
+    }
+    (rows > 0).then_some(t)
+}
+
 fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
