@@ -520,12 +520,15 @@ impl Vm {
         if machine.vcpus.len() != self.vcpus.len() {
             return Err(Error::State(format!("{} vCPU states for {} vCPUs", machine.vcpus.len(), self.vcpus.len())));
         }
+        let started = std::time::Instant::now();
         machine.vm.restore(&self.fd).map_err(|e| Error::State(e.to_string()))?;
+        log::debug!("restore: VM state in {:?}", started.elapsed());
         for (vcpu, state) in self.vcpus.iter().zip(&machine.vcpus) {
             if vcpu.id() != state.id {
                 return Err(Error::State(format!("vCPU state {} for vCPU {}", state.id, vcpu.id())));
             }
             vcpu.restore(state).map_err(|e| Error::State(e.to_string()))?;
+            log::debug!("restore: vCPU {} by {:?}", state.id, started.elapsed());
         }
         self.serial.restore_registers(&machine.devices.serial);
         self.handlers.msrs.set_scratch(&machine.devices.msr_scratch);
