@@ -101,23 +101,23 @@ fn receive_memory_and_state(
             }
             Kind::Discard => {
                 let discard: protocol::Missing =
-                    serde_json::from_slice(&payload).map_err(|e| format!("malformed Discard message: {e}"))?;
+                    serde_json::from_slice(payload).map_err(|e| format!("malformed Discard message: {e}"))?;
                 incoming.forget(vm.ram(), &discard.ranges).map_err(|e| chain(&e))?;
                 drop_pages(&PageMap::new(vm.ram()), &discard.ranges)?;
                 protocol::write_json(stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
             }
-            Kind::Memory => incoming.memory(vm.ram(), &payload).map_err(|e| chain(&e))?,
+            Kind::Memory => incoming.memory(vm.ram(), payload).map_err(|e| chain(&e))?,
             Kind::Postcopy => {
                 let postcopy: protocol::Postcopy =
-                    serde_json::from_slice(&payload).map_err(|e| format!("malformed Postcopy message: {e}"))?;
+                    serde_json::from_slice(payload).map_err(|e| format!("malformed Postcopy message: {e}"))?;
                 incoming.check_crc32(postcopy.memory_crc32).map_err(|e| chain(&e))?;
                 switch = Some(postcopy);
             }
             Kind::State => {
                 let t = Instant::now();
-                state_crc32 = Some(crc32fast::hash(&payload));
+                state_crc32 = Some(crc32fast::hash(payload));
                 let state: MachineState =
-                    serde_json::from_slice(&payload).map_err(|e| format!("malformed machine state: {e}"))?;
+                    serde_json::from_slice(payload).map_err(|e| format!("malformed machine state: {e}"))?;
                 log::debug!("incoming: state of {} bytes parsed in {:?}", payload.len(), t.elapsed());
                 if let Some(switch) = switch.take() {
                     check_state(switch.state_crc32, state_crc32)?;
@@ -131,7 +131,7 @@ fn receive_memory_and_state(
                     log::debug!("incoming: Complete {:?} after the state", at.elapsed());
                 }
                 let complete: protocol::Complete =
-                    serde_json::from_slice(&payload).map_err(|e| format!("malformed Complete message: {e}"))?;
+                    serde_json::from_slice(payload).map_err(|e| format!("malformed Complete message: {e}"))?;
                 incoming.complete(vm.ram(), &complete).map_err(|e| chain(&e))?;
                 check_state(complete.state_crc32, state_crc32)?;
                 log::debug!("received {} pages, {} bytes", incoming.stats.pages, incoming.stats.bytes_on_wire);
