@@ -4,7 +4,7 @@
 //! memory map and the initrd as a module.
 
 use super::image::{Image, MultibootHeader, MULTIBOOT_AOUT_KLUDGE};
-use super::{place_initrd, write, Error, Initrd, KernelEntry};
+use super::{place_initrd, write, Error, Initrd, KernelEntry, BOOT_DATA};
 use crate::memory::{self, GuestRam};
 use popek_abi::layout;
 
@@ -118,6 +118,16 @@ fn load_aout_kludge(ram: &GuestRam, kernel: &[u8], h: &MultibootHeader) -> Resul
     let bss_end = u64::from(h.bss_end_addr).max(load_end);
     if !memory::is_ram(ram, u64::from(h.load_addr), bss_end - u64::from(h.load_addr)) {
         return Err(format!("load range {:#x}..{bss_end:#x} lies outside guest RAM", h.load_addr));
+    }
+    // The rule ELF segments follow (`check_segments`): the kernel would overwrite the
+    // command line and MP table written before it, the Multiboot information written
+    // after it would overwrite the kernel.
+    let overlap = BOOT_DATA.iter().find(|&&(start, end)| u64::from(h.load_addr) < end && bss_end > start);
+    if let Some((start, end)) = overlap {
+        return Err(format!(
+            "load range {:#x}..{bss_end:#x} overlaps Popek's boot data at {start:#x}..{end:#x}",
+            h.load_addr
+        ));
     }
     write(ram, u64::from(h.load_addr), bytes, "the kernel").map_err(|e| e.to_string())?;
     Ok((h.entry_addr, bss_end))
