@@ -305,8 +305,8 @@ fn elf64_pvh(paddr: u64, code: &[u8]) -> Vec<u8> {
 }
 
 /// A Multiboot kernel loaded by the header's a.out-kludge addresses (flag 16): the whole
-/// file goes to `load`.
-fn multiboot_aout(load: u32) -> Vec<u8> {
+/// file goes to `load`. Its ELF segment (which the kludge overrides) is at `elf_paddr`.
+fn multiboot_aout(load: u32, elf_paddr: u32) -> Vec<u8> {
     const MAGIC: u32 = 0x1bad_b002;
     const FLAGS: u32 = 0x1_0003;
     let mut segment = Vec::new();
@@ -319,7 +319,7 @@ fn multiboot_aout(load: u32) -> Vec<u8> {
         segment.extend_from_slice(&word.to_le_bytes());
     }
     segment.extend_from_slice(&[0xf4; 16]);
-    common::elf32(load + 0x100, load + 0x120, &segment)
+    common::elf32(elf_paddr, elf_paddr + 0x20, &segment)
 }
 
 fn image_seeds() -> Vec<Seed> {
@@ -328,7 +328,8 @@ fn image_seeds() -> Vec<Seed> {
     vec![
         ("pvh-elf64", pvh.clone(), None),
         ("multiboot-elf32", common::multiboot_kernel(0x10_0000), None),
-        ("multiboot-aout-kludge", multiboot_aout(0x20_0000), None),
+        ("multiboot-aout-kludge", multiboot_aout(0x20_0000, 0x20_0100), None),
+        ("aout-kludge-over-boot-data", multiboot_aout(0x1_ff00, 0x20_0100), Some("overlaps Popek's boot data")),
         ("elf64-without-pvh-note", common::elf64(0x10_0000, &hlt), Some("without a PVH entry note")),
         ("elf32-without-multiboot", common::elf32(0x10_0000, 0x10_0000, &hlt), Some("without a Multiboot header")),
         ("segment-over-boot-data", common::elf32(0x7000, 0x7000, &hlt), Some("overlaps Popek's boot data")),

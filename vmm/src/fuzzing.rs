@@ -29,6 +29,7 @@ use crate::migration::protocol::{self, Answer, Complete, Done, Hello, Kind, Miss
 use crate::migration::state::MachineState;
 use crate::trap::msr::{MsrEmulation, UnknownMsrPolicy};
 use popek_abi::hypercall as hc;
+use popek_abi::layout;
 use std::io::{BufRead, Read};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -213,20 +214,34 @@ pub fn control_request(data: &[u8]) -> Result<(), String> {
 
 /// RAM for [`kernel_image`]: the smallest VM Popek runs (8 MiB, one region).
 const IMAGE_RAM: u64 = crate::config::MIN_MEMORY_MIB << 20;
+/// The command line [`kernel_image`] boots with, as it lies in guest memory.
+const CMDLINE: &[u8] = b"console=ttyS0\0";
+const VCPUS: u32 = 2;
 
 /// A kernel image loaded as `popek run --kernel FILE --initrd FILE` would (direct boot,
 /// a 4 KiB initrd), and again for firmware boot without an initrd, each into fresh RAM.
-/// Accepted when the direct boot loads. Checks the entry state of a loaded image.
+/// Accepted when the direct boot loads. Checks that a loaded image left Popek's command
+/// line and MP table as written and that its entry state points at boot information.
 pub fn kernel_image(data: &[u8]) -> Result<(), String> {
     let initrd = Initrd { data: vec![0xa5; 4096], name: "fuzz-initrd".into() };
     let load = |initrd: Option<&Initrd>, mode: BootMode| -> Result<boot::BootPlan, String> {
         let ram = crate::memory::create_ram(IMAGE_RAM).map_err(|e| crate::error_chain(&e))?;
-        let request = boot::Boot { kernel: data, name: "<fuzz>", initrd, cmdline: "console=ttyS0", vcpus: 2, mode };
+        let cmdline = std::str::from_utf8(&CMDLINE[..CMDLINE.len() - 1]).unwrap_or_default();
+        let request = boot::Boot { kernel: data, name: "<fuzz>", initrd, cmdline, vcpus: VCPUS, mode };
         let plan = boot::load_image(&ram, &request).map_err(|e| crate::error_chain(&e))?;
+        // Popek's boot data is intact: images that would overlap it are refused, so no
+        // kernel byte may have landed on the command line or the MP table.
+        let mut cmdline = [0u8; CMDLINE.len()];
+        ram.read_slice(&mut cmdline, GuestAddress(layout::CMDLINE)).expect("the command line in RAM");
+        assert_eq!(&cmdline, CMDLINE, "the kernel overwrote the command line");
+        let mptable = crate::arch::x86_64::mptable::MpTable { cpus: VCPUS as u8 }.build(layout::MPTABLE);
+        let mut found = vec![0u8; mptable.len()];
+        ram.read_slice(&mut found, GuestAddress(layout::MPTABLE)).expect("the MP table in RAM");
+        assert!(found == mptable, "the kernel overwrote the MP table");
         if let boot::Entry::ProtectedMode(entry) = plan.entry {
             match plan.protocol {
                 "multiboot" => assert_eq!(entry.eax, boot::multiboot::BOOTLOADER_MAGIC),
-                _ => assert_eq!(u64::from(entry.ebx), popek_abi::layout::PVH_START_INFO),
+                _ => assert_eq!(u64::from(entry.ebx), layout::PVH_START_INFO),
             }
             // EBX points to the boot information, which was written into RAM.
             let flags_or_magic: u32 = ram.read_obj(GuestAddress(entry.ebx.into())).expect("boot information in RAM");
