@@ -71,24 +71,36 @@ impl ThreadKind {
     }
 
     fn from_u8(v: u8) -> Option<ThreadKind> {
-        [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Api, ThreadKind::Migration].into_iter().find(|k| *k as u8 == v)
+        KINDS.into_iter().find(|k| *k as u8 == v)
     }
 
     pub fn parse(text: &str) -> Option<ThreadKind> {
-        [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Api, ThreadKind::Migration]
-            .into_iter()
-            .find(|k| k.name() == text)
+        KINDS.into_iter().find(|k| k.name() == text)
     }
 }
 
 struct Settings {
-    mode: Mode,
     /// Test hook (`popek run --seccomp-probe KIND`): the first thread of this kind makes a
     /// system call its list forbids right after entering its filter.
     probe: Option<ThreadKind>,
+    /// Each kind's filters, compiled once at start-up: a destination starts its vCPU
+    /// threads inside the downtime, and compiling there would cost more than installing.
+    programs: Vec<(ThreadKind, Vec<BpfProgram>)>,
 }
 
 static SETTINGS: OnceLock<Settings> = OnceLock::new();
+
+const KINDS: [ThreadKind; 4] = [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Api, ThreadKind::Migration];
+
+/// The filters `kind` installs, in order (the narrow kinds' file refusal first).
+fn compile(kind: ThreadKind, mode: Mode) -> Result<Vec<BpfProgram>, Error> {
+    let mut programs = Vec::new();
+    if kind != ThreadKind::Vmm {
+        programs.push(files_refused(kind, mode)?);
+    }
+    programs.push(program(kind, mode)?);
+    Ok(programs)
+}
 
 thread_local! {
     /// This thread's kind, for the SIGSYS handler's message (0: not entered).
@@ -98,7 +110,13 @@ thread_local! {
 /// Installs the SIGSYS handler and the VMM filter on the calling (main) thread. Call it
 /// once, before any other thread starts.
 pub fn install(mode: Mode, probe: Option<ThreadKind>) -> Result<(), Error> {
-    let _ = SETTINGS.set(Settings { mode, probe });
+    let mut programs = Vec::new();
+    if mode != Mode::Off {
+        for kind in KINDS {
+            programs.push((kind, compile(kind, mode)?));
+        }
+    }
+    let _ = SETTINGS.set(Settings { probe, programs });
     if mode != Mode::Off {
         cap_malloc_arenas();
         vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
@@ -124,14 +142,9 @@ pub fn enter(kind: ThreadKind) -> Result<(), Error> {
         return Ok(()); // the library used without `install` (unit tests, tools)
     };
     KIND.with(|k| k.set(kind as u8));
-    if settings.mode != Mode::Off {
-        let install = |program: BpfProgram| {
-            seccompiler::apply_filter(&program).map_err(|e| Error::Install { kind: kind.name(), detail: e.to_string() })
-        };
-        if kind != ThreadKind::Vmm {
-            install(files_refused(kind, settings.mode)?)?;
-        }
-        install(program(kind, settings.mode)?)?;
+    let programs = settings.programs.iter().find(|(k, _)| *k == kind).map(|(_, p)| p.as_slice()).unwrap_or(&[]);
+    for program in programs {
+        seccompiler::apply_filter(program).map_err(|e| Error::Install { kind: kind.name(), detail: e.to_string() })?;
     }
     if settings.probe == Some(kind) {
         probe(kind);
@@ -436,10 +449,12 @@ mod tests {
 
     #[test]
     fn every_kind_compiles_to_a_program_in_both_modes() {
-        for kind in [ThreadKind::Vmm, ThreadKind::Vcpu, ThreadKind::Api, ThreadKind::Migration] {
+        for kind in KINDS {
             for mode in [Mode::Enforce, Mode::Log] {
-                let program = program(kind, mode).unwrap_or_else(|e| panic!("{e}"));
-                assert!(program.len() > 10, "{kind:?}: {} instructions", program.len());
+                let programs = compile(kind, mode).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(programs.len(), if kind == ThreadKind::Vmm { 1 } else { 2 }, "{kind:?}");
+                let list = programs.last().map_or(0, |p| p.len());
+                assert!(list > 10, "{kind:?}: {list} instructions");
             }
         }
     }
