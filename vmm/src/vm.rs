@@ -281,13 +281,6 @@ impl Vm {
         requests: Option<mpsc::Receiver<crate::api::Call>>,
         started: impl FnOnce(&mut Vm),
     ) -> Result<VmExit, Error> {
-        if let Some(input) = input {
-            serial::spawn_input_thread(self.serial.clone(), input)
-                .map_err(|source| Error::Io { what: "the serial input thread", source })?;
-        }
-        if let Some(doorbell) = self.doorbell.take() {
-            spawn_event_loop(doorbell)?;
-        }
         let (tx, rx) = mpsc::channel();
         for vcpu in self.vcpus.drain(..) {
             let control = Arc::new(VcpuControl::default());
@@ -296,6 +289,16 @@ impl Vm {
         }
         drop(tx);
         started(self);
+        // After `started`: on a migration destination these thread starts would otherwise
+        // sit in the downtime. Nothing is lost meanwhile: console input waits in its pipe,
+        // doorbell rings in their eventfd.
+        if let Some(input) = input {
+            serial::spawn_input_thread(self.serial.clone(), input)
+                .map_err(|source| Error::Io { what: "the serial input thread", source })?;
+        }
+        if let Some(doorbell) = self.doorbell.take() {
+            spawn_event_loop(doorbell)?;
+        }
         loop {
             if let Some(requests) = &requests {
                 while let Ok(call) = requests.try_recv() {
