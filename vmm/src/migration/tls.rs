@@ -449,3 +449,70 @@ fn wait(net: (RawFd, bool, bool), app: (RawFd, bool, bool)) -> std::io::Result<[
     }
     Ok(fds.map(|f| f.revents != 0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// Client and server settings from one throwaway CA and certificate.
+    fn settings() -> Settings {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert =
+            CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
+        let dir = std::env::temp_dir().join(format!("popek-tls-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let (cert, key, ca) =
+            (write("c.pem", cert.pem()), write("k.pem", key.serialize_pem()), write("ca.pem", ca.pem()));
+        let settings = Settings::load(&Files { cert: &cert, key: &key, ca: &ca }).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        settings
+    }
+
+    #[test]
+    fn a_peer_that_sends_to_a_reader_that_never_reads_is_held_at_the_high_water_mark() {
+        let settings = settings();
+        let (server_net, mut client_net) = UnixStream::pair().unwrap();
+        let server = rustls::ServerConnection::new(settings.server.clone()).unwrap();
+        let pump = std::thread::spawn(move || start(server.into(), server_net));
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut client = rustls::ClientConnection::new(settings.client.clone(), name).unwrap();
+        while client.is_handshaking() {
+            client.complete_io(&mut client_net).unwrap();
+        }
+        // The migration end of the pump: held, never read.
+        let _app = pump.join().unwrap().unwrap();
+        client_net.set_nonblocking(true).unwrap();
+        client.set_buffer_limit(None);
+        let chunk = vec![0x5a; 64 << 10];
+        let (mut delivered, mut last_progress) = (0usize, Instant::now());
+        // Until the pump stops taking more (or far past any bound, if it never does).
+        while last_progress.elapsed() < Duration::from_millis(300) && delivered < 64 << 20 {
+            if !client.wants_write() {
+                client.writer().write_all(&chunk).unwrap();
+            }
+            match client.write_tls(&mut client_net) {
+                Ok(n) => {
+                    delivered += n;
+                    last_progress = Instant::now();
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // What got through: the pump's queue (at most HIGH_WATER plus one read), rustls'
+        // undecrypted records, and the two sockets' buffers (a few hundred KiB each here).
+        assert!(delivered > HIGH_WATER / 2, "the pump took only {delivered} bytes");
+        assert!(delivered < HIGH_WATER + 8 * CHUNK + (4 << 20), "the pump took {delivered} bytes");
+    }
+}
