@@ -340,10 +340,14 @@ pub fn serve(
                 serde_json::json!({"postcopy": "link lost", "error": why, "pages_left": server.pages.needed.count()}),
             );
             let (stream, missing) = reestablish(reconnect).map_err(|e| {
-                Failure::VmGone(format!(
-                    "post-copy link lost ({why}) and not re-established: {e}. The VM's vCPUs are on the destination and {} pages of its memory only here (unrecoverable)",
-                    server.pages.needed.count()
-                ))
+                let left = server.pages.needed.count();
+                Failure::VmGone(if left == 0 {
+                    // Every page went out: if they all arrived, the destination runs the
+                    // VM on (it says so); only pages lost in flight would be missing there.
+                    format!("post-copy link lost ({why}) after every page was sent, and not re-established: {e}. The VM runs on the destination if all of them arrived (its log says); if the destination is gone, so is the VM (unrecoverable)")
+                } else {
+                    format!("post-copy link lost ({why}) and not re-established: {e}. The VM's vCPUs are on the destination and {left} pages of its memory only here (unrecoverable)")
+                })
             })?;
             server.pages.needed.clear();
             server.pages.needed.insert_ranges(&server.pages.map, &missing.ranges).map_err(Failure::VmGone)?;
