@@ -4,6 +4,7 @@
 
 mod common;
 use common::procs::*;
+use common::wire::read_frame;
 use common::*;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -12,25 +13,6 @@ use std::time::{Duration, Instant};
 /// The protocol's frame limit (docs/migration.md) and page-request limit.
 const MAX_PAYLOAD: u64 = 64 << 20;
 const MAX_REQUEST_PAGES: usize = 4096;
-
-fn frame(kind: u16, payload: &[u8]) -> Vec<u8> {
-    let mut bytes = b"PPKM".to_vec();
-    bytes.extend_from_slice(&1u16.to_le_bytes());
-    bytes.extend_from_slice(&kind.to_le_bytes());
-    bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    bytes.extend_from_slice(payload);
-    bytes
-}
-
-fn read_frame(stream: &mut impl Read) -> Option<(u16, Vec<u8>)> {
-    let mut header = [0u8; 16];
-    stream.read_exact(&mut header).ok()?;
-    let kind = u16::from_le_bytes([header[6], header[7]]);
-    let len = u64::from_le_bytes(header[8..16].try_into().unwrap()) as usize;
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).ok()?;
-    Some((kind, payload))
-}
 
 /// Resident memory of a process in KiB (VmRSS).
 fn rss_kib(pid: u32) -> u64 {
@@ -47,7 +29,7 @@ fn a_frame_over_the_limit_is_refused_before_anything_is_allocated() {
     let path = to.strip_prefix("unix:").unwrap();
     let mut s = UnixStream::connect(path).unwrap();
     // A Hello that claims one byte more than the limit, then nothing.
-    let mut header = frame(1, b"");
+    let mut header = common::wire::frame(1, b"", 1);
     header[8..16].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
     s.write_all(&header).unwrap();
     let (status, out, err) = dst.wait();
@@ -96,7 +78,7 @@ fn an_endless_control_request_is_cut_at_the_limit_and_the_vm_answers_on() {
 fn flooding_destination(path: std::path::PathBuf, seconds: u64) -> std::thread::JoinHandle<u64> {
     let listener = UnixListener::bind(&path).unwrap();
     std::thread::spawn(move || {
-        let accept = frame(2, br#"{"reason":""}"#);
+        let accept = common::wire::frame(2, br#"{"reason":""}"#, 1);
         let (mut s, _) = listener.accept().unwrap();
         read_frame(&mut s).unwrap();
         s.write_all(&accept).unwrap();
@@ -112,7 +94,7 @@ fn flooding_destination(path: std::path::PathBuf, seconds: u64) -> std::thread::
         }
         // Requests for every page, over and over, at most MAX_REQUEST_PAGES each.
         let gpas: Vec<u8> = (0..MAX_REQUEST_PAGES as u64).flat_map(|i| (i * 4096).to_le_bytes()).collect();
-        let request = frame(10, &gpas);
+        let request = common::wire::frame(10, &gpas, 1);
         s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
         let end = Instant::now() + Duration::from_secs(seconds);
         let mut sent = 0;

@@ -4,6 +4,7 @@
 
 mod common;
 use common::procs::*;
+use common::wire::{read_frame, write_frame};
 use common::*;
 use std::path::{Path, PathBuf};
 
@@ -260,26 +261,6 @@ fn non_loopback_incoming_needs_a_key_or_insecure() {
     popek(&["run", "--incoming", "tcp:0.0.0.0:1", "--auth-key", &short], None)
         .expect_status(4)
         .expect_stderr("shorter than 16 bytes");
-}
-
-fn write_frame(stream: &mut impl std::io::Write, kind: u16, payload: &[u8], version: u16) {
-    let mut header = Vec::with_capacity(16);
-    header.extend_from_slice(b"PPKM");
-    header.extend_from_slice(&version.to_le_bytes());
-    header.extend_from_slice(&kind.to_le_bytes());
-    header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    let _ = stream.write_all(&header);
-    let _ = stream.write_all(payload);
-}
-
-fn read_frame(stream: &mut impl std::io::Read) -> Option<(u16, Vec<u8>)> {
-    let mut header = [0u8; 16];
-    stream.read_exact(&mut header).ok()?;
-    let kind = u16::from_le_bytes([header[6], header[7]]);
-    let len = u64::from_le_bytes(header[8..16].try_into().unwrap()) as usize;
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).ok()?;
-    Some((kind, payload))
 }
 
 /// A destination that follows the protocol up to `phase`, then drops the connection.

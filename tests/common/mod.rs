@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod procs;
+pub mod wire;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

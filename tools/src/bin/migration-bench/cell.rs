@@ -63,6 +63,15 @@ impl Cell {
     pub fn name(&self) -> String {
         format!("{} {} {} {} {}", self.vmm, self.mode, self.memory, self.workload, self.link)
     }
+
+    /// The same coordinates as `other`'s, under `vmm` (a side-by-side partner).
+    pub fn is_partner(&self, other: &Cell, vmm: &str) -> bool {
+        self.vmm == vmm
+            && self.mode == other.mode
+            && self.memory == other.memory
+            && self.workload == other.workload
+            && self.link == other.link
+    }
 }
 
 /// What one migration measured.

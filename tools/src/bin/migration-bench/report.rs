@@ -97,14 +97,7 @@ pub fn comparison(outcomes: &[Outcome]) -> Option<String> {
     );
     let mut rows = 0;
     for p in outcomes.iter().filter(|o| o.cell.vmm == "popek") {
-        let same = |o: &&Outcome| {
-            o.cell.vmm == "qemu"
-                && o.cell.mode == p.cell.mode
-                && o.cell.memory == p.cell.memory
-                && o.cell.workload == p.cell.workload
-                && o.cell.link == p.cell.link
-        };
-        let Some(q) = outcomes.iter().find(same) else { continue };
+        let Some(q) = outcomes.iter().find(|o| o.cell.is_partner(&p.cell, "qemu")) else { continue };
         let (Some(pd), Some(qd), Some(pt), Some(qt)) = (p.downtime(), q.downtime(), p.total(), q.total()) else {
             continue;
         };
@@ -134,14 +127,7 @@ pub fn tls_cost(outcomes: &[Outcome]) -> Option<String> {
     );
     let mut rows = 0;
     for tls in outcomes.iter().filter(|o| o.cell.vmm == "popek-tls") {
-        let same = |o: &&Outcome| {
-            o.cell.vmm == "popek"
-                && o.cell.mode == tls.cell.mode
-                && o.cell.memory == tls.cell.memory
-                && o.cell.workload == tls.cell.workload
-                && o.cell.link == tls.cell.link
-        };
-        let Some(plain) = outcomes.iter().find(same) else { continue };
+        let Some(plain) = outcomes.iter().find(|o| o.cell.is_partner(&tls.cell, "popek")) else { continue };
         let rate = |o: &Outcome| o.stat(|s| Some(s.bytes / 1e6 / (s.total_ms / 1e3))).map(|s| s.median);
         let (Some(pt), Some(tt), Some(pd), Some(td)) = (plain.total(), tls.total(), plain.downtime(), tls.downtime())
         else {
