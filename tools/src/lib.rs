@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+pub mod procs;
+
 /// Summary statistics of a sample, in the sample's unit.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Stats {

@@ -5,8 +5,8 @@
 
 use crate::inject::{kind, Dir, Injector};
 use crate::plan::{Cell, Fault, Mode, Phase};
-use crate::procs::{last_line, Proc};
 use crate::relay::{Addr, Pids, Relay};
+use popek_tools::procs::{last_line, Proc};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -123,6 +123,7 @@ fn run_in(cfg: &Config, cell: Cell, dir: &Path, row: &mut Row) -> Result<(), Str
     let popek = cfg.popek.as_path();
     let api = dir.join("api.sock").display().to_string();
     let mut src = Proc::spawn(
+        &[],
         popek,
         &["run", "--no-stdin", "--memory", &cfg.memory, "--api-socket", &api, "--cmdline", WORKLOAD],
         dir,
@@ -139,7 +140,7 @@ fn run_in(cfg: &Config, cell: Cell, dir: &Path, row: &mut Row) -> Result<(), Str
     if (cell.phase, cell.fault) == (Phase::Handshake, Fault::Refuse) {
         dst_args.extend(["--prealloc", "--memory", other]);
     }
-    let mut dst = Proc::spawn(popek, &dst_args, dir, "dst")?;
+    let mut dst = Proc::spawn(&[], popek, &dst_args, dir, "dst")?;
     dst.wait_for("waiting for a migration on", Duration::from_secs(30)).map_err(|e| format!("destination: {e}"))?;
 
     let target = match dst_addr.strip_prefix("unix:") {
@@ -161,7 +162,7 @@ fn run_in(cfg: &Config, cell: Cell, dir: &Path, row: &mut Row) -> Result<(), Str
         // guest dirties pages): hybrid then has all of its phases, deterministically.
         args.extend(["--downtime-limit", "0", "--max-rounds", "1"]);
     }
-    let mut migrate = Proc::spawn(popek, &args, dir, "migrate")?;
+    let mut migrate = Proc::spawn(&[], popek, &args, dir, "migrate")?;
     // Long enough for a recovery and a give-up after the recovery timeout, twice over.
     let limit = Duration::from_secs(60 + 2 * cfg.recover_timeout);
     row.migrate_status = migrate.wait(limit);
@@ -301,7 +302,7 @@ fn unrecoverable_line(stderr: &str) -> String {
 
 /// Asks the source's control socket whether its VM runs.
 fn source_running(popek: &Path, api: &str, dir: &Path) -> Result<bool, String> {
-    let mut status = Proc::spawn(popek, &["status", "--api-socket", api], dir, "status")?;
+    let mut status = Proc::spawn(&[], popek, &["status", "--api-socket", api], dir, "status")?;
     match status.wait(Duration::from_secs(10)) {
         Some(0) => Ok(status.stdout().contains("\"running\"")),
         Some(_) => Ok(false),
@@ -314,10 +315,10 @@ fn source_running(popek: &Path, api: &str, dir: &Path) -> Result<bool, String> {
 fn move_again(cfg: &Config, dir: &Path, api: &str, src: &mut Proc) -> (bool, String) {
     let result = (|| -> Result<String, String> {
         let to = address(cfg, dir, "clean")?.to_string();
-        let mut dst = Proc::spawn(&cfg.popek, &["run", "--no-stdin", "--incoming", &to], dir, "clean")?;
+        let mut dst = Proc::spawn(&[], &cfg.popek, &["run", "--no-stdin", "--incoming", &to], dir, "clean")?;
         dst.wait_for("waiting for a migration on", Duration::from_secs(30))?;
         let args = ["migrate", "--api-socket", api, "--to", &to, "--mode", "stop-copy", "--verify-memory"];
-        let mut migrate = Proc::spawn(&cfg.popek, &args, dir, "clean-migrate")?;
+        let mut migrate = Proc::spawn(&[], &cfg.popek, &args, dir, "clean-migrate")?;
         match migrate.wait(Duration::from_secs(60)) {
             Some(0) => {}
             other => return Err(format!("the clean move failed ({other:?}): {}", last_line(&migrate.stderr()))),

@@ -8,7 +8,6 @@
 mod cell;
 mod inject;
 mod plan;
-mod procs;
 mod relay;
 mod report;
 

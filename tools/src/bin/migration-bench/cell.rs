@@ -3,9 +3,10 @@
 //! workload, `popek migrate`, and the figures both report.
 
 use crate::net::Net;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+pub use popek_tools::procs::Proc;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 /// What the guest does while it moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -90,78 +91,6 @@ pub struct Sample {
     /// Post-copy request-to-install latency.
     pub fault_p50_us: Option<f64>,
     pub fault_p99_us: Option<f64>,
-}
-
-/// A child process whose output goes to files, killed on drop.
-pub struct Proc {
-    pub child: Child,
-    pub out: PathBuf,
-    pub err: PathBuf,
-}
-
-impl Proc {
-    pub fn spawn(prefix: &[String], program: &Path, args: &[&str], dir: &Path, tag: &str) -> Result<Proc, String> {
-        let out = dir.join(format!("{tag}.out"));
-        let err = dir.join(format!("{tag}.err"));
-        let file = |p: &Path| std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()));
-        let mut command = match prefix.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(program);
-                c
-            }
-            None => Command::new(program),
-        };
-        let child = command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(file(&out)?)
-            .stderr(file(&err)?)
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
-        Ok(Proc { child, out, err })
-    }
-
-    pub fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.err).unwrap_or_default()
-    }
-
-    /// Waits until `needle` shows up in stdout or stderr.
-    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.stdout().contains(needle) || self.stderr().contains(needle) {
-                return Ok(());
-            }
-            if Instant::now() > deadline || matches!(self.child.try_wait(), Ok(Some(_))) {
-                return Err(format!("never saw {needle:?}: {}", self.stderr().lines().last().unwrap_or("")));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Waits for the process to end, at most `timeout`.
-    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status.code().unwrap_or(-1));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        None
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Runs one Popek migration of `cell`.

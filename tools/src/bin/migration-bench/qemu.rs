@@ -157,7 +157,7 @@ impl Qemu {
         let console = |tag: &str| std::fs::read_to_string(dir.join(format!("{tag}.console"))).unwrap_or_default();
         let deadline = Instant::now() + Duration::from_secs(60);
         while !console("qsrc").contains("migrate: ready") {
-            if matches!(qsrc.child.try_wait(), Ok(Some(_))) {
+            if qsrc.try_status().is_some() {
                 return Err(format!("QEMU ended: {}", qsrc.stderr().lines().next().unwrap_or("")));
             }
             if Instant::now() > deadline {

@@ -1,5 +1,6 @@
-//! Child processes of one cell: `popek run` sources and destinations and `popek migrate`,
-//! output in files, killed on drop (a cell never leaves a VM behind).
+//! Child processes of a benchmark or fault-matrix cell: `popek run` sources and
+//! destinations, `popek migrate`, QEMU; output in files, killed on drop (a cell never
+//! leaves a VM behind).
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -14,11 +15,21 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn spawn(program: &Path, args: &[&str], dir: &Path, tag: &str) -> Result<Proc, String> {
+    /// Runs `program ARGS` (through `prefix`, e.g. `ip netns exec NAME`, when not empty)
+    /// with its output in `dir/TAG.out` and `dir/TAG.err`.
+    pub fn spawn(prefix: &[String], program: &Path, args: &[&str], dir: &Path, tag: &str) -> Result<Proc, String> {
         let out = dir.join(format!("{tag}.out"));
         let err = dir.join(format!("{tag}.err"));
         let file = |p: &Path| std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()));
-        let child = Command::new(program)
+        let mut command = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        let child = command
             .args(args)
             .stdin(Stdio::null())
             .stdout(file(&out)?)
