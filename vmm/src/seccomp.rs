@@ -118,22 +118,10 @@ pub fn install(mode: Mode, probe: Option<ThreadKind>) -> Result<(), Error> {
     }
     let _ = SETTINGS.set(Settings { probe, programs });
     if mode != Mode::Off {
-        cap_malloc_arenas();
         vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
             .map_err(|e| Error::Handler(e.to_string()))?;
     }
     enter(ThreadKind::Vmm)
-}
-
-/// glibc's malloc, the first time a thread needs a ninth arena, counts the CPUs by
-/// opening /sys/devices/system/cpu/online: an `openat` from whichever thread that is (a
-/// vCPU, a TLS pump...). Setting the arena limit up front (what glibc would compute: 8
-/// per CPU) means it never has to.
-fn cap_malloc_arenas() {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let arenas = libc::c_int::try_from(8 * cpus).unwrap_or(libc::c_int::MAX);
-    // SAFETY: mallopt only sets a malloc tunable; no pointers are involved.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
 }
 
 /// Narrows the calling thread to `kind`'s allow-list (nothing with `--seccomp off`).
@@ -278,15 +266,12 @@ fn decimal(into: &mut [u8], value: i32) -> usize {
 /// trapped: this filter answers `openat` and `open` with EACCES, and the kind's list
 /// (installed on top) allows them, since the strictest answer of all filters wins.
 fn files_refused(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, Error> {
-    let build = |detail: String| Error::Build { kind: kind.name(), detail };
     let rules: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_openat, vec![]), (libc::SYS_open, vec![])].into();
     let refuse = match mode {
         Mode::Log => SeccompAction::Log,
         _ => SeccompAction::Errno(libc::EACCES as u32),
     };
-    let arch = std::env::consts::ARCH.try_into().map_err(|e| build(format!("{e:?}")))?;
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, refuse, arch).map_err(|e| build(e.to_string()))?;
-    filter.try_into().map_err(|e: seccompiler::BackendError| build(e.to_string()))
+    bpf(kind, rules, SeccompAction::Allow, refuse)
 }
 
 fn program(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, Error> {
@@ -305,8 +290,20 @@ fn program(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, Error> {
         Mode::Log => SeccompAction::Log,
         _ => SeccompAction::Trap,
     };
+    bpf(kind, rules, mismatch, SeccompAction::Allow)
+}
+
+/// Compiles `rules` for this machine: `matched` for the calls they list, `other` for
+/// the rest.
+fn bpf(
+    kind: ThreadKind,
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    other: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram, Error> {
+    let build = |detail: String| Error::Build { kind: kind.name(), detail };
     let arch = std::env::consts::ARCH.try_into().map_err(|e| build(format!("{e:?}")))?;
-    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch).map_err(|e| build(e.to_string()))?;
+    let filter = SeccompFilter::new(rules, other, matched, arch).map_err(|e| build(e.to_string()))?;
     filter.try_into().map_err(|e: seccompiler::BackendError| build(e.to_string()))
 }
 
