@@ -171,7 +171,7 @@ fn source_ram() -> popek::memory::GuestRam {
 
 fn migration_seeds() -> Vec<Seed> {
     let src = source_ram();
-    let state = serde_json::to_vec(&machine(1)).expect("encode the state");
+    let state = machine(1).encode().expect("encode the state");
     // Pre-copy as the destination receives it: handshake, a barrier, a discard, memory,
     // state, and the checksums at the end.
     let mut precopy = Vec::new();
@@ -235,7 +235,7 @@ fn migration_seeds() -> Vec<Seed> {
         ("precopy-stream", precopy.clone(), None),
         ("hybrid-stream", postcopy, None),
         ("bad-magic", with_header_byte(0, b'X'), Some("bad magic")),
-        ("bad-version", with_header_byte(4, 2), Some("version 2")),
+        ("bad-version", with_header_byte(4, 1), Some("version 1")),
         ("unknown-kind", with_header_byte(6, 99), Some("Unknown message kind 99")),
         ("too-large", too_large, Some("exceeds the")),
         ("cut-stream", precopy[..precopy.len() - 7].to_vec(), Some("failed to fill whole buffer")),
@@ -245,14 +245,18 @@ fn migration_seeds() -> Vec<Seed> {
 }
 
 fn state_seeds() -> Vec<Seed> {
-    let one = serde_json::to_vec(&machine(1)).expect("encode the state");
-    let two = serde_json::to_vec(&machine(2)).expect("encode the state");
+    // Bodies: the payload minus its 4-byte checksum.
+    let one = machine(1).encode().expect("encode the state")[4..].to_vec();
+    let two = machine(2).encode().expect("encode the state")[4..].to_vec();
+    let mut padded = one.clone();
+    padded.push(0);
     vec![
         ("one-vcpu", one.clone(), None),
         ("two-vcpus", two, None),
-        ("truncated", one[..one.len() / 3].to_vec(), Some("EOF while parsing")),
-        ("empty-object", b"{}".to_vec(), Some("missing field `vm`")),
-        ("wrong-type", br#"{"vm":1,"vcpus":[],"devices":{}}"#.to_vec(), Some("invalid type")),
+        ("truncated", one[..one.len() / 3].to_vec(), Some("Malformed machine state")),
+        ("padded", padded, Some("bytes after its end")),
+        ("empty", Vec::new(), Some("Malformed machine state")),
+        ("not-a-varint", vec![0xff; 16], Some("Malformed machine state")),
     ]
 }
 

@@ -6,6 +6,7 @@ mod common;
 use common::procs::*;
 use common::wire::read_frame;
 use common::*;
+use popek::migration::protocol::VERSION;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
@@ -29,7 +30,7 @@ fn a_frame_over_the_limit_is_refused_before_anything_is_allocated() {
     let path = to.strip_prefix("unix:").unwrap();
     let mut s = UnixStream::connect(path).unwrap();
     // A Hello that claims one byte more than the limit, then nothing.
-    let mut header = common::wire::frame(1, b"", 1);
+    let mut header = common::wire::frame(1, b"", VERSION);
     header[8..16].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
     s.write_all(&header).unwrap();
     let (status, out, err) = dst.wait();
@@ -78,7 +79,7 @@ fn an_endless_control_request_is_cut_at_the_limit_and_the_vm_answers_on() {
 fn flooding_destination(path: std::path::PathBuf, seconds: u64) -> std::thread::JoinHandle<u64> {
     let listener = UnixListener::bind(&path).unwrap();
     std::thread::spawn(move || {
-        let accept = common::wire::frame(2, br#"{"reason":""}"#, 1);
+        let accept = common::wire::frame(2, br#"{"reason":""}"#, VERSION);
         let (mut s, _) = listener.accept().unwrap();
         read_frame(&mut s).unwrap();
         s.write_all(&accept).unwrap();
@@ -94,7 +95,7 @@ fn flooding_destination(path: std::path::PathBuf, seconds: u64) -> std::thread::
         }
         // Requests for every page, over and over, at most MAX_REQUEST_PAGES each.
         let gpas: Vec<u8> = (0..MAX_REQUEST_PAGES as u64).flat_map(|i| (i * 4096).to_le_bytes()).collect();
-        let request = common::wire::frame(10, &gpas, 1);
+        let request = common::wire::frame(10, &gpas, VERSION);
         s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
         let end = Instant::now() + Duration::from_secs(seconds);
         let mut sent = 0;

@@ -535,8 +535,14 @@ impl Vm {
         }
         self.serial.restore_registers(&machine.devices.serial);
         self.handlers.msrs.set_scratch(&machine.devices.msr_scratch);
-        self.hypercalls.import(&machine.devices, &self.ram);
+        self.hypercalls.import(&machine.devices);
         Ok(())
+    }
+
+    /// The last step of a restore, once all of RAM is here (or, in post-copy, served on
+    /// demand): tells the guest it moved, through its generation word.
+    pub fn publish_generation(&self) {
+        self.hypercalls.publish_generation(&self.ram);
     }
 }
 

@@ -96,7 +96,7 @@ impl HypercallState {
 
     /// Takes over a migrated state: the generation goes up by one, and the guest's
     /// registered generation word is updated so it sees the move with a plain load.
-    pub fn import(&self, devices: &crate::migration::state::DeviceState, ram: &GuestRam) {
+    pub fn import(&self, devices: &crate::migration::state::DeviceState) {
         // Wraps instead of overflowing: only a forged state holds u64::MAX, and a guest
         // learns of a migration from the generation changing, which 0 still is.
         let generation = devices.generation.wrapping_add(1);
@@ -108,7 +108,14 @@ impl HypercallState {
             free.bits.copy_from_slice(&devices.free_pages);
             free.count = free.bits.iter().map(|w| u64::from(w.count_ones())).sum();
         }
-        if let Some(gpa) = devices.generation_gpa {
+    }
+
+    /// Writes the generation into the guest's word (if it registered one). Separate from
+    /// `import`, which may run while RAM is still arriving: the word must be written after
+    /// the last page, or that page would overwrite it with the source's old value.
+    pub fn publish_generation(&self, ram: &GuestRam) {
+        let generation = self.generation.load(Ordering::SeqCst);
+        if let Some(gpa) = *lock(&self.generation_gpa) {
             if ram.write_obj(generation, GuestAddress(gpa)).is_err() {
                 log::warn!("cannot update the guest's generation word at {gpa:#x}");
             }

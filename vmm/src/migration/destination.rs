@@ -51,11 +51,12 @@ impl Link {
 
 /// What the source sent before the VM could start.
 enum Received {
-    /// Everything (stop-copy, pre-copy).
-    Complete(MachineState, Instant),
+    /// Everything (stop-copy, pre-copy), and the state already restored into the VM (it
+    /// arrived at the `Instant`).
+    Complete(Instant),
     /// The state and the switch to post-copy: memory follows while the VM runs.
     Postcopy {
-        machine: MachineState,
+        machine: Box<MachineState>,
         arrived: Instant,
         switch: protocol::Postcopy,
         arrived_pages: Option<memory::Arrived>,
@@ -79,9 +80,11 @@ impl Write for WriteAdapter<'_> {
 }
 
 /// Memory frames (any number of rounds), the State, then Complete with the checksum; or,
-/// for post-copy, the Postcopy switch and the State.
+/// for post-copy, the Postcopy switch and the State. A State without a switch is restored
+/// at once, while the last pages still arrive (the restore writes nothing to RAM); the
+/// VM does not run before Complete has checked both checksums.
 fn receive_memory_and_state(
-    vm: &Vm,
+    vm: &mut Vm,
     stream: &mut Box<dyn Stream>,
     prepared: Option<std::sync::Arc<crate::memory::Prepared>>,
     payload: &mut Vec<u8>,
@@ -90,7 +93,7 @@ fn receive_memory_and_state(
         Some(p) => memory::Incoming::into_prepared(p),
         None => memory::Incoming::default(),
     };
-    let mut machine = None;
+    let mut restored = None;
     let mut switch = None;
     let mut state_crc32 = None;
     loop {
@@ -116,18 +119,25 @@ fn receive_memory_and_state(
             Kind::State => {
                 let t = Instant::now();
                 state_crc32 = Some(crc32fast::hash(payload));
-                let state: MachineState =
-                    serde_json::from_slice(payload).map_err(|e| format!("malformed machine state: {e}"))?;
+                let state = MachineState::decode(payload).map_err(|e| chain(&e))?;
                 log::debug!("incoming: state of {} bytes parsed in {:?}", payload.len(), t.elapsed());
                 if let Some(switch) = switch.take() {
                     check_state(switch.state_crc32, state_crc32)?;
                     let arrived_pages = incoming.take_arrived();
-                    return Ok(Received::Postcopy { machine: state, arrived: Instant::now(), switch, arrived_pages });
+                    return Ok(Received::Postcopy {
+                        machine: Box::new(state),
+                        arrived: Instant::now(),
+                        switch,
+                        arrived_pages,
+                    });
                 }
-                machine = Some((state, Instant::now()));
+                let arrived = Instant::now();
+                vm.restore_machine(&state).map_err(|e| format!("restoring the VM failed: {}", chain(&e)))?;
+                log::debug!("incoming: state restored in {:?}", arrived.elapsed());
+                restored = Some(arrived);
             }
             Kind::Complete => {
-                if let Some((_, at)) = &machine {
+                if let Some(at) = &restored {
                     log::debug!("incoming: Complete {:?} after the state", at.elapsed());
                 }
                 let complete: protocol::Complete =
@@ -135,9 +145,9 @@ fn receive_memory_and_state(
                 incoming.complete(vm.ram(), &complete).map_err(|e| chain(&e))?;
                 check_state(complete.state_crc32, state_crc32)?;
                 log::debug!("received {} pages, {} bytes", incoming.stats.pages, incoming.stats.bytes_on_wire);
-                let (machine, arrived) =
-                    machine.ok_or_else(|| "the source completed without sending the machine state".to_string())?;
-                return Ok(Received::Complete(machine, arrived));
+                let arrived =
+                    restored.ok_or_else(|| "the source completed without sending the machine state".to_string())?;
+                return Ok(Received::Complete(arrived));
             }
             Kind::Refuse => return Err("the source aborted the migration".into()),
             other => return Err(format!("unexpected {other:?} message during the transfer")),
@@ -294,15 +304,15 @@ pub fn receive(
     // mapped before userfaultfd watches it.
     let fill_prepared = if hello.postcopy { None } else { prepared.clone() };
     let mut buffer = Vec::new();
-    let received = match receive_memory_and_state(&vm, &mut stream, fill_prepared, &mut buffer) {
+    let received = match receive_memory_and_state(&mut vm, &mut stream, fill_prepared, &mut buffer) {
         Ok(received) => received,
         Err(reason) => {
             refuse(stream.as_mut(), &reason);
             return Err(reason);
         }
     };
-    let (machine, state_arrived, mut link) = match received {
-        Received::Complete(machine, arrived) => (machine, arrived, Link::Complete(stream)),
+    let (machine, state_arrived, link) = match received {
+        Received::Complete(arrived) => (None, arrived, Link::Complete(stream)),
         Received::Postcopy { machine, arrived, switch, arrived_pages } => {
             // RAM is registered with userfaultfd before the restore below or any vCPU can
             // touch it: a page touched first would read as zero and could not be filled.
@@ -318,7 +328,7 @@ pub fn receive(
             match Postcopy::start(vm.ram(), links, arrived_pages, (&switch.discard, prepared.clone()), recovery) {
                 Ok(postcopy) => {
                     log::debug!("incoming: post-copy started {:?} after the state arrived", arrived.elapsed());
-                    (machine, arrived, Link::Postcopy(postcopy))
+                    (Some(machine), arrived, Link::Postcopy(postcopy))
                 }
                 Err(reason) => {
                     refuse(spare.as_mut(), &reason);
@@ -327,15 +337,14 @@ pub fn receive(
             }
         }
     };
-    log::debug!("incoming: restoring {:?} after the state arrived", state_arrived.elapsed());
-    if let Err(e) = vm.restore_machine(&machine) {
-        let reason = format!("restoring the VM failed: {}", chain(&e));
-        if let Link::Complete(stream) = &mut link {
-            refuse(stream.as_mut(), &reason);
+    if let Some(machine) = machine {
+        log::debug!("incoming: restoring {:?} after the state arrived", state_arrived.elapsed());
+        if let Err(e) = vm.restore_machine(&machine) {
+            // In post-copy, this process ends and the source sees the link drop before
+            // Running: it resumes the VM.
+            return Err(format!("restoring the VM failed: {}", chain(&e)));
         }
-        // In post-copy, this process ends and the source sees the link drop before
-        // Running: it resumes the VM.
-        return Err(reason);
     }
+    vm.publish_generation();
     Ok(Incoming { vm, link, state_arrived, staging: prepared, buffer })
 }

@@ -9,8 +9,9 @@ use std::io::{Read, Write};
 
 /// "PPKM".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PPKM");
-/// Protocol version; a peer with another version is refused in the handshake.
-pub const VERSION: u16 = 1;
+/// Protocol version; a peer with another version is refused in the handshake. 2: the
+/// State payload is postcard, not JSON, and goes before the last pages.
+pub const VERSION: u16 = 2;
 /// Largest payload accepted: a peer cannot make us allocate more for one frame.
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 /// Most pages one PageRequest may ask for (32 KiB of addresses): the post-copy source

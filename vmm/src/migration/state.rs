@@ -24,6 +24,14 @@ pub enum Error {
     },
     #[error("vCPU {id}: KVM restored {restored} of {total} MSRs (first refused: {index:#x})")]
     Msrs { id: u32, restored: usize, total: usize, index: u32 },
+    #[error("Malformed machine state")]
+    Decode(#[source] postcard::Error),
+    #[error("Cannot encode the machine state")]
+    Encode(#[source] postcard::Error),
+    #[error("Malformed machine state: {0} bytes after its end")]
+    Trailing(usize),
+    #[error("Machine state checksum mismatch: received {received:#x}, the payload says {sent:#x}")]
+    Checksum { received: u32, sent: u32 },
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -178,4 +186,43 @@ pub struct MachineState {
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub devices: DeviceState,
+}
+
+impl MachineState {
+    /// The State payload: the CRC32 of the body (u32, little-endian), then the body in
+    /// postcard (serde in declaration order, integers as varints, KVM's structures as
+    /// length-prefixed raw bytes). The destination restores a State as soon as it comes,
+    /// before the source's Complete, so the payload carries its own checksum. JSON
+    /// spelled the XSAVE area and the LAPIC page as arrays of numbers, 25 KB that took
+    /// the destination ~0.15 ms to parse inside the downtime; this is half the size and
+    /// parses in a fifth of the time.
+    pub fn encode(&self) -> Result<Vec<u8>, Error> {
+        let body = postcard::to_allocvec(self).map_err(Error::Encode)?;
+        let mut payload = Vec::with_capacity(4 + body.len());
+        payload.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        payload.extend_from_slice(&body);
+        Ok(payload)
+    }
+
+    /// Parses a State payload: its checksum first, then the body.
+    pub fn decode(payload: &[u8]) -> Result<MachineState, Error> {
+        let Some((sent, body)) = payload.split_first_chunk::<4>() else {
+            return Err(Error::Decode(postcard::Error::DeserializeUnexpectedEnd));
+        };
+        let (sent, received) = (u32::from_le_bytes(*sent), crc32fast::hash(body));
+        if sent != received {
+            return Err(Error::Checksum { received, sent });
+        }
+        Self::from_body(body)
+    }
+
+    /// Parses a State body, all of it (trailing bytes are an error: a truncated or padded
+    /// body is not the state the source sent).
+    pub fn from_body(body: &[u8]) -> Result<MachineState, Error> {
+        let (machine, rest) = postcard::take_from_bytes(body).map_err(Error::Decode)?;
+        if !rest.is_empty() {
+            return Err(Error::Trailing(rest.len()));
+        }
+        Ok(machine)
+    }
 }
