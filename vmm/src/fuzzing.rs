@@ -147,9 +147,10 @@ fn decode_state(payload: &[u8]) -> Result<MachineState, String> {
     MachineState::decode(payload).map_err(|e| crate::error_chain(&e))
 }
 
-/// A State body (the payload minus its checksum): parsed, then restored into everything of a VM that is not KVM's (the
-/// UART, the MSR block, the hypercall device with its generation word in guest RAM), the
-/// way `Vm::restore_machine` does after the KVM state. Checks that a parsed state
+/// A State body (the payload minus its checksum): parsed, then restored into everything
+/// of a VM that is not KVM's (the UART, the MSR block, the hypercall device with its
+/// generation word in guest RAM), the way `Vm::restore_machine` and `publish_generation`
+/// do after the KVM state. Checks that a parsed state
 /// serializes to bytes that parse back to the same state, and that the restore moves the
 /// generation on by one.
 pub fn machine_state(data: &[u8]) -> Result<(), String> {

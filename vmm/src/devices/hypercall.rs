@@ -94,8 +94,8 @@ impl HypercallState {
         }
     }
 
-    /// Takes over a migrated state: the generation goes up by one, and the guest's
-    /// registered generation word is updated so it sees the move with a plain load.
+    /// Takes over a migrated state: the generation goes up by one (the guest sees it in
+    /// its word once `publish_generation` writes it there).
     pub fn import(&self, devices: &crate::migration::state::DeviceState) {
         // Wraps instead of overflowing: only a forged state holds u64::MAX, and a guest
         // learns of a migration from the generation changing, which 0 still is.

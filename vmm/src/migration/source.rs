@@ -532,16 +532,16 @@ fn precopy(
         let t = Instant::now();
         let sent = outgoing.send_dirty(vm.ram(), &dirty, stream).map_err(|e| chain(&e))?;
         let secs = t.elapsed().as_secs_f64().max(1e-6);
-        let round_bandwidth = ((outgoing.stats.bytes_on_wire - before) as f64 / secs).max(1.0);
-        (rounds_bytes, rounds_secs) =
-            (rounds_bytes + (outgoing.stats.bytes_on_wire - before) as f64, rounds_secs + secs);
+        let bytes = (outgoing.stats.bytes_on_wire - before) as f64;
+        let round_bandwidth = (bytes / secs).max(1.0);
+        (rounds_bytes, rounds_secs) = (rounds_bytes + bytes, rounds_secs + secs);
         // A small round fits in the socket buffers and seems to go at memcpy speed (8 GB/s
         // here, against 2-3 GB/s that reach the destination), which would let too many
         // pages into the downtime. The rate over all rounds so far damps that.
         bandwidth = round_bandwidth.min(rounds_bytes / rounds_secs);
         rounds.push(Round { round, pages: sent, ms: secs * 1e3, mb_s: round_bandwidth / 1e6 });
         progress(
-            serde_json::json!({"round": round, "pages": sent, "ms": secs * 1e3, "mb_s": bandwidth / 1e6, "estimate_ms": estimate_ms}),
+            serde_json::json!({"round": round, "pages": sent, "ms": secs * 1e3, "mb_s": round_bandwidth / 1e6, "estimate_ms": estimate_ms}),
         );
     }
     if hybrid {
