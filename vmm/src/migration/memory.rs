@@ -88,6 +88,10 @@ pub struct Outgoing {
     crc: crc32fast::Hasher,
     pub stats: Transfer,
     zero_run: Option<(u64, u32, u32)>,
+    /// The data record at the end of the frame: where its header is, and the page that
+    /// would extend it. Adjacent pages share one record, so that a receiver installs a run
+    /// with one call (post-copy: one UFFDIO_CONTINUE or COPY per run, not per page).
+    data_run: Option<(usize, u64)>,
     /// Bytes per second not to exceed, and since when we count.
     limit: Option<std::sync::Arc<RateLimit>>,
     /// Post-copy: frames are PostcopyPages, each starting with the CRC32 of its records.
@@ -101,6 +105,7 @@ impl Default for Outgoing {
             crc: crc32fast::Hasher::new(),
             stats: Transfer::default(),
             zero_run: None,
+            data_run: None,
             limit: None,
             postcopy: false,
         }
@@ -123,6 +128,7 @@ impl Outgoing {
     pub fn start_postcopy(&mut self) {
         self.flush_zero_run();
         self.postcopy = true;
+        self.data_run = None;
         self.frame.clear();
         self.frame.extend_from_slice(&[0; 4]);
     }
@@ -175,6 +181,8 @@ impl Outgoing {
     }
 
     fn zero_page(&mut self, gpa: u64, fresh: bool) {
+        // A zero record now follows the last data record: that one is closed.
+        self.data_run = None;
         self.stats.zero_pages += 1;
         let flags = if fresh { ZERO | FRESH } else { ZERO };
         match &mut self.zero_run {
@@ -190,26 +198,37 @@ impl Outgoing {
     /// into the frame (and taken back out if it is all zeros): one copy less per page.
     fn page(&mut self, ram: &GuestRam, gpa: u64, fresh: bool) -> Result<(), Error> {
         self.stats.pages += 1;
+        // Right after the data record it extends, the page needs no header of its own.
+        let extends = self.data_run.filter(|&(_, next)| next == gpa);
         let at = self.frame.len();
-        self.frame.resize(at + RECORD_HEADER + PAGE as usize, 0);
-        ram.read_slice(&mut self.frame[at + RECORD_HEADER..], GuestAddress(gpa))?;
-        if self.frame[at + RECORD_HEADER..].iter().all(|&b| b == 0) {
+        let data_at = if extends.is_some() { at } else { at + RECORD_HEADER };
+        self.frame.resize(data_at + PAGE as usize, 0);
+        ram.read_slice(&mut self.frame[data_at..], GuestAddress(gpa))?;
+        if self.frame[data_at..].iter().all(|&b| b == 0) {
             self.frame.truncate(at);
             self.zero_page(gpa, fresh);
-        } else {
-            // A pending zero run goes before this page: move the page up by one header.
-            if let Some((run_gpa, n, flags)) = self.zero_run.take() {
-                let mut header = [0u8; RECORD_HEADER];
-                header[..8].copy_from_slice(&run_gpa.to_le_bytes());
-                header[8..12].copy_from_slice(&n.to_le_bytes());
-                header[12..].copy_from_slice(&flags.to_le_bytes());
-                self.frame.splice(at..at, header);
-            }
-            let at = self.frame.len() - PAGE as usize - RECORD_HEADER;
-            self.frame[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
-            self.frame[at + 8..at + 12].copy_from_slice(&1u32.to_le_bytes());
-            self.frame[at + 12..at + 16].copy_from_slice(&0u32.to_le_bytes());
+            return Ok(());
         }
+        if let Some((header_at, _)) = extends {
+            let count = &mut self.frame[header_at + 8..header_at + 12];
+            let pages = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) + 1;
+            count.copy_from_slice(&pages.to_le_bytes());
+            self.data_run = Some((header_at, gpa + PAGE));
+            return Ok(());
+        }
+        // A pending zero run goes before this page: move the page up by one header.
+        if let Some((run_gpa, n, flags)) = self.zero_run.take() {
+            let mut header = [0u8; RECORD_HEADER];
+            header[..8].copy_from_slice(&run_gpa.to_le_bytes());
+            header[8..12].copy_from_slice(&n.to_le_bytes());
+            header[12..].copy_from_slice(&flags.to_le_bytes());
+            self.frame.splice(at..at, header);
+        }
+        let at = self.frame.len() - PAGE as usize - RECORD_HEADER;
+        self.frame[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
+        self.frame[at + 8..at + 12].copy_from_slice(&1u32.to_le_bytes());
+        self.frame[at + 12..at + 16].copy_from_slice(&0u32.to_le_bytes());
+        self.data_run = Some((at, gpa + PAGE));
         Ok(())
     }
 
@@ -231,6 +250,7 @@ impl Outgoing {
             self.stats.bytes_on_wire += self.frame.len() as u64 + 16;
             self.throttle(self.frame.len() as u64 + 16);
             self.frame.truncate(header);
+            self.data_run = None;
         }
         Ok(())
     }
@@ -618,5 +638,27 @@ mod tests {
         let at = bad.len() / 2;
         bad[at] ^= 0xff;
         assert!(receive(&bad).is_err());
+    }
+
+    #[test]
+    fn adjacent_pages_share_a_record() {
+        let src = memory::create_ram(16 << 20).unwrap();
+        for (page, byte) in [(0x100u64, 1u8), (0x101, 2), (0x102, 3), (0x104, 4), (0x105, 5)] {
+            src.write_slice(&[byte; 4096], GuestAddress(page * PAGE)).unwrap();
+        }
+        let mut outgoing = Outgoing::default();
+        for page in [0x100u64, 0x101, 0x102, 0x103, 0x104, 0x105, 0x101] {
+            outgoing.page(&src, page * PAGE, false).unwrap();
+        }
+        let mut wire = Vec::new();
+        outgoing.flush(&mut wire).unwrap();
+        let (_, payload) = protocol::read_frame(&mut wire.as_slice()).unwrap();
+        let layout: Vec<(u64, u64, bool)> =
+            records(&src, &payload).map(|r| r.map(|r| (r.gpa / PAGE, r.pages, r.is_zero())).unwrap()).collect();
+        // A zero page ends a run; a page out of order starts a new one.
+        assert_eq!(layout, [(0x100, 3, false), (0x103, 1, true), (0x104, 2, false), (0x101, 1, false)]);
+        let dst = memory::create_ram(16 << 20).unwrap();
+        apply(&dst, &payload, &mut Transfer::default()).unwrap();
+        assert_eq!(ram_crc32(&dst).unwrap(), ram_crc32(&src).unwrap());
     }
 }
