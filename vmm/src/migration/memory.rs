@@ -92,6 +92,11 @@ pub struct Outgoing {
     /// would extend it. Adjacent pages share one record, so that a receiver installs a run
     /// with one call (post-copy: one UFFDIO_CONTINUE or COPY per run, not per page).
     data_run: Option<(usize, u64)>,
+    /// The guest is paused: pages are sent from guest RAM in place (`borrowed` says where
+    /// in the frame each run goes) instead of being copied into the frame first.
+    paused: Option<GuestRam>,
+    /// Paused mode: runs of guest RAM `(frame offset, gpa, bytes)` the frame sends in place.
+    borrowed: Vec<(usize, u64, usize)>,
     /// Bytes per second not to exceed, and since when we count.
     limit: Option<std::sync::Arc<RateLimit>>,
     /// Post-copy: frames are PostcopyPages, each starting with the CRC32 of its records.
@@ -106,6 +111,8 @@ impl Default for Outgoing {
             stats: Transfer::default(),
             zero_run: None,
             data_run: None,
+            paused: None,
+            borrowed: Vec::new(),
             limit: None,
             postcopy: false,
         }
@@ -120,7 +127,13 @@ impl Outgoing {
 
     /// A second sender (post-copy's urgent channel) under the same rate cap.
     pub fn sibling(&self) -> Self {
-        Outgoing { limit: self.limit.clone(), ..Default::default() }
+        Outgoing { limit: self.limit.clone(), paused: self.paused.clone(), ..Default::default() }
+    }
+
+    /// The vCPUs are paused (and stay so while this sends): pages go from guest RAM
+    /// straight to the socket, one copy less per page.
+    pub fn guest_paused(&mut self, ram: &GuestRam) {
+        self.paused = Some(ram.clone());
     }
 
     /// Switches to post-copy frames (each checked on its own: a post-copy stream may break
@@ -155,7 +168,12 @@ impl Outgoing {
 
     /// Bytes queued and not yet sent.
     pub fn queued(&self) -> usize {
-        self.frame.len() - self.frame_header()
+        self.frame_len() - self.frame_header()
+    }
+
+    /// The payload's length, pages sent in place included.
+    fn frame_len(&self) -> usize {
+        self.frame.len() + self.borrowed.iter().map(|&(_, _, len)| len).sum::<usize>()
     }
 
     /// Sends whatever is queued.
@@ -197,6 +215,9 @@ impl Outgoing {
     /// Reads one page and queues it as data or as a zero record. The page is read straight
     /// into the frame (and taken back out if it is all zeros): one copy less per page.
     fn page(&mut self, ram: &GuestRam, gpa: u64, fresh: bool) -> Result<(), Error> {
+        if self.paused.is_some() {
+            return self.page_in_place(ram, gpa, fresh);
+        }
         self.stats.pages += 1;
         // Right after the data record it extends, the page needs no header of its own.
         let extends = self.data_run.filter(|&(_, next)| next == gpa);
@@ -232,24 +253,81 @@ impl Outgoing {
         Ok(())
     }
 
+    /// `page` for a paused guest: checks the page where it lies and queues a reference
+    /// to it, not a copy.
+    fn page_in_place(&mut self, ram: &GuestRam, gpa: u64, fresh: bool) -> Result<(), Error> {
+        self.stats.pages += 1;
+        let bytes = memory::paused_bytes(ram, gpa, PAGE as usize).ok_or(Error::OutsideRam { gpa, pages: 1 })?;
+        if bytes.iter().all(|&b| b == 0) {
+            self.zero_page(gpa, fresh);
+            return Ok(());
+        }
+        if let Some((header_at, _)) = self.data_run.filter(|&(_, next)| next == gpa) {
+            let count = &mut self.frame[header_at + 8..header_at + 12];
+            let pages = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) + 1;
+            count.copy_from_slice(&pages.to_le_bytes());
+            self.data_run = Some((header_at, gpa + PAGE));
+            // The run's pages are adjacent in one region: adjacent in the mapping too.
+            if let Some(last) = self.borrowed.last_mut() {
+                last.2 += PAGE as usize;
+            }
+            return Ok(());
+        }
+        self.flush_zero_run();
+        let at = self.frame.len();
+        self.frame.extend_from_slice(&gpa.to_le_bytes());
+        self.frame.extend_from_slice(&1u32.to_le_bytes());
+        self.frame.extend_from_slice(&0u32.to_le_bytes());
+        self.borrowed.push((self.frame.len(), gpa, PAGE as usize));
+        self.data_run = Some((at, gpa + PAGE));
+        Ok(())
+    }
+
+    /// The payload as slices: the frame's own bytes, with the runs sent in place
+    /// between them.
+    fn payload_slices<'a>(
+        frame: &'a [u8],
+        borrowed: &[(usize, u64, usize)],
+        ram: Option<&'a GuestRam>,
+    ) -> Result<Vec<&'a [u8]>, Error> {
+        let mut slices = Vec::with_capacity(borrowed.len() * 2 + 1);
+        let mut from = 0;
+        for &(at, gpa, len) in borrowed {
+            slices.push(&frame[from..at]);
+            let ram = ram.ok_or(Error::OutsideRam { gpa, pages: 0 })?;
+            slices
+                .push(memory::paused_bytes(ram, gpa, len).ok_or(Error::OutsideRam { gpa, pages: len as u64 / PAGE })?);
+            from = at;
+        }
+        slices.push(&frame[from..]);
+        Ok(slices)
+    }
+
     fn maybe_send<W: Write>(&mut self, out: &mut W, force: bool) -> Result<(), Error> {
         if force {
             self.flush_zero_run();
         }
         let header = self.frame_header();
-        if self.frame.len() >= FRAME_TARGET || (force && self.frame.len() > header) {
+        let len = self.frame_len();
+        if len >= FRAME_TARGET || (force && len > header) {
+            let slices = Self::payload_slices(&self.frame, &self.borrowed, self.paused.as_ref())?;
             let kind = if self.postcopy {
-                let crc = crc32fast::hash(&self.frame[header..]);
-                self.frame[..4].copy_from_slice(&crc.to_le_bytes());
+                let mut crc = crc32fast::Hasher::new();
+                crc.update(&slices[0][header..]);
+                slices[1..].iter().for_each(|s| crc.update(s));
+                self.frame[..4].copy_from_slice(&crc.finalize().to_le_bytes());
                 Kind::PostcopyPages
             } else {
-                self.crc.update(&self.frame);
+                slices.iter().for_each(|s| self.crc.update(s));
                 Kind::Memory
             };
-            protocol::write_frame(out, kind, &self.frame)?;
-            self.stats.bytes_on_wire += self.frame.len() as u64 + 16;
-            self.throttle(self.frame.len() as u64 + 16);
+            // The CRC went into the frame's first bytes: take the slices anew.
+            let slices = Self::payload_slices(&self.frame, &self.borrowed, self.paused.as_ref())?;
+            protocol::write_frame_vectored(out, kind, &slices)?;
+            self.stats.bytes_on_wire += len as u64 + 16;
+            self.throttle(len as u64 + 16);
             self.frame.truncate(header);
+            self.borrowed.clear();
             self.data_run = None;
         }
         Ok(())
@@ -638,6 +716,36 @@ mod tests {
         let at = bad.len() / 2;
         bad[at] ^= 0xff;
         assert!(receive(&bad).is_err());
+    }
+
+    #[test]
+    fn pages_sent_in_place_make_the_same_stream() {
+        let src = memory::create_ram(16 << 20).unwrap();
+        for page in [0x100u64, 0x101, 0x102, 0x104, 0x900, 0xfff] {
+            src.write_slice(&[page as u8 | 1; 4096], GuestAddress(page * PAGE)).unwrap();
+        }
+        let stream = |paused: bool, postcopy: bool| {
+            let mut outgoing = Outgoing::default();
+            if paused {
+                outgoing.guest_paused(&src);
+            }
+            let mut wire = Vec::new();
+            if postcopy {
+                outgoing.start_postcopy();
+                for page in [0x0fffu64, 0x100, 0x101, 0x103, 0x104, 0x102, 0x900] {
+                    outgoing.queue(&src, page * PAGE, true).unwrap();
+                }
+                outgoing.flush(&mut wire).unwrap();
+            } else {
+                outgoing.send_all(&src, &mut wire).unwrap();
+            }
+            (wire, outgoing.crc32(), outgoing.stats.bytes_on_wire)
+        };
+        for postcopy in [false, true] {
+            let (copied, in_place) = (stream(false, postcopy), stream(true, postcopy));
+            assert!(copied.0.len() > 6 * 4096);
+            assert_eq!(copied, in_place, "post-copy: {postcopy}");
+        }
     }
 
     #[test]

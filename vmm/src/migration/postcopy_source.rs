@@ -256,7 +256,7 @@ pub fn serve(
         requested_sent: Arc::new(AtomicU64::new(0)),
     };
     // The urgent channel's own thread; it ends when the channel closes (below, at Done).
-    let urgent = links.urgent.and_then(|stream| {
+    let mut urgent = links.urgent.and_then(|stream| {
         stream.limit_buffers(POSTCOPY_BUFFERS);
         let closer = stream.try_clone_stream().ok()?;
         let (p, o) = (pages.clone(), out.sibling());
@@ -303,10 +303,7 @@ pub fn serve(
                     return Err(Failure::VmHere("the destination said Done before Running".into()));
                 };
                 link.stream.shutdown_both();
-                let urgent = urgent.and_then(|(closer, thread)| {
-                    closer.shutdown_both();
-                    thread.join().ok()
-                });
+                let urgent = stop_urgent(urgent.take());
                 let (requested_sent, pushed) = (server.pages.requested_sent.load(Relaxed), server.pushed);
                 let urgent = urgent.unwrap_or_default();
                 return Ok(Outcome { running, running_at, done, requested_sent, pushed, reconnects, urgent });
@@ -334,6 +331,9 @@ pub fn serve(
         if let Err(why) = step {
             link.stream.shutdown_both();
             if running.is_none() {
+                // The VM resumes here: the urgent sender, which reads guest RAM in place,
+                // must be gone first.
+                stop_urgent(urgent.take());
                 return Err(Failure::VmHere(why));
             }
             progress(
@@ -363,6 +363,14 @@ pub fn serve(
                 "requested_sent": server.pages.requested_sent.load(Relaxed), "pushed": server.pushed}));
         }
     }
+}
+
+/// Closes the urgent channel and waits for its sender; returns what it sent.
+fn stop_urgent(urgent: Option<(Box<dyn Stream>, std::thread::JoinHandle<Transfer>)>) -> Option<Transfer> {
+    urgent.and_then(|(closer, thread)| {
+        closer.shutdown_both();
+        thread.join().ok()
+    })
 }
 
 /// Reconnects to the destination, retrying until the timeout; returns the new stream and

@@ -116,13 +116,38 @@ impl Kind {
 
 /// Writes one frame.
 pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), Error> {
+    w.write_all(&frame_header(kind, payload.len()))?;
+    w.write_all(payload)?;
+    Ok(())
+}
+
+fn frame_header(kind: Kind, len: usize) -> [u8; 16] {
     let mut header = [0u8; 16];
     header[..4].copy_from_slice(&MAGIC.to_le_bytes());
     header[4..6].copy_from_slice(&VERSION.to_le_bytes());
     header[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
-    header[8..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    w.write_all(&header)?;
-    w.write_all(payload)?;
+    header[8..].copy_from_slice(&(len as u64).to_le_bytes());
+    header
+}
+
+/// Writes one frame whose payload is the concatenation of `parts`, with as few system
+/// calls as the writer allows (a plain socket takes them all in one `writev`).
+pub fn write_frame_vectored(w: &mut impl Write, kind: Kind, parts: &[&[u8]]) -> Result<(), Error> {
+    let header = frame_header(kind, parts.iter().map(|p| p.len()).sum());
+    let mut slices: Vec<std::io::IoSlice> = std::iter::once(&header[..])
+        .chain(parts.iter().copied())
+        .filter(|p| !p.is_empty())
+        .map(std::io::IoSlice::new)
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match w.write_vectored(rest) {
+            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
+            Ok(n) => std::io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(())
 }
 

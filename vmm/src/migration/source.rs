@@ -238,6 +238,7 @@ pub fn migrate(
     }
     let paused = Instant::now();
     let vcpus = vm.pause_all()?;
+    outgoing.guest_paused(vm.ram());
     let mut breakdown = Breakdown { pause: paused.elapsed().as_secs_f64() * 1e3, ..Default::default() };
     let mut lap = Instant::now();
     let mut mark = |slot: &mut f64| {
@@ -364,6 +365,9 @@ fn postcopy(
     };
     let paused = Instant::now();
     let vcpus = vm.pause_all()?;
+    // The source's vCPUs stay paused from here on (a failure resumes them only after
+    // this migration's senders are gone).
+    outgoing.guest_paused(vm.ram());
     let mut breakdown = Breakdown { pause: paused.elapsed().as_secs_f64() * 1e3, ..Default::default() };
     let lap = Instant::now();
     let switched = (|| -> Result<(PageSet, u64), String> {
