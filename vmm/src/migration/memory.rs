@@ -97,6 +97,8 @@ pub struct Outgoing {
     paused: Option<GuestRam>,
     /// Paused mode: runs of guest RAM `(frame offset, gpa, bytes)` the frame sends in place.
     borrowed: Vec<(usize, u64, usize)>,
+    /// The bytes of those runs.
+    borrowed_bytes: usize,
     /// Bytes per second not to exceed, and since when we count.
     limit: Option<std::sync::Arc<RateLimit>>,
     /// Post-copy: frames are PostcopyPages, each starting with the CRC32 of its records.
@@ -113,6 +115,7 @@ impl Default for Outgoing {
             data_run: None,
             paused: None,
             borrowed: Vec::new(),
+            borrowed_bytes: 0,
             limit: None,
             postcopy: false,
         }
@@ -173,7 +176,7 @@ impl Outgoing {
 
     /// The payload's length, pages sent in place included.
     fn frame_len(&self) -> usize {
-        self.frame.len() + self.borrowed.iter().map(|&(_, _, len)| len).sum::<usize>()
+        self.frame.len() + self.borrowed_bytes
     }
 
     /// Sends whatever is queued.
@@ -270,6 +273,7 @@ impl Outgoing {
             // The run's pages are adjacent in one region: adjacent in the mapping too.
             if let Some(last) = self.borrowed.last_mut() {
                 last.2 += PAGE as usize;
+                self.borrowed_bytes += PAGE as usize;
             }
             return Ok(());
         }
@@ -279,6 +283,7 @@ impl Outgoing {
         self.frame.extend_from_slice(&1u32.to_le_bytes());
         self.frame.extend_from_slice(&0u32.to_le_bytes());
         self.borrowed.push((self.frame.len(), gpa, PAGE as usize));
+        self.borrowed_bytes += PAGE as usize;
         self.data_run = Some((at, gpa + PAGE));
         Ok(())
     }
@@ -328,6 +333,7 @@ impl Outgoing {
             self.throttle(len as u64 + 16);
             self.frame.truncate(header);
             self.borrowed.clear();
+            self.borrowed_bytes = 0;
             self.data_run = None;
         }
         Ok(())
