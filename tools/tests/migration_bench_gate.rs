@@ -54,3 +54,29 @@ fn the_sweep_runs_the_same_cell_under_qemu_side_by_side() {
     let ratio: f64 = row.split('|').nth(7).unwrap().trim().parse().unwrap();
     assert!(ratio > 0.0 && ratio.is_finite(), "{row}");
 }
+
+#[test]
+fn a_stop_and_copy_of_all_memory_is_set_against_loopback_probes_before_and_after() {
+    assert!(std::path::Path::new("/dev/kvm").exists(), "/dev/kvm is missing: this test drives real KVM");
+    let out = Command::new(env!("CARGO_BIN_EXE_migration-bench"))
+        .args(["--runs", "1", "--memory", "256M", "--workloads", "write-all", "--modes", "stop-copy", "--quiet"])
+        .arg("--loopback-probe")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for when in ["before", "after"] {
+        assert!(stdout.contains(&format!("TCP loopback, one stream, {when} the sweep: ")), "{stdout}");
+    }
+    let row = stdout.lines().find(|l| l.starts_with("| popek | 256M | write all | loopback |")).expect("a share row");
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    // 240 MiB stamped above 16 MiB: that much at least went over the wire.
+    let mb: f64 = cells[5].parse().unwrap();
+    assert!(mb > 240.0, "{row}");
+    let (slower, faster): (f64, f64) =
+        (cells[8].trim_end_matches('%').parse().unwrap(), cells[9].trim_end_matches('%').parse().unwrap());
+    assert!(slower >= faster && faster > 0.0, "{row}");
+    let json = stdout.lines().find_map(|l| l.strip_prefix("BENCH_JSON ")).expect("the JSON summary");
+    let json: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(json["loopback_probes_gb_s"].as_array().map(Vec::len), Some(2), "{json}");
+}

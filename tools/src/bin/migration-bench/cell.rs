@@ -24,6 +24,14 @@ pub enum Workload {
     WriteAll,
 }
 
+impl Workload {
+    /// Whether a stop-and-copy of this workload moves all of memory (its speed is then
+    /// the link's, the figure the loopback probe compares with).
+    pub fn moves_all_memory(&self) -> bool {
+        matches!(self, Workload::Read | Workload::WriteAll)
+    }
+}
+
 impl std::fmt::Display for Workload {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

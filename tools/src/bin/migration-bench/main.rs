@@ -88,8 +88,9 @@ struct Args {
     /// certificates; the cells show as "popek-tls", with a TLS-cost table).
     #[arg(long, value_delimiter = ',', value_enum, default_value = "none")]
     encryption: Vec<Encryption>,
-    /// Measure TCP loopback throughput first (one stream, 4 MiB writes) and print it: the
-    /// physical limit the stop-and-copy figures compare with.
+    /// Measure TCP loopback throughput before and after the sweep (one stream, 4 MiB
+    /// writes) and print it: the physical limit the stop-and-copy figures compare with (a
+    /// table gives the share of it that cells moving all of memory reached).
     #[arg(long)]
     loopback_probe: bool,
 }
@@ -144,11 +145,9 @@ fn main() {
             std::process::exit(2);
         }
     };
+    let mut probes = Vec::new();
     if args.loopback_probe {
-        match loopback_probe() {
-            Ok(rate) => println!("TCP loopback, one stream: {:.2} GB/s\n", rate / 1e9),
-            Err(e) => eprintln!("migration-bench: loopback probe: {e}"),
-        }
+        probe_into(&mut probes, "before the sweep");
     }
     let dir = std::env::temp_dir().join(format!("popek-migration-bench-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
@@ -234,7 +233,23 @@ fn main() {
     bar.finish_and_clear();
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);
-    print_and_write(&outcomes, &args)
+    if args.loopback_probe {
+        // This host's loopback rate swings twofold within minutes: a second probe after
+        // the sweep brackets what the cells saw.
+        probe_into(&mut probes, "after the sweep");
+    }
+    print_and_write(&outcomes, &args, &probes)
+}
+
+/// Runs the loopback probe, prints its rate and keeps it in `probes`.
+fn probe_into(probes: &mut Vec<f64>, when: &str) {
+    match loopback_probe() {
+        Ok(rate) => {
+            println!("TCP loopback, one stream, {when}: {:.2} GB/s\n", rate / 1e9);
+            probes.push(rate);
+        }
+        Err(e) => eprintln!("migration-bench: loopback probe: {e}"),
+    }
 }
 
 /// Marks a cell failed when the popek cells exceed the limits (QEMU cells are baselines).
@@ -260,10 +275,13 @@ fn gate(outcome: &mut Outcome, args: &Args) {
     }
 }
 
-fn print_and_write(outcomes: &[Outcome], args: &Args) {
+fn print_and_write(outcomes: &[Outcome], args: &Args, probes: &[f64]) {
     let mut markdown = report::table(outcomes);
     if let Some(c) = report::comparison(outcomes) {
         markdown += &format!("\nPopek against QEMU (medians; ratio < 1: Popek is better):\n\n{c}");
+    }
+    if let Some(c) = report::loopback_share(outcomes, probes) {
+        markdown += &format!("\nStop-and-copy of all memory against the loopback probes:\n\n{c}");
     }
     if let Some(c) = report::tls_cost(outcomes) {
         markdown += &format!("\nWhat TLS costs (medians, the same cells without and with it):\n\n{c}");
@@ -277,7 +295,7 @@ fn print_and_write(outcomes: &[Outcome], args: &Args) {
     }
     println!("{markdown}");
     let json = serde_json::json!({ "cells": outcomes.iter().map(Outcome::json).collect::<Vec<_>>(),
-        "gate_failures": failed.len() });
+        "gate_failures": failed.len(), "loopback_probes_gb_s": probes.iter().map(|p| p / 1e9).collect::<Vec<_>>() });
     println!("\nBENCH_JSON {json}");
     let write = |path: &Option<PathBuf>, text: &str| {
         if let Some(path) = path {

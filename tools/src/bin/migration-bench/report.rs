@@ -119,6 +119,40 @@ pub fn comparison(outcomes: &[Outcome]) -> Option<String> {
     (rows > 0).then_some(t)
 }
 
+/// Stop-and-copy throughput of the cells that move every page (`write all`, `read all`)
+/// against the loopback probes taken before and after the sweep: the share of the
+/// link's one-stream rate the migration reached. `probes`: bytes per second.
+pub fn loopback_share(outcomes: &[Outcome], probes: &[f64]) -> Option<String> {
+    let (low, high) = probes.iter().fold((f64::MAX, 0f64), |(lo, hi), &p| (lo.min(p), hi.max(p)));
+    if probes.is_empty() || low <= 0.0 {
+        return None;
+    }
+    let mut t = String::from(
+        "| vmm | RAM | workload | link | MB sent | total (ms) | GB/s | share of the slower probe | of the faster |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut rows = 0;
+    let whole = |o: &&Outcome| o.cell.mode == "stop-copy" && o.cell.workload.moves_all_memory();
+    for o in outcomes.iter().filter(whole) {
+        let (Some(bytes), Some(total)) = (o.stat(|s| Some(s.bytes)), o.total()) else { continue };
+        let rate = bytes.median / (total.median / 1e3);
+        rows += 1;
+        t += &format!(
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.0}% | {:.0}% |\n",
+            o.cell.vmm,
+            o.cell.memory,
+            o.cell.workload,
+            o.cell.link,
+            bytes.median / 1e6,
+            total.median,
+            rate / 1e9,
+            rate / low * 100.0,
+            rate / high * 100.0
+        );
+    }
+    (rows > 0).then_some(t)
+}
+
 /// Each TLS cell against the same cell in the clear: total time, throughput and downtime.
 pub fn tls_cost(outcomes: &[Outcome]) -> Option<String> {
     let mut t = String::from(
