@@ -4,7 +4,7 @@
 
 use super::memory;
 use super::pages::PageMap;
-use super::postcopy_destination::{drop_pages, Postcopy, Recovery};
+use super::postcopy_destination::{drop_pages, Ahead, Postcopy, Recovery};
 use super::protocol::{self, Answer, Hello, Kind};
 use super::source::chain;
 use super::state::MachineState;
@@ -288,16 +288,18 @@ pub fn receive(
         }
     }
     protocol::write_json(&mut stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
-    let urgent = if hello.postcopy {
-        match accept_urgent(&listener, auth_key, hello.migration_id) {
-            Ok(urgent) => Some(urgent),
+    let (urgent, ahead) = if hello.postcopy {
+        let ready = accept_urgent(&listener, auth_key, hello.migration_id)
+            .and_then(|urgent| Ok((urgent, Ahead::new(prepared.is_some())?)));
+        match ready {
+            Ok((urgent, ahead)) => (Some(urgent), Some(ahead)),
             Err(reason) => {
                 refuse(stream.as_mut(), &reason);
                 return Err(reason);
             }
         }
     } else {
-        None
+        (None, None)
     };
     // Without post-copy, prepared RAM is filled through its second mapping; a migration
     // that may switch fills the guest's own mapping, so that what pre-copy delivered is
@@ -325,7 +327,14 @@ pub fn receive(
             };
             let mut spare = stream.try_clone_stream().map_err(|e| e.to_string())?;
             let links = (stream, urgent);
-            match Postcopy::start(vm.ram(), links, arrived_pages, (&switch.discard, prepared.clone()), recovery) {
+            let started = match ahead {
+                Some(ahead) => {
+                    let ready = (recovery, ahead);
+                    Postcopy::start(vm.ram(), links, arrived_pages, (&switch.discard, prepared.clone()), ready)
+                }
+                None => Err("the source switched to post-copy without announcing it in Hello".into()),
+            };
+            match started {
                 Ok(postcopy) => {
                     log::debug!("incoming: post-copy started {:?} after the state arrived", arrived.elapsed());
                     (Some(machine), arrived, Link::Postcopy(postcopy))
