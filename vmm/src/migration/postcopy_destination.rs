@@ -9,6 +9,7 @@
 use super::auth::Key;
 use super::memory;
 use super::pages::{PageMap, PageSet, PAGE};
+use super::parked::Parked;
 use super::protocol::{self, Done, Kind, Missing, Resume, Running};
 use super::source::chain;
 use super::transport::{self, Address, Stream};
@@ -32,9 +33,8 @@ pub struct Recovery {
 }
 
 /// What a post-copy needs that can be made before the source pauses: the userfaultfd (not
-/// yet watching anything) and its three threads, parked until the switch. Spawning a
-/// thread costs ~0.1 ms on this project's test host; made at the switch, the three of
-/// them and the userfaultfd would add ~0.4 ms to the downtime.
+/// yet watching anything) and its three threads, parked until the switch (made at the
+/// switch, they added ~0.4 ms to the downtime).
 pub struct Ahead {
     uffd: Uffd,
     faults: Parked,
@@ -55,35 +55,10 @@ impl Ahead {
         let uffd = builder.create().map_err(|e| chain(&Error::Create(e)))?;
         Ok(Ahead {
             uffd,
-            faults: Parked::spawn("postcopy-faults")?,
-            urgent: Parked::spawn("postcopy-urgent")?,
-            receiver: Parked::spawn("postcopy-receiver")?,
+            faults: Parked::spawn("postcopy-faults").map_err(|e| chain(&Error::Thread(e)))?,
+            urgent: Parked::spawn("postcopy-urgent").map_err(|e| chain(&Error::Thread(e)))?,
+            receiver: Parked::spawn("postcopy-receiver").map_err(|e| chain(&Error::Thread(e)))?,
         })
-    }
-}
-
-type Job = Box<dyn FnOnce() + Send>;
-
-/// A thread that waits for one job (and ends without one when its `Parked` is dropped).
-struct Parked(std::sync::mpsc::SyncSender<Job>);
-
-impl Parked {
-    fn spawn(name: &str) -> Result<Parked, String> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(1);
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                if let Ok(job) = rx.recv() {
-                    crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Migration);
-                    job();
-                }
-            })
-            .map_err(|e| chain(&Error::Thread(e)))?;
-        Ok(Parked(tx))
-    }
-
-    fn run(self, job: impl FnOnce() + Send + 'static) -> Result<(), String> {
-        self.0.send(Box::new(job)).map_err(|_| "a parked post-copy thread is gone".to_string())
     }
 }
 

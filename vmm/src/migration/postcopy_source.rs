@@ -9,6 +9,7 @@
 use super::auth::Key;
 use super::memory::{self, Outgoing, Transfer};
 use super::pages::{PageMap, PageSet};
+use super::parked::Parked;
 use super::protocol::{self, Complete, Done, Kind, Missing, Resume, Running};
 use super::source::chain;
 use super::transport::{Address, Stream};
@@ -41,8 +42,9 @@ enum Event {
 /// The connections of a post-copy: the main one (state, push, control) and, when it
 /// could be opened, the urgent channel for page requests and their answers.
 pub struct Links {
-    pub main: Box<dyn Stream>,
-    pub urgent: Option<Box<dyn Stream>>,
+    pub main: Link,
+    /// The urgent channel and the thread, parked, that will answer it.
+    pub urgent: Option<(Box<dyn Stream>, Parked)>,
 }
 
 /// How to reach the destination again.
@@ -75,15 +77,27 @@ pub enum Failure {
     VmGone(String),
 }
 
-struct Link {
-    stream: Box<dyn Stream>,
+/// The main connection during post-copy, with the thread that reads the destination's
+/// messages from it.
+pub struct Link {
+    pub stream: Box<dyn Stream>,
     events: Receiver<Event>,
+}
+
+impl Link {
+    /// Gives the link up: its reader sees the connection closed and ends.
+    pub fn close(self) {
+        self.stream.shutdown_both();
+    }
 }
 
 /// Socket buffers during post-copy (see `Stream::limit_buffers`).
 pub const POSTCOPY_BUFFERS: usize = 1 << 20;
 
-fn open_link(stream: Box<dyn Stream>) -> Result<Link, String> {
+/// Starts reading the destination's messages from `stream` on a thread of its own, which
+/// timestamps Running as it arrives (the end of the downtime). Opened before the pause:
+/// starting a thread and its seccomp filter took 0.2-0.35 ms inside the downtime.
+pub fn open_link(stream: Box<dyn Stream>) -> Result<Link, String> {
     stream.limit_buffers(POSTCOPY_BUFFERS);
     let reader = stream.try_clone_stream().map_err(|e| format!("cannot split the migration connection: {e}"))?;
     // Bounded: a destination that floods requests faster than they are served fills this,
@@ -246,9 +260,7 @@ pub fn serve(
     reconnect: &Reconnect,
     progress: &mut dyn FnMut(serde_json::Value),
 ) -> Result<Outcome, Failure> {
-    // The reader first: Running must be timestamped when it arrives, not after the
-    // residency scan below (a millisecond or more for a large guest).
-    let mut link = open_link(links.main).map_err(Failure::VmHere)?;
+    let mut link = links.main;
     let pages = Pages {
         ram: ram.clone(),
         map: PageMap::new(ram),
@@ -256,18 +268,17 @@ pub fn serve(
         requested_sent: Arc::new(AtomicU64::new(0)),
     };
     // The urgent channel's own thread; it ends when the channel closes (below, at Done).
-    let mut urgent = links.urgent.and_then(|stream| {
+    let mut urgent = links.urgent.and_then(|(stream, thread)| {
         stream.limit_buffers(POSTCOPY_BUFFERS);
         let closer = stream.try_clone_stream().ok()?;
         let (p, o) = (pages.clone(), out.sibling());
-        let thread = std::thread::Builder::new()
-            .name("postcopy-urgent".into())
-            .spawn(move || {
-                crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Migration);
-                serve_urgent(p, stream, o)
+        let (sent, outcome) = mpsc::sync_channel(1);
+        thread
+            .run(move || {
+                let _ = sent.send(serve_urgent(p, stream, o));
             })
             .ok()?;
-        Some((closer, thread))
+        Some((closer, outcome))
     });
     let mut server = Server { pages, cursor: 0, pushed: 0 };
     out.start_postcopy();
@@ -366,10 +377,10 @@ pub fn serve(
 }
 
 /// Closes the urgent channel and waits for its sender; returns what it sent.
-fn stop_urgent(urgent: Option<(Box<dyn Stream>, std::thread::JoinHandle<Transfer>)>) -> Option<Transfer> {
-    urgent.and_then(|(closer, thread)| {
+fn stop_urgent(urgent: Option<(Box<dyn Stream>, Receiver<Transfer>)>) -> Option<Transfer> {
+    urgent.and_then(|(closer, outcome)| {
         closer.shutdown_both();
-        thread.join().ok()
+        outcome.recv().ok()
     })
 }
 

@@ -4,6 +4,7 @@
 
 use super::memory::{self, Outgoing, Transfer};
 use super::pages::{PageMap, PageSet};
+use super::parked::Parked;
 use super::protocol::{self, Answer, Complete, Hello, Kind, Running};
 use super::transport::{self, Address};
 use crate::vm::Vm;
@@ -349,6 +350,17 @@ fn postcopy(
 ) -> Result<Report, Failed> {
     use super::postcopy_source::Failure;
     let Postcopy { mut stream, urgent, mut outgoing, rounds, start, hybrid } = phase;
+    // The urgent channel's sender is started now and waits, out of the downtime.
+    let urgent = match urgent {
+        Some(stream) => match Parked::spawn("postcopy-urgent") {
+            Ok(thread) => Some((stream, thread)),
+            Err(e) => {
+                let _ = vm.set_dirty_logging(false);
+                return Err(format!("cannot start the post-copy urgent sender: {e}").into());
+            }
+        },
+        None => None,
+    };
     let map = PageMap::new(vm.ram());
     // Hybrid: the destination drops what the last rounds left stale while the guest still
     // runs here; the switch then drops only what was dirtied since (a few pages).
@@ -363,8 +375,22 @@ fn postcopy(
     } else {
         PageSet::new(map.total())
     };
+    // From here on the destination's messages are read by the link's own thread.
+    let mut link = match super::postcopy_source::open_link(stream) {
+        Ok(link) => link,
+        Err(e) => {
+            let _ = vm.set_dirty_logging(false);
+            return Err(e.into());
+        }
+    };
     let paused = Instant::now();
-    let vcpus = vm.pause_all()?;
+    let vcpus = match vm.pause_all() {
+        Ok(vcpus) => vcpus,
+        Err(e) => {
+            link.close();
+            return Err(e.into());
+        }
+    };
     // The source's vCPUs stay paused from here on (a failure resumes them only after
     // this migration's senders are gone).
     outgoing.guest_paused(vm.ram());
@@ -387,7 +413,7 @@ fn postcopy(
                 outgoing.queue(vm.ram(), map.gpa(index), true).map_err(|e| chain(&e))?;
             }
         }
-        outgoing.flush(&mut stream).map_err(|e| chain(&e))?;
+        outgoing.flush(&mut link.stream).map_err(|e| chain(&e))?;
         let discard = if hybrid { needed.ranges(&map) } else { Vec::new() };
         // The pages dropped before the pause are needed too (the device pages were sent).
         needed.union(&dropped);
@@ -399,24 +425,25 @@ fn postcopy(
         let state = machine.encode().map_err(|e| chain(&e))?;
         let state_crc32 = Some(crc32fast::hash(&state));
         let switch = protocol::Postcopy { discard, memory_crc32: outgoing.crc32(), state_crc32 };
-        protocol::write_json(&mut stream, Kind::Postcopy, &switch).map_err(|e| chain(&e))?;
-        protocol::write_frame(&mut stream, Kind::State, &state).map_err(|e| chain(&e))?;
-        std::io::Write::flush(&mut stream).map_err(|e| e.to_string())?;
+        protocol::write_json(&mut link.stream, Kind::Postcopy, &switch).map_err(|e| chain(&e))?;
+        protocol::write_frame(&mut link.stream, Kind::State, &state).map_err(|e| chain(&e))?;
+        std::io::Write::flush(&mut link.stream).map_err(|e| e.to_string())?;
         Ok((needed, state.len() as u64))
     })();
     let (needed, state_bytes) = match switched {
         Ok(s) => s,
         Err(e) => {
+            link.close();
             let _ = vm.set_dirty_logging(false);
             vm.resume_all();
             return Err(e.into());
         }
     };
-    let _ = vm.set_dirty_logging(false);
     breakdown.state = lap.elapsed().as_secs_f64() * 1e3;
+    let _ = vm.set_dirty_logging(false);
     let pages_needed = needed.count();
     progress(serde_json::json!({"postcopy": "switched", "pages_needed": pages_needed}));
-    let links = super::postcopy_source::Links { main: stream, urgent };
+    let links = super::postcopy_source::Links { main: link, urgent };
     let outcome = match super::postcopy_source::serve(vm.ram(), links, needed, &mut outgoing, reconnect, progress) {
         Ok(outcome) => outcome,
         Err(Failure::VmHere(reason)) => {
