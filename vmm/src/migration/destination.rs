@@ -29,6 +29,10 @@ pub struct Incoming {
     /// The receive buffer (a frame, up to 4 MiB): freeing it unmaps its pages, ~0.5 ms
     /// here, so it too goes after the vCPUs run.
     pub buffer: Vec<u8>,
+    /// A migration that could have switched to post-copy and did not: the threads made
+    /// for it, to end after the vCPUs run (three threads ending and unmapping their
+    /// stacks took 2-4 ms of the downtime here, now and then).
+    pub unused: Option<Ahead>,
 }
 
 /// Where the destination confirms Running.
@@ -313,8 +317,8 @@ pub fn receive(
             return Err(reason);
         }
     };
-    let (machine, state_arrived, link) = match received {
-        Received::Complete(arrived) => (None, arrived, Link::Complete(stream)),
+    let (machine, state_arrived, link, unused) = match received {
+        Received::Complete(arrived) => (None, arrived, Link::Complete(stream), ahead),
         Received::Postcopy { machine, arrived, switch, arrived_pages } => {
             // RAM is registered with userfaultfd before the restore below or any vCPU can
             // touch it: a page touched first would read as zero and could not be filled.
@@ -337,7 +341,7 @@ pub fn receive(
             match started {
                 Ok(postcopy) => {
                     log::debug!("incoming: post-copy started {:?} after the state arrived", arrived.elapsed());
-                    (Some(machine), arrived, Link::Postcopy(postcopy))
+                    (Some(machine), arrived, Link::Postcopy(postcopy), None)
                 }
                 Err(reason) => {
                     refuse(spare.as_mut(), &reason);
@@ -355,5 +359,5 @@ pub fn receive(
         }
     }
     vm.publish_generation();
-    Ok(Incoming { vm, link, state_arrived, staging: prepared, buffer })
+    Ok(Incoming { vm, link, state_arrived, staging: prepared, buffer, unused })
 }
