@@ -145,6 +145,10 @@ impl Outgoing {
         self.flush_zero_run();
         self.postcopy = true;
         self.data_run = None;
+        // Whatever was queued and not flushed is dropped with the frame: runs sent in
+        // place too (their offsets point into the old frame).
+        self.borrowed.clear();
+        self.borrowed_bytes = 0;
         self.frame.clear();
         self.frame.extend_from_slice(&[0; 4]);
     }
