@@ -178,17 +178,20 @@ pub fn is_ram(ram: &GuestRam, start: u64, len: u64) -> bool {
 }
 
 /// `len` bytes of guest RAM at `gpa` (inside one region), read in place instead of copied
-/// out. Only for RAM no vCPU can write while the slice lives: the migration source reads
-/// its pages this way once every vCPU is paused (stop-and-copy's pass, the last pre-copy
-/// pages, post-copy), to send them without a copy.
-pub fn paused_bytes(ram: &GuestRam, gpa: u64, len: usize) -> Option<&[u8]> {
+/// out: the migration source reads its pages this way once every vCPU is paused
+/// (stop-and-copy's pass, the last pre-copy pages, post-copy), to send them without a
+/// copy. `None`: the range is not RAM.
+///
+/// # Safety
+/// Nothing may write these bytes while the slice lives: every vCPU of the VM is paused
+/// (no device of this VMM writes guest RAM on its own).
+pub unsafe fn paused_bytes(ram: &GuestRam, gpa: u64, len: usize) -> Option<&[u8]> {
     if !is_ram(ram, gpa, len as u64) {
         return None;
     }
     let host = ram.get_host_address(GuestAddress(gpa)).ok()?;
     // SAFETY: `[host, host + len)` lies inside one mapped RAM region (checked above) that
-    // lives as long as `ram`'s borrow; the caller guarantees the guest is paused, so
-    // nothing writes these bytes while the slice is alive.
+    // lives as long as `ram`'s borrow; the caller's contract keeps writers away.
     Some(unsafe { std::slice::from_raw_parts(host, len) })
 }
 

@@ -291,19 +291,29 @@ pub fn receive(
             return Err(reason);
         }
     }
+    // A migration that may switch to post-copy needs userfaultfd here: checked (and its
+    // threads made) before Accept, so that a host without it says so up front.
+    let ahead = match hello.postcopy.then(|| Ahead::new(prepared.is_some())).transpose() {
+        Ok(ahead) => ahead,
+        Err(e) => {
+            let reason = format!(
+                "this destination cannot take a post-copy or hybrid migration: {e}; use --mode precopy or stop-copy"
+            );
+            refuse(stream.as_mut(), &reason);
+            return Err(reason);
+        }
+    };
     protocol::write_json(&mut stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
-    let (urgent, ahead) = if hello.postcopy {
-        let ready = accept_urgent(&listener, auth_key, hello.migration_id)
-            .and_then(|urgent| Ok((urgent, Ahead::new(prepared.is_some())?)));
-        match ready {
-            Ok((urgent, ahead)) => (Some(urgent), Some(ahead)),
+    let urgent = if hello.postcopy {
+        match accept_urgent(&listener, auth_key, hello.migration_id) {
+            Ok(urgent) => Some(urgent),
             Err(reason) => {
                 refuse(stream.as_mut(), &reason);
                 return Err(reason);
             }
         }
     } else {
-        (None, None)
+        None
     };
     // Without post-copy, prepared RAM is filled through its second mapping; a migration
     // that may switch fills the guest's own mapping, so that what pre-copy delivered is

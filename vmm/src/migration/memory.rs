@@ -133,15 +133,20 @@ impl Outgoing {
         Outgoing { limit: self.limit.clone(), paused: self.paused.clone(), ..Default::default() }
     }
 
-    /// The vCPUs are paused (and stay so while this sends): pages go from guest RAM
-    /// straight to the socket, one copy less per page.
-    pub fn guest_paused(&mut self, ram: &GuestRam) {
+    /// The vCPUs are paused: pages go from guest RAM straight to the socket, one copy
+    /// less per page.
+    ///
+    /// # Safety
+    /// Every vCPU of the VM that owns `ram` stays paused for as long as this `Outgoing`
+    /// (or a `sibling` of it made from now on) queues or sends pages.
+    pub unsafe fn guest_paused(&mut self, ram: &GuestRam) {
         self.paused = Some(ram.clone());
     }
 
     /// Switches to post-copy frames (each checked on its own: a post-copy stream may break
     /// and resume, so no running checksum spans it).
     pub fn start_postcopy(&mut self) {
+        debug_assert_eq!(self.queued(), 0, "pages queued before post-copy were not flushed");
         self.flush_zero_run();
         self.postcopy = true;
         self.data_run = None;
@@ -264,21 +269,30 @@ impl Outgoing {
     /// to it, not a copy.
     fn page_in_place(&mut self, ram: &GuestRam, gpa: u64, fresh: bool) -> Result<(), Error> {
         self.stats.pages += 1;
-        let bytes = memory::paused_bytes(ram, gpa, PAGE as usize).ok_or(Error::OutsideRam { gpa, pages: 1 })?;
+        // SAFETY: the guest is paused (`guest_paused`'s contract).
+        let bytes =
+            unsafe { memory::paused_bytes(ram, gpa, PAGE as usize) }.ok_or(Error::OutsideRam { gpa, pages: 1 })?;
         if bytes.iter().all(|&b| b == 0) {
             self.zero_page(gpa, fresh);
             return Ok(());
         }
-        if let Some((header_at, _)) = self.data_run.filter(|&(_, next)| next == gpa) {
+        // Extends the run at the frame's end, if that run is sent in place (a run copied
+        // into the frame before the pause is not) and ends right before this page.
+        let frame_len = self.frame.len();
+        let extends = self.data_run.filter(|&(header_at, next)| {
+            next == gpa
+                && self.borrowed.last().is_some_and(|&(at, first, len)| {
+                    at == header_at + RECORD_HEADER && at == frame_len && first + len as u64 == gpa
+                })
+        });
+        if let (Some((header_at, _)), Some(last)) = (extends, self.borrowed.last_mut()) {
             let count = &mut self.frame[header_at + 8..header_at + 12];
             let pages = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) + 1;
             count.copy_from_slice(&pages.to_le_bytes());
             self.data_run = Some((header_at, gpa + PAGE));
             // The run's pages are adjacent in one region: adjacent in the mapping too.
-            if let Some(last) = self.borrowed.last_mut() {
-                last.2 += PAGE as usize;
-                self.borrowed_bytes += PAGE as usize;
-            }
+            last.2 += PAGE as usize;
+            self.borrowed_bytes += PAGE as usize;
             return Ok(());
         }
         self.flush_zero_run();
@@ -305,7 +319,11 @@ impl Outgoing {
             slices.push(&frame[from..at]);
             let ram = ram.ok_or(Error::OutsideRam { gpa, pages: 0 })?;
             slices
-                .push(memory::paused_bytes(ram, gpa, len).ok_or(Error::OutsideRam { gpa, pages: len as u64 / PAGE })?);
+                // SAFETY: runs are queued only once the guest is paused (`guest_paused`).
+                .push(
+                    unsafe { memory::paused_bytes(ram, gpa, len) }
+                        .ok_or(Error::OutsideRam { gpa, pages: len as u64 / PAGE })?,
+                );
             from = at;
         }
         slices.push(&frame[from..]);
@@ -346,6 +364,9 @@ impl Outgoing {
     /// The first full pass: every page of RAM; non-resident pages without reading them.
     pub fn send_all<W: Write>(&mut self, ram: &GuestRam, out: &mut W) -> Result<(), Error> {
         for region in ram.iter() {
+            // A record never spans two regions (they are not adjacent, but a run must not
+            // rely on that).
+            self.data_run = None;
             let base = region.start_addr().0;
             let resident = residency(region.as_ptr(), region.len() as usize);
             for (i, present) in resident.iter().enumerate() {
@@ -369,6 +390,7 @@ impl Outgoing {
     pub fn send_dirty<W: Write>(&mut self, ram: &GuestRam, dirty: &[Vec<u64>], out: &mut W) -> Result<u64, Error> {
         let mut sent = 0;
         for (region, bits) in ram.iter().zip(dirty) {
+            self.data_run = None; // as in `send_all`
             let base = region.start_addr().0;
             let pages = region.len() / PAGE;
             for index in super::pages::set_bits(bits).take_while(|&index| index < pages) {
@@ -737,7 +759,8 @@ mod tests {
         let stream = |paused: bool, postcopy: bool| {
             let mut outgoing = Outgoing::default();
             if paused {
-                outgoing.guest_paused(&src);
+                // SAFETY: no vCPU runs in this test.
+                unsafe { outgoing.guest_paused(&src) };
             }
             let mut wire = Vec::new();
             if postcopy {

@@ -311,6 +311,9 @@ pub fn serve(
             }
             Ok(Event::Done(done)) => {
                 let Some((running, running_at)) = running else {
+                    // The VM resumes here: the urgent sender must be gone first.
+                    link.stream.shutdown_both();
+                    stop_urgent(urgent.take());
                     return Err(Failure::VmHere("the destination said Done before Running".into()));
                 };
                 link.stream.shutdown_both();

@@ -239,7 +239,9 @@ pub fn migrate(
     }
     let paused = Instant::now();
     let vcpus = vm.pause_all()?;
-    outgoing.guest_paused(vm.ram());
+    // SAFETY: the vCPUs stay paused until Running (the VM is gone) or a failure, which
+    // resumes them only after the last use of `outgoing`.
+    unsafe { outgoing.guest_paused(vm.ram()) };
     let mut breakdown = Breakdown { pause: paused.elapsed().as_secs_f64() * 1e3, ..Default::default() };
     let mut lap = Instant::now();
     let mut mark = |slot: &mut f64| {
@@ -388,12 +390,13 @@ fn postcopy(
         Ok(vcpus) => vcpus,
         Err(e) => {
             link.close();
+            let _ = vm.set_dirty_logging(false);
             return Err(e.into());
         }
     };
-    // The source's vCPUs stay paused from here on (a failure resumes them only after
-    // this migration's senders are gone).
-    outgoing.guest_paused(vm.ram());
+    // SAFETY: the source's vCPUs stay paused from here on; a failure resumes them only
+    // after this migration's senders (this one and the urgent sibling) are gone.
+    unsafe { outgoing.guest_paused(vm.ram()) };
     let mut breakdown = Breakdown { pause: paused.elapsed().as_secs_f64() * 1e3, ..Default::default() };
     let lap = Instant::now();
     let switched = (|| -> Result<(PageSet, u64), String> {

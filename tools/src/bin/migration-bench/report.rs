@@ -132,7 +132,10 @@ pub fn loopback_share(outcomes: &[Outcome], probes: &[f64]) -> Option<String> {
          |---|---|---|---|---|---|---|---|---|\n",
     );
     let mut rows = 0;
-    let whole = |o: &&Outcome| o.cell.mode == "stop-copy" && o.cell.workload.moves_all_memory();
+    // The probe measures loopback: cells on other links would compare with the wrong rate.
+    let whole = |o: &&Outcome| {
+        o.cell.mode == "stop-copy" && o.cell.workload.moves_all_memory() && o.cell.link.to_string() == "loopback"
+    };
     for o in outcomes.iter().filter(whole) {
         let (Some(bytes), Some(total)) = (o.stat(|s| Some(s.bytes)), o.total()) else { continue };
         let rate = bytes.median / (total.median / 1e3);
