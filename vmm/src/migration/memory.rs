@@ -204,10 +204,17 @@ impl Outgoing {
 
     fn flush_zero_run(&mut self) {
         if let Some((gpa, n, flags)) = self.zero_run.take() {
-            self.frame.extend_from_slice(&gpa.to_le_bytes());
-            self.frame.extend_from_slice(&n.to_le_bytes());
-            self.frame.extend_from_slice(&flags.to_le_bytes());
+            self.frame.extend_from_slice(&record_header(gpa, n, flags));
         }
+    }
+
+    /// Adds page `gpa` to the data record whose header is at `header_at` (the page's bytes
+    /// are queued by the caller).
+    fn extend_run(&mut self, header_at: usize, gpa: u64) {
+        let count = &mut self.frame[header_at + 8..header_at + 12];
+        let pages = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) + 1;
+        count.copy_from_slice(&pages.to_le_bytes());
+        self.data_run = Some((header_at, gpa + PAGE));
     }
 
     fn zero_page(&mut self, gpa: u64, fresh: bool) {
@@ -243,24 +250,15 @@ impl Outgoing {
             return Ok(());
         }
         if let Some((header_at, _)) = extends {
-            let count = &mut self.frame[header_at + 8..header_at + 12];
-            let pages = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) + 1;
-            count.copy_from_slice(&pages.to_le_bytes());
-            self.data_run = Some((header_at, gpa + PAGE));
+            self.extend_run(header_at, gpa);
             return Ok(());
         }
         // A pending zero run goes before this page: move the page up by one header.
         if let Some((run_gpa, n, flags)) = self.zero_run.take() {
-            let mut header = [0u8; RECORD_HEADER];
-            header[..8].copy_from_slice(&run_gpa.to_le_bytes());
-            header[8..12].copy_from_slice(&n.to_le_bytes());
-            header[12..].copy_from_slice(&flags.to_le_bytes());
-            self.frame.splice(at..at, header);
+            self.frame.splice(at..at, record_header(run_gpa, n, flags));
         }
         let at = self.frame.len() - PAGE as usize - RECORD_HEADER;
-        self.frame[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
-        self.frame[at + 8..at + 12].copy_from_slice(&1u32.to_le_bytes());
-        self.frame[at + 12..at + 16].copy_from_slice(&0u32.to_le_bytes());
+        self.frame[at..at + RECORD_HEADER].copy_from_slice(&record_header(gpa, 1, 0));
         self.data_run = Some((at, gpa + PAGE));
         Ok(())
     }
@@ -286,20 +284,15 @@ impl Outgoing {
                 })
         });
         if let (Some((header_at, _)), Some(last)) = (extends, self.borrowed.last_mut()) {
-            let count = &mut self.frame[header_at + 8..header_at + 12];
-            let pages = u32::from_le_bytes([count[0], count[1], count[2], count[3]]) + 1;
-            count.copy_from_slice(&pages.to_le_bytes());
-            self.data_run = Some((header_at, gpa + PAGE));
             // The run's pages are adjacent in one region: adjacent in the mapping too.
             last.2 += PAGE as usize;
             self.borrowed_bytes += PAGE as usize;
+            self.extend_run(header_at, gpa);
             return Ok(());
         }
         self.flush_zero_run();
         let at = self.frame.len();
-        self.frame.extend_from_slice(&gpa.to_le_bytes());
-        self.frame.extend_from_slice(&1u32.to_le_bytes());
-        self.frame.extend_from_slice(&0u32.to_le_bytes());
+        self.frame.extend_from_slice(&record_header(gpa, 1, 0));
         self.borrowed.push((self.frame.len(), gpa, PAGE as usize));
         self.borrowed_bytes += PAGE as usize;
         self.data_run = Some((at, gpa + PAGE));
@@ -408,6 +401,15 @@ impl Outgoing {
     pub fn crc32(&self) -> u32 {
         self.crc.clone().finalize()
     }
+}
+
+/// A record header: `gpa u64 | npages u32 | flags u32`, little endian.
+fn record_header(gpa: u64, pages: u32, flags: u32) -> [u8; RECORD_HEADER] {
+    let mut header = [0u8; RECORD_HEADER];
+    header[..8].copy_from_slice(&gpa.to_le_bytes());
+    header[8..12].copy_from_slice(&pages.to_le_bytes());
+    header[12..].copy_from_slice(&flags.to_le_bytes());
+    header
 }
 
 /// CRC32 of all guest RAM (test mode: proves both sides hold the same bytes).
