@@ -3,7 +3,7 @@
 //! a migration's downtime they compete with the other side's restore for the CPU; a
 //! parked thread only needs a message to start working.
 
-use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 
 type Job = Box<dyn FnOnce() + Send>;
 
@@ -23,8 +23,14 @@ impl Parked {
         Ok(Parked(tx))
     }
 
-    /// Hands the thread its job.
-    pub fn run(self, job: impl FnOnce() + Send + 'static) -> Result<(), String> {
-        self.0.send(Box::new(job)).map_err(|_| "a parked migration thread is gone".to_string())
+    /// Hands the thread its job; the job's result arrives on the returned receiver when it
+    /// ends (a job that panicked drops it: `recv` then fails), like joining the thread.
+    pub fn run<T: Send + 'static>(self, job: impl FnOnce() -> T + Send + 'static) -> Result<Receiver<T>, String> {
+        let (result, outcome) = sync_channel(1);
+        let job = move || {
+            let _ = result.send(job());
+        };
+        self.0.send(Box::new(job)).map_err(|_| "a parked migration thread is gone".to_string())?;
+        Ok(outcome)
     }
 }

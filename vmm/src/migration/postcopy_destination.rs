@@ -172,11 +172,8 @@ impl Postcopy {
             urgent_thread.run(move || receive_urgent(&s, &ram, urgent))?;
         }
         let (s, ram) = (shared.clone(), ram.clone());
-        let (outcome, outcome_rx) = std::sync::mpsc::sync_channel(1);
-        receiver.run(move || {
-            let _ = outcome.send(receive_loop(&s, &ram, stream, &recovery));
-        })?;
-        Ok(Postcopy { shared, receiver: outcome_rx })
+        let receiver = receiver.run(move || receive_loop(&s, &ram, stream, &recovery))?;
+        Ok(Postcopy { shared, receiver })
     }
 
     /// Tells the source the VM runs here.

@@ -272,12 +272,7 @@ pub fn serve(
         stream.limit_buffers(POSTCOPY_BUFFERS);
         let closer = stream.try_clone_stream().ok()?;
         let (p, o) = (pages.clone(), out.sibling());
-        let (sent, outcome) = mpsc::sync_channel(1);
-        thread
-            .run(move || {
-                let _ = sent.send(serve_urgent(p, stream, o));
-            })
-            .ok()?;
+        let outcome = thread.run(move || serve_urgent(p, stream, o)).ok()?;
         Some((closer, outcome))
     });
     let mut server = Server { pages, cursor: 0, pushed: 0 };
