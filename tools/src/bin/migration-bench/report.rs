@@ -91,18 +91,16 @@ pub fn table(outcomes: &[Outcome]) -> String {
 
 /// Popek against QEMU, cell by cell (where both ran): the ratios of the medians.
 pub fn comparison(outcomes: &[Outcome]) -> Option<String> {
-    let mut t = String::from(
+    let head =
         "| mode | RAM | workload | link | downtime popek (ms) | downtime qemu (ms) | popek/qemu | total popek (ms) | total qemu (ms) | popek/qemu |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
-    );
-    let mut rows = 0;
+         |---|---|---|---|---|---|---|---|---|---|\n";
+    let mut rows = Vec::new();
     for p in outcomes.iter().filter(|o| o.cell.vmm == "popek") {
         let Some(q) = outcomes.iter().find(|o| o.cell.is_partner(&p.cell, "qemu")) else { continue };
         let (Some(pd), Some(qd), Some(pt), Some(qt)) = (p.downtime(), q.downtime(), p.total(), q.total()) else {
             continue;
         };
-        rows += 1;
-        t += &format!(
+        rows.push(format!(
             "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} |\n",
             p.cell.mode,
             p.cell.memory,
@@ -114,9 +112,9 @@ pub fn comparison(outcomes: &[Outcome]) -> Option<String> {
             pt.median,
             qt.median,
             pt.median / qt.median
-        );
+        ));
     }
-    (rows > 0).then_some(t)
+    section(head, &rows)
 }
 
 /// Stop-and-copy throughput of the cells that move every page (`write all`, `read all`)
@@ -127,11 +125,10 @@ pub fn loopback_share(outcomes: &[Outcome], probes: &[f64]) -> Option<String> {
     if probes.is_empty() || low <= 0.0 {
         return None;
     }
-    let mut t = String::from(
+    let head =
         "| vmm | RAM | workload | link | MB sent | total (ms) | GB/s | share of the slower probe | of the faster |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
-    );
-    let mut rows = 0;
+         |---|---|---|---|---|---|---|---|---|\n";
+    let mut rows = Vec::new();
     // The probe measures loopback: cells on other links would compare with the wrong rate.
     let whole = |o: &&Outcome| {
         o.cell.mode == "stop-copy" && o.cell.workload.moves_all_memory() && o.cell.link.to_string() == "loopback"
@@ -139,8 +136,7 @@ pub fn loopback_share(outcomes: &[Outcome], probes: &[f64]) -> Option<String> {
     for o in outcomes.iter().filter(whole) {
         let (Some(bytes), Some(total)) = (o.stat(|s| Some(s.bytes)), o.total()) else { continue };
         let rate = bytes.median / (total.median / 1e3);
-        rows += 1;
-        t += &format!(
+        rows.push(format!(
             "| {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.0}% | {:.0}% |\n",
             o.cell.vmm,
             o.cell.memory,
@@ -151,18 +147,17 @@ pub fn loopback_share(outcomes: &[Outcome], probes: &[f64]) -> Option<String> {
             rate / 1e9,
             rate / low * 100.0,
             rate / high * 100.0
-        );
+        ));
     }
-    (rows > 0).then_some(t)
+    section(head, &rows)
 }
 
 /// Each TLS cell against the same cell in the clear: total time, throughput and downtime.
 pub fn tls_cost(outcomes: &[Outcome]) -> Option<String> {
-    let mut t = String::from(
+    let head =
         "| mode | RAM | workload | link | total plain (ms) | total TLS (ms) | TLS/plain | MB/s plain | MB/s TLS | downtime plain (ms) | downtime TLS (ms) |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
-    );
-    let mut rows = 0;
+         |---|---|---|---|---|---|---|---|---|---|---|\n";
+    let mut rows = Vec::new();
     for tls in outcomes.iter().filter(|o| o.cell.vmm == "popek-tls") {
         let Some(plain) = outcomes.iter().find(|o| o.cell.is_partner(&tls.cell, "popek")) else { continue };
         let rate = |o: &Outcome| o.stat(|s| Some(s.bytes / 1e6 / (s.total_ms / 1e3))).map(|s| s.median);
@@ -170,8 +165,7 @@ pub fn tls_cost(outcomes: &[Outcome]) -> Option<String> {
         else {
             continue;
         };
-        rows += 1;
-        t += &format!(
+        rows.push(format!(
             "| {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {} | {} | {:.2} | {:.2} |\n",
             tls.cell.mode,
             tls.cell.memory,
@@ -184,9 +178,14 @@ pub fn tls_cost(outcomes: &[Outcome]) -> Option<String> {
             opt(rate(tls), 0),
             pd.median,
             td.median
-        );
+        ));
     }
-    (rows > 0).then_some(t)
+    section(head, &rows)
+}
+
+/// A Markdown table: `head` (its header and separator lines) and `rows`; none without rows.
+fn section(head: &str, rows: &[String]) -> Option<String> {
+    (!rows.is_empty()).then(|| format!("{head}{}", rows.concat()))
 }
 
 fn xml_escape(s: &str) -> String {
