@@ -173,9 +173,10 @@ fn migration_seeds() -> Vec<Seed> {
     let src = source_ram();
     let state = machine(1).encode().expect("encode the state");
     // Pre-copy as the destination receives it: handshake, a barrier, a discard, memory,
-    // state, and the checksums at the end.
+    // state, and the checksums at the end (with stop-and-copy's Populate ahead).
     let mut precopy = Vec::new();
     json_frame(&mut precopy, Kind::Hello, &hello(false));
+    json_frame(&mut precopy, Kind::Populate, &Missing { ranges: vec![(0x0, 3), (0x40_0000, 2)] });
     frame(&mut precopy, Kind::Sync, &[]);
     json_frame(&mut precopy, Kind::Discard, &Missing { ranges: vec![(0x1000, 2), (0x40_0000, 1)] });
     let mut out = Outgoing::default();

@@ -280,6 +280,14 @@ fn fake_destination(path: PathBuf, phase: &'static str) -> std::thread::JoinHand
         }
         let mut memory = 0;
         while let Some((kind, payload)) = read_frame(&mut s) {
+            if kind == 18 {
+                // Populate (stop-and-copy, before the pause): dies unanswered, or allocates.
+                if phase == "populate" {
+                    return;
+                }
+                write_frame(&mut s, 2, br#"{"reason":""}"#, VERSION);
+                continue;
+            }
             memory += payload.len();
             if phase == "memory" && memory > 64 * 1024 {
                 return;
@@ -297,8 +305,11 @@ fn a_cut_at_each_phase_leaves_the_source_running() {
     require_kvm();
     let scratch = Scratch::new("mig-cuts");
     let (src, api) = source(&scratch, "1");
-    for phase in ["hello", "version", "accept", "memory", "complete"] {
+    for phase in ["hello", "version", "accept", "populate", "memory", "complete"] {
         for mode in ["stop-copy", "precopy"] {
+            if phase == "populate" && mode == "precopy" {
+                continue; // only stop-and-copy sends Populate
+            }
             let path = scratch.0.join(format!("{phase}-{mode}.sock"));
             let fake = fake_destination(path.clone(), phase);
             let to = format!("unix:{}", path.display());
@@ -311,7 +322,7 @@ fn a_cut_at_each_phase_leaves_the_source_running() {
             popek(&["status", "--api-socket", &api], None).expect_status(0).expect_stdout("\"running\"");
         }
     }
-    // Ten failed attempts later the VM is intact: a real move verifies every page.
+    // Eleven failed attempts later the VM is intact: a real move verifies every page.
     move_intact(&scratch, src, &api);
 }
 

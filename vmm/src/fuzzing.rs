@@ -136,6 +136,10 @@ pub fn migration_stream(data: &[u8]) -> Result<(), String> {
                 incoming.forget(&ram, &discard.ranges).map_err(|e| crate::error_chain(&e))?;
                 drop_pages(&map, &discard.ranges)?;
             }
+            Kind::Populate => {
+                let populate: Missing = json(kind, &payload)?;
+                incoming.populate(&ram, &populate.ranges).map_err(|e| crate::error_chain(&e))?;
+            }
             Kind::Sync => {}
         }
     }

@@ -113,6 +113,12 @@ fn receive_memory_and_state(
                 drop_pages(&PageMap::new(vm.ram()), &discard.ranges)?;
                 protocol::write_json(stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
             }
+            Kind::Populate => {
+                let populate: protocol::Missing =
+                    serde_json::from_slice(payload).map_err(|e| format!("malformed Populate message: {e}"))?;
+                incoming.populate(vm.ram(), &populate.ranges).map_err(|e| chain(&e))?;
+                protocol::write_json(stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
+            }
             Kind::Memory => incoming.memory(vm.ram(), payload).map_err(|e| chain(&e))?,
             Kind::Postcopy => {
                 let postcopy: protocol::Postcopy =

@@ -60,6 +60,29 @@ pub fn residency(host: *mut u8, len: usize) -> Vec<bool> {
     vec.iter().map(|b| b & 1 != 0).collect()
 }
 
+/// The resident pages of guest RAM as `(gpa, pages)` ranges: what a full pass will send
+/// with data (or find zero), told to the destination ahead so it can allocate them.
+pub fn resident_ranges(ram: &GuestRam) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for region in ram.iter() {
+        let base = region.start_addr().0;
+        let mut run: Option<(u64, u64)> = None;
+        for (i, present) in residency(region.as_ptr(), region.len() as usize).into_iter().enumerate() {
+            run = match (run, present) {
+                (Some((gpa, n)), true) => Some((gpa, n + 1)),
+                (None, true) => Some((base + i as u64 * PAGE, 1)),
+                (run, false) => {
+                    ranges.extend(run);
+                    None
+                }
+            };
+        }
+        // A range never spans two regions.
+        ranges.extend(run);
+    }
+    ranges
+}
+
 /// `--max-bandwidth`: bytes per second averaged from the start, shared by every sender
 /// of one migration.
 pub struct RateLimit {
@@ -494,17 +517,9 @@ fn next_record<'a>(ram: &GuestRam, rest: &mut &'a [u8]) -> Result<Record<'a>, Er
 /// `arrived`: its `populated` pages are faulted in already (written by an earlier round), which
 /// need no advice (walking the page tables of 16,000 present pages a round is not free).
 fn prefault(ram: &GuestRam, payload: &[u8], arrived: Option<&Arrived>) {
-    use vm_memory::GuestMemoryBackend;
     let flush = |run: Option<(u64, u64)>| {
         if let Some((gpa, len)) = run {
-            if let Ok(host) = ram.get_host_address(GuestAddress(gpa)) {
-                // SAFETY: advice on `len` bytes of a live guest RAM mapping (`records`
-                // checked each record lies in one region, and a run only joins adjacent
-                // records); it writes nothing the guest could see (pages stay zero).
-                unsafe {
-                    libc::madvise(host.cast(), len as usize, 23 /* MADV_POPULATE_WRITE */)
-                };
-            }
+            populate_ram(ram, gpa, len);
         }
     };
     let mut run: Option<(u64, u64)> = None;
@@ -527,6 +542,21 @@ fn prefault(ram: &GuestRam, payload: &[u8], arrived: Option<&Arrived>) {
         };
     }
     flush(run);
+}
+
+/// Faults in `[gpa, gpa + len)` (checked to lie inside one RAM region) with one
+/// `MADV_POPULATE_WRITE`; best effort, as in `prefault`.
+fn populate_ram(ram: &GuestRam, gpa: u64, len: u64) {
+    if !memory::is_ram(ram, gpa, len) {
+        return;
+    }
+    if let Ok(host) = ram.get_host_address(GuestAddress(gpa)) {
+        // SAFETY: advice on `len` bytes of a live guest RAM mapping (checked above to lie
+        // in one region); it writes nothing the guest could see (pages stay zero).
+        unsafe {
+            libc::madvise(host.cast(), len as usize, 23 /* MADV_POPULATE_WRITE */)
+        };
+    }
 }
 
 /// What a receiver knows of the pages that arrived.
@@ -656,6 +686,25 @@ impl Incoming {
         apply_to(ram, self.prepared.as_deref(), Some(arrived), payload, &mut self.stats)
     }
 
+    /// Allocates the pages of `ranges` now (stop-and-copy's Populate, before the pause),
+    /// so the copy in the downtime writes to pages that exist. Prepared RAM exists already.
+    pub fn populate(&mut self, ram: &GuestRam, ranges: &[(u64, u64)]) -> Result<(), Error> {
+        let arrived = self.arrived.get_or_insert_with(|| Arrived::new(ram));
+        let ahead = PageSet::new(arrived.map.total());
+        ahead.insert_ranges(&arrived.map, ranges).map_err(Error::Record)?;
+        if self.prepared.is_some() {
+            return Ok(());
+        }
+        // Re-derived from the set: contiguous within a region, inside RAM.
+        for (gpa, pages) in ahead.ranges(&arrived.map) {
+            populate_ram(ram, gpa, pages * PAGE);
+        }
+        // Faulted in: the payloads' prefault skips them. (Post-copy, were a forged stream
+        // to switch after this, counts them as possibly written: only conservative.)
+        arrived.populated.union(&ahead);
+        Ok(())
+    }
+
     /// Pages dropped here again (hybrid's Discard): no longer received, to come again.
     pub fn forget(&mut self, ram: &GuestRam, ranges: &[(u64, u64)]) -> Result<(), Error> {
         let arrived = self.arrived.get_or_insert_with(|| Arrived::new(ram));
@@ -695,6 +744,24 @@ impl Incoming {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_resident_pages_are_allocated_ahead_and_stay_zero() {
+        let src = memory::create_ram(16 << 20).unwrap();
+        src.write_slice(b"hello", GuestAddress(0x5000)).unwrap();
+        src.write_slice(&[7u8; 8192], GuestAddress(0x80_0000)).unwrap();
+        let ranges = resident_ranges(&src);
+        assert_eq!(ranges, vec![(0x5000, 1), (0x80_0000, 2)]);
+        let dst = memory::create_ram(16 << 20).unwrap();
+        let mut incoming = Incoming::default();
+        incoming.populate(&dst, &ranges).unwrap();
+        // Allocated (resident) now, and still zero: nothing the guest could see changed.
+        assert_eq!(resident_ranges(&dst), ranges);
+        assert_eq!(ram_crc32(&dst).unwrap(), ram_crc32(&memory::create_ram(16 << 20).unwrap()).unwrap());
+        // A range outside RAM is refused, not advised.
+        let err = incoming.populate(&dst, &[(1 << 40, 1)]).unwrap_err();
+        assert!(err.to_string().contains("outside guest RAM"), "{err}");
+    }
 
     #[test]
     fn round_trip_and_hostile_records() {

@@ -10,8 +10,9 @@ use std::io::{Read, Write};
 /// "PPKM".
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PPKM");
 /// Protocol version; a peer with another version is refused in the handshake. 2: the
-/// State payload is postcard, not JSON, and goes before the last pages.
-pub const VERSION: u16 = 2;
+/// State payload is postcard, not JSON, and goes before the last pages. 3: stop-and-copy
+/// sends Populate before the pause.
+pub const VERSION: u16 = 3;
 /// Largest payload accepted: a peer cannot make us allocate more for one frame.
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 /// Most pages one PageRequest may ask for (32 KiB of addresses): the post-copy source
@@ -87,6 +88,10 @@ pub enum Kind {
     /// Source -> destination, before the pause: answer Accept once everything sent so far
     /// is applied, so the downtime never waits for the destination to catch up (empty).
     Sync = 17,
+    /// Source -> destination, stop-and-copy, before the pause: these pages will come with
+    /// data; allocate them now, so the downtime does not pay for it (JSON `Missing`);
+    /// answered with Accept once done.
+    Populate = 18,
 }
 
 impl Kind {
@@ -109,6 +114,7 @@ impl Kind {
             15 => Kind::Urgent,
             16 => Kind::Discard,
             17 => Kind::Sync,
+            18 => Kind::Populate,
             other => return Err(Error::UnknownKind(other)),
         })
     }

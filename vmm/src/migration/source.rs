@@ -230,6 +230,11 @@ pub fn migrate(
         return postcopy(vm, phase, &reconnect, mode, progress);
     }
 
+    if mode == Mode::StopCopy {
+        // Still running: the destination allocates the pages that will come with data
+        // now, outside the downtime.
+        populate_ahead(vm, &mut stream)?;
+    }
     if end == RoundsEnd::GaveUp {
         // The destination catches up with the rounds before the pause, not inside it.
         if let Err(e) = sync(&mut stream) {
@@ -327,6 +332,17 @@ struct Postcopy {
 fn sync(stream: &mut Box<dyn transport::Stream>) -> Result<(), String> {
     protocol::write_json(stream, Kind::Sync, &serde_json::json!({})).map_err(|e| chain(&e))?;
     let _: Answer = protocol::read_json(stream, Kind::Accept).map_err(|e| chain(&e))?;
+    Ok(())
+}
+
+/// Stop-and-copy, before the pause: tells the destination which pages are resident here
+/// (the ones that may come with data) and waits until it has allocated them.
+fn populate_ahead(vm: &Vm, stream: &mut Box<dyn transport::Stream>) -> Result<(), String> {
+    let t = Instant::now();
+    let ranges = memory::resident_ranges(vm.ram());
+    protocol::write_json(stream, Kind::Populate, &protocol::Missing { ranges }).map_err(|e| chain(&e))?;
+    let _: Answer = protocol::read_json(stream, Kind::Accept).map_err(|e| chain(&e))?;
+    log::debug!("populate: the destination allocated the resident pages in {:?}", t.elapsed());
     Ok(())
 }
 

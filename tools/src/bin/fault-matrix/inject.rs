@@ -20,6 +20,7 @@ pub mod kind {
     pub const URGENT: u16 = 15;
     pub const DISCARD: u16 = 16;
     pub const SYNC: u16 = 17;
+    pub const POPULATE: u16 = 18;
 }
 
 /// Which way a frame travels.
@@ -171,7 +172,13 @@ impl Injector {
             return Action::Discard;
         }
         let waits_for_answer = match kind {
-            kind::HELLO | kind::URGENT | kind::RESUME | kind::SYNC | kind::DISCARD | kind::COMPLETE => true,
+            kind::HELLO
+            | kind::URGENT
+            | kind::RESUME
+            | kind::SYNC
+            | kind::DISCARD
+            | kind::POPULATE
+            | kind::COMPLETE => true,
             kind::STATE => self.switched, // post-copy: Running follows the state
             kind::POSTCOPY => {
                 self.switched = true;
@@ -190,7 +197,7 @@ impl Injector {
 
 /// A kind's name for the report.
 pub fn name(kind: u16) -> &'static str {
-    const NAMES: [&str; 18] = [
+    const NAMES: [&str; 19] = [
         "?",
         "Hello",
         "Accept",
@@ -209,6 +216,7 @@ pub fn name(kind: u16) -> &'static str {
         "Urgent",
         "Discard",
         "Sync",
+        "Populate",
     ];
     NAMES.get(usize::from(kind)).copied().unwrap_or("?")
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 /// Frame header (docs/migration.md, "Wire protocol").
 const MAGIC: &[u8; 4] = b"PPKM";
-const VERSION: u16 = 2;
+const VERSION: u16 = 3;
 const MAX_PAYLOAD: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
