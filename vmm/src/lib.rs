@@ -14,6 +14,7 @@ pub mod devices;
 pub mod fuzzing;
 pub mod memory;
 pub mod migration;
+pub mod parked;
 pub mod seccomp;
 pub mod trap;
 pub mod vcpu;

@@ -5,6 +5,7 @@
 use crate::arch::x86_64::{cpuid, regs};
 use crate::boot::Entry;
 use crate::devices::{Bus, VmRequest};
+use crate::parked::Parked;
 use crate::trap::exits::{ExitKind, Recorder};
 use crate::trap::msr::MsrEmulation;
 use kvm_bindings::CpuId;
@@ -210,23 +211,37 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Starts the KVM_RUN loop on a thread named `vcpu<N>`; it reports to `exits` when done.
+    /// Starts the KVM_RUN loop on a thread named `vcpu<N>`, or on `ahead`, a thread made
+    /// for it earlier ([`Vcpu::thread_ahead`]); it reports to `exits` when done.
     pub fn spawn(
         self,
         handlers: Arc<Handlers>,
         control: Arc<VcpuControl>,
         exits: Sender<VmExit>,
+        ahead: Option<Parked>,
     ) -> Result<std::thread::JoinHandle<()>, Error> {
         let id = self.id;
-        std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Vcpu);
-                let mut vcpu = self;
-                let exit = vcpu.run(&handlers, &control);
-                // The receiver is gone only when the VM is already ending.
-                let _ = exits.send(exit);
-            })
+        let thread = match ahead {
+            Some(thread) => thread,
+            None => Vcpu::thread_ahead(id)?,
+        };
+        let job = move || {
+            // Woken by the thread that hands out the vCPUs, this one may have taken that
+            // thread's core, and a guest in KVM_RUN keeps it for a whole time slice (3 ms
+            // seen on a destination, which had yet to send Running): let it go on first.
+            std::thread::yield_now();
+            let mut vcpu = self;
+            let exit = vcpu.run(&handlers, &control);
+            // The receiver is gone only when the VM is already ending.
+            let _ = exits.send(exit);
+        };
+        thread.start(job).map_err(|e| Error::Thread { id, source: std::io::Error::other(e) })
+    }
+
+    /// A thread for vCPU `id` (named `vcpu<N>`, with the vCPU seccomp filter) that waits
+    /// for the vCPU: a migration destination makes them before the downtime.
+    pub fn thread_ahead(id: u32) -> Result<Parked, Error> {
+        Parked::spawn_as(&format!("vcpu{id}"), crate::seccomp::ThreadKind::Vcpu)
             .map_err(|source| Error::Thread { id, source })
     }
 

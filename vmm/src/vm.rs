@@ -107,6 +107,9 @@ pub struct Vm {
     /// Per-vCPU steering and threads, once running.
     controls: Vec<Arc<VcpuControl>>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// vCPU threads made before the VM runs (a migration destination's, ahead of the
+    /// downtime), in vCPU order.
+    threads_ahead: Vec<crate::parked::Parked>,
     paused_rx: mpsc::Receiver<crate::vcpu::PausedReport>,
     config: VmConfig,
     /// vCPU 0's TSC frequency, which a migration destination must be able to offer.
@@ -216,6 +219,7 @@ impl Vm {
             plan,
             controls: Vec::new(),
             threads: Vec::new(),
+            threads_ahead: Vec::new(),
             paused_rx,
             config: config.clone(),
         })
@@ -267,6 +271,13 @@ impl Vm {
         &self.fd
     }
 
+    /// Makes the vCPU threads now, to be handed their vCPUs when the VM runs: a migration
+    /// destination calls this before the downtime, which then needs no thread starts.
+    pub fn make_vcpu_threads_ahead(&mut self) -> Result<(), Error> {
+        self.threads_ahead = self.vcpus.iter().map(|v| Vcpu::thread_ahead(v.id())).collect::<Result<_, _>>()?;
+        Ok(())
+    }
+
     /// Runs every vCPU on its own thread, feeds `input` (if any) to the UART, and returns
     /// the first reason to stop. vCPU threads still blocked in KVM_RUN end with the process.
     pub fn run<R: std::io::Read + Send + 'static>(&mut self, input: Option<R>) -> Result<VmExit, Error> {
@@ -282,10 +293,11 @@ impl Vm {
         started: impl FnOnce(&mut Vm),
     ) -> Result<VmExit, Error> {
         let (tx, rx) = mpsc::channel();
+        let mut ahead = std::mem::take(&mut self.threads_ahead).into_iter();
         for vcpu in self.vcpus.drain(..) {
             let control = Arc::new(VcpuControl::default());
             self.controls.push(control.clone());
-            self.threads.push(vcpu.spawn(self.handlers.clone(), control, tx.clone())?);
+            self.threads.push(vcpu.spawn(self.handlers.clone(), control, tx.clone(), ahead.next())?);
         }
         drop(tx);
         started(self);

@@ -309,6 +309,12 @@ pub fn receive(
             return Err(reason);
         }
     };
+    // The vCPU threads too: made now, they only need their vCPUs once it runs here.
+    if let Err(e) = vm.make_vcpu_threads_ahead() {
+        let reason = format!("this destination cannot start vCPU threads: {}", chain(&e));
+        refuse(stream.as_mut(), &reason);
+        return Err(reason);
+    }
     protocol::write_json(&mut stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
     let urgent = if hello.postcopy {
         match accept_urgent(&listener, auth_key, hello.migration_id) {

@@ -5,7 +5,6 @@ pub mod auth;
 pub mod destination;
 pub mod memory;
 pub mod pages;
-pub mod parked;
 pub mod postcopy_destination;
 pub mod postcopy_source;
 pub mod protocol;

@@ -9,12 +9,12 @@
 use super::auth::Key;
 use super::memory;
 use super::pages::{PageMap, PageSet, PAGE};
-use super::parked::Parked;
 use super::protocol::{self, Done, Kind, Missing, Resume, Running};
 use super::source::chain;
 use super::transport::{self, Address, Stream};
 use crate::memory::GuestRam;
 use crate::memory::Prepared;
+use crate::parked::Parked;
 use std::collections::HashMap;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};

@@ -9,11 +9,11 @@
 use super::auth::Key;
 use super::memory::{self, Outgoing, Transfer};
 use super::pages::{PageMap, PageSet};
-use super::parked::Parked;
 use super::protocol::{self, Complete, Done, Kind, Missing, Resume, Running};
 use super::source::chain;
 use super::transport::{Address, Stream};
 use crate::memory::GuestRam;
+use crate::parked::Parked;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;

@@ -4,9 +4,9 @@
 
 use super::memory::{self, Outgoing, Transfer};
 use super::pages::{PageMap, PageSet};
-use super::parked::Parked;
 use super::protocol::{self, Answer, Complete, Hello, Kind, Running};
 use super::transport::{self, Address};
+use crate::parked::Parked;
 use crate::vm::Vm;
 use std::time::{Duration, Instant};
 
