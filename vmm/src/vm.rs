@@ -351,7 +351,7 @@ impl Vm {
         for c in &self.controls {
             c.set(Wanted::Pause);
         }
-        let mut states: Vec<Option<crate::migration::state::VcpuState>> =
+        let mut states: Vec<Option<Box<crate::migration::state::VcpuState>>> =
             (0..self.controls.len()).map(|_| None).collect();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut failure = None;
@@ -380,7 +380,7 @@ impl Vm {
             self.resume_all();
             return Err(failure);
         }
-        Ok(states.into_iter().flatten().collect())
+        Ok(states.into_iter().flatten().map(|state| *state).collect())
     }
 
     /// Lets every paused vCPU run again.
