@@ -275,6 +275,8 @@ impl Vm {
     /// destination calls this before the downtime, which then needs no thread starts.
     pub fn make_vcpu_threads_ahead(&mut self) -> Result<(), Error> {
         self.threads_ahead = self.vcpus.iter().map(|v| Vcpu::thread_ahead(v.id())).collect::<Result<_, _>>()?;
+        // Up before the caller goes on (see `Parked::wait_ready`).
+        self.threads_ahead.iter().for_each(crate::parked::Parked::wait_ready);
         Ok(())
     }
 

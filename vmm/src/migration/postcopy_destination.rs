@@ -53,12 +53,18 @@ impl Ahead {
             builder.require_features(userfaultfd::FeatureFlags::from_bits_retain(1 << 10));
         }
         let uffd = builder.create().map_err(|e| chain(&Error::Create(e)))?;
-        Ok(Ahead {
+        let ahead = Ahead {
             uffd,
             faults: Parked::spawn("postcopy-faults").map_err(|e| chain(&Error::Thread(e)))?,
             urgent: Parked::spawn("postcopy-urgent").map_err(|e| chain(&Error::Thread(e)))?,
             receiver: Parked::spawn("postcopy-receiver").map_err(|e| chain(&Error::Thread(e)))?,
-        })
+        };
+        // Up before Accept: the source pauses soon after it, and threads still starting
+        // would compete with its pause for the CPU.
+        for thread in [&ahead.faults, &ahead.urgent, &ahead.receiver] {
+            thread.wait_ready();
+        }
+        Ok(ahead)
     }
 }
 

@@ -103,13 +103,10 @@ pub fn open_link(stream: Box<dyn Stream>) -> Result<Link, String> {
     // Bounded: a destination that floods requests faster than they are served fills this,
     // then the reader stops reading, then TCP stops the peer; memory stays bounded.
     let (tx, rx) = mpsc::sync_channel(EVENT_QUEUE);
-    std::thread::Builder::new()
-        .name("postcopy-reader".into())
-        .spawn(move || {
-            crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Migration);
-            read_events(reader, &tx)
-        })
-        .map_err(|e| format!("cannot start the post-copy reader: {e}"))?;
+    let thread = Parked::spawn("postcopy-reader").map_err(|e| format!("cannot start the post-copy reader: {e}"))?;
+    // Up before the caller pauses the guest (see `Parked::wait_ready`).
+    thread.wait_ready();
+    thread.start(move || read_events(reader, &tx))?;
     Ok(Link { stream, events: rx })
 }
 

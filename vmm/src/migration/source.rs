@@ -410,6 +410,9 @@ fn postcopy(
             return Err(e.into());
         }
     };
+    if let Some((_, thread)) = &urgent {
+        thread.wait_ready();
+    }
     let paused = Instant::now();
     let vcpus = match vm.pause_all() {
         Ok(vcpus) => vcpus,
