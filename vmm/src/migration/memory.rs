@@ -86,6 +86,36 @@ pub fn resident_ranges(ram: &GuestRam) -> Vec<(u64, u64)> {
     ranges
 }
 
+/// Ranges per Populate message: at most ~46 bytes of JSON each, so ~3 MB a message, far
+/// below the frame limit.
+const POPULATE_RANGES: usize = 65_536;
+/// Pages per Populate message (1 GiB): each message is answered once its pages are
+/// allocated, which must come well within the peer timeout (30 s) even on a host that
+/// takes 9 us a page (~2.4 s).
+const POPULATE_PAGES: u64 = 1 << 18;
+
+/// `ranges` split into Populate messages of at most [`POPULATE_RANGES`] ranges and
+/// [`POPULATE_PAGES`] pages each, in order.
+pub fn populate_messages(ranges: &[(u64, u64)]) -> Vec<Vec<(u64, u64)>> {
+    let mut messages = Vec::new();
+    let (mut current, mut pages) = (Vec::new(), 0);
+    for &(mut gpa, mut left) in ranges {
+        while left > 0 {
+            let take = left.min(POPULATE_PAGES - pages);
+            current.push((gpa, take));
+            (gpa, left, pages) = (gpa + take * PAGE, left - take, pages + take);
+            if pages == POPULATE_PAGES || current.len() == POPULATE_RANGES {
+                messages.push(std::mem::take(&mut current));
+                pages = 0;
+            }
+        }
+    }
+    if !current.is_empty() {
+        messages.push(current);
+    }
+    messages
+}
+
 /// `--max-bandwidth`: bytes per second averaged from the start, shared by every sender
 /// of one migration.
 pub struct RateLimit {
@@ -764,6 +794,21 @@ mod tests {
         // A range outside RAM is refused, not advised.
         let err = incoming.populate(&dst, &[(1 << 40, 1)]).unwrap_err();
         assert!(err.to_string().contains("outside guest RAM"), "{err}");
+    }
+
+    #[test]
+    fn populate_messages_are_bounded_in_ranges_and_pages() {
+        // 3 GiB in one range: three messages of 1 GiB, contiguous, nothing lost.
+        let big = populate_messages(&[(0x1_0000_0000, 3 << 18)]);
+        assert_eq!(big.len(), 3);
+        assert!(big.iter().all(|m| m.len() == 1 && m[0].1 == POPULATE_PAGES));
+        assert_eq!(big[1][0].0, 0x1_0000_0000 + (1 << 30));
+        // 100,000 single pages: 65,536 ranges, then the rest.
+        let scattered: Vec<(u64, u64)> = (0..100_000u64).map(|i| (i * 2 * PAGE, 1)).collect();
+        let messages = populate_messages(&scattered);
+        assert_eq!(messages.iter().map(Vec::len).collect::<Vec<_>>(), vec![POPULATE_RANGES, 100_000 - POPULATE_RANGES]);
+        assert_eq!(messages.concat(), scattered);
+        assert!(populate_messages(&[]).is_empty());
     }
 
     #[test]

@@ -335,19 +335,13 @@ fn sync(stream: &mut Box<dyn transport::Stream>) -> Result<(), String> {
     Ok(())
 }
 
-/// Ranges per Populate message: at most ~45 bytes of JSON each, so ~3 MB a message, far
-/// below the frame limit.
-const POPULATE_RANGES: usize = 65_536;
-
 /// Stop-and-copy, before the pause: tells the destination which pages are resident here
 /// (the ones that may come with data) and waits until it has allocated them.
 fn populate_ahead(vm: &Vm, stream: &mut Box<dyn transport::Stream>) -> Result<(), String> {
     let t = Instant::now();
     let ranges = memory::resident_ranges(vm.ram());
-    // In messages of a bounded size: a large, fragmented RAM could otherwise make one
-    // larger than a frame may be.
-    for chunk in ranges.chunks(POPULATE_RANGES) {
-        let populate = protocol::Missing { ranges: chunk.to_vec() };
+    for chunk in memory::populate_messages(&ranges) {
+        let populate = protocol::Missing { ranges: chunk };
         protocol::write_json(stream, Kind::Populate, &populate).map_err(|e| chain(&e))?;
         let _: Answer = protocol::read_json(stream, Kind::Accept).map_err(|e| chain(&e))?;
     }
