@@ -66,24 +66,16 @@ pub fn residency(host: *mut u8, len: usize) -> Vec<bool> {
 /// The resident pages of guest RAM as `(gpa, pages)` ranges: what a full pass will send
 /// with data (or find zero), told to the destination ahead so it can allocate them.
 pub fn resident_ranges(ram: &GuestRam) -> Vec<(u64, u64)> {
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let map = PageMap::new(ram);
+    let resident = PageSet::new(map.total());
     for region in ram.iter() {
-        let base = region.start_addr().0;
-        let mut run: Option<(u64, u64)> = None;
-        for (i, present) in residency(region.as_ptr(), region.len() as usize).into_iter().enumerate() {
-            run = match (run, present) {
-                (Some((gpa, n)), true) => Some((gpa, n + 1)),
-                (None, true) => Some((base + i as u64 * PAGE, 1)),
-                (run, false) => {
-                    ranges.extend(run);
-                    None
-                }
-            };
+        let Some(first) = map.index_of_gpa(region.start_addr().0) else { continue };
+        let present = residency(region.as_ptr(), region.len() as usize);
+        for (i, _) in present.iter().enumerate().filter(|(_, &p)| p) {
+            resident.insert(first + i as u64);
         }
-        // A range never spans two regions.
-        ranges.extend(run);
     }
-    ranges
+    resident.ranges(&map)
 }
 
 /// Ranges per Populate message: at most ~46 bytes of JSON each, so ~3 MB a message, far
