@@ -346,13 +346,27 @@ impl Vm {
     }
 
     /// Pauses every vCPU: each completes its in-flight I/O, saves its state and waits.
-    /// A vCPU blocked in KVM_RUN is kicked out with a signal, again every 2 ms in case
-    /// the first one landed just before it entered KVM_RUN.
     pub fn pause_all(&mut self) -> Result<Vec<crate::migration::state::VcpuState>, String> {
+        self.begin_pause();
+        self.finish_pause()
+    }
+
+    /// Asks every vCPU to pause and kicks it out of KVM_RUN, without waiting: the caller
+    /// can work while they stop, then must call [`Vm::finish_pause`].
+    pub fn begin_pause(&self) {
         while self.paused_rx.try_recv().is_ok() {}
         for c in &self.controls {
             c.set(Wanted::Pause);
         }
+        for thread in &self.threads {
+            kick(thread);
+        }
+    }
+
+    /// Waits until every vCPU asked by [`Vm::begin_pause`] has saved its state. A vCPU
+    /// still in KVM_RUN is kicked again every 2 ms, in case a signal landed just before it
+    /// entered KVM_RUN. On failure the vCPUs run again.
+    pub fn finish_pause(&mut self) -> Result<Vec<crate::migration::state::VcpuState>, String> {
         let mut states: Vec<Option<Box<crate::migration::state::VcpuState>>> =
             (0..self.controls.len()).map(|_| None).collect();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -362,19 +376,19 @@ impl Vm {
                 failure = Some("a vCPU did not pause within 5 s".to_string());
                 break;
             }
-            for (i, thread) in self.threads.iter().enumerate() {
-                if states[i].is_none() {
-                    kick(thread);
+            match self.paused_rx.recv_timeout(std::time::Duration::from_millis(2)) {
+                Ok((id, Ok(state))) => {
+                    if let Some(slot) = states.get_mut(id as usize) {
+                        *slot = Some(state);
+                    }
                 }
-            }
-            if let Ok((id, state)) = self.paused_rx.recv_timeout(std::time::Duration::from_millis(2)) {
-                match state {
-                    Ok(state) => {
-                        if let Some(slot) = states.get_mut(id as usize) {
-                            *slot = Some(state);
+                Ok((id, Err(e))) => failure = Some(format!("vCPU {id}: {e}")),
+                Err(_) => {
+                    for (i, thread) in self.threads.iter().enumerate() {
+                        if states[i].is_none() {
+                            kick(thread);
                         }
                     }
-                    Err(e) => failure = Some(format!("vCPU {id}: {e}")),
                 }
             }
         }
