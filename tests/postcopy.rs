@@ -113,9 +113,11 @@ fn hybrid_switches_to_postcopy_when_asked() {
     // 16 MiB stamped at full speed; pre-copy capped at 50 MB/s cannot converge.
     let (src, api) = workload(&scratch, &[], "test=migrate pages=4096 seconds=60");
     let (dst, to) = destination(&scratch);
-    let mig = migrate(&scratch, &api, &to, "hybrid", &["--max-bandwidth", "50M", "--max-rounds", "1000"]);
+    // --manual-switch: without it, the rounds would be judged as not converging at round 1.
+    let args = ["--max-bandwidth", "50M", "--max-rounds", "1000", "--manual-switch"];
+    let mig = migrate(&scratch, &api, &to, "hybrid", &args);
     // Asked while round 1 is on the wire (it takes ~0.3 s at 50 MB/s): the switch comes
-    // at the next round's check, before the rounds could be judged as not converging.
+    // at the next round's check.
     wait_for("the first pre-copy round", || std::fs::read_to_string(&mig.err).unwrap().contains("\"round\":0"));
     popek(&["migrate-postcopy", "--api-socket", &api], None).expect_status(0).expect_stdout("switches to post-copy");
     let progress = std::fs::read_to_string(&mig.err).unwrap_or_default();

@@ -46,6 +46,8 @@ pub enum Request {
         auto_converge: Option<bool>,
         /// Post-copy: seconds to keep re-establishing a broken link.
         recover_timeout_s: Option<u64>,
+        /// Hybrid: switch only when asked (or after `max_rounds`).
+        manual_switch: Option<bool>,
     },
     /// Hybrid migration in progress: switch to post-copy after the current round.
     MigratePostcopy,
@@ -68,6 +70,7 @@ pub fn parse(line: &str) -> Result<Request, String> {
                 | "max_bandwidth"
                 | "auto_converge"
                 | "recover_timeout_s"
+                | "manual_switch"
         )
     }) {
         return Err(format!("bad request: unknown field '{key}'"));
@@ -165,6 +168,7 @@ pub fn serve(vm: &mut Vm, call: Call) -> Option<VmExit> {
             max_bandwidth,
             auto_converge,
             recover_timeout_s,
+            manual_switch,
         } => {
             use crate::migration::source::Mode;
             let downtime_limit_ms = downtime_limit_ms.unwrap_or(1.0);
@@ -175,7 +179,9 @@ pub fn serve(vm: &mut Vm, call: Call) -> Option<VmExit> {
                     Ok(Mode::Precopy { downtime_limit_ms, max_rounds, auto_converge: auto_converge.unwrap_or(false) })
                 }
                 Some("postcopy") => Ok(Mode::Postcopy),
-                Some("hybrid") => Ok(Mode::Hybrid { downtime_limit_ms, max_rounds }),
+                Some("hybrid") => {
+                    Ok(Mode::Hybrid { downtime_limit_ms, max_rounds, manual_switch: manual_switch.unwrap_or(false) })
+                }
                 Some(other) => Err(format!("unknown migration mode '{other}' (stop-copy, precopy, postcopy, hybrid)")),
             };
             let options = crate::migration::source::Options {
@@ -245,7 +251,8 @@ mod tests {
                 verify_memory: None,
                 max_bandwidth: None,
                 auto_converge: None,
-                recover_timeout_s: None
+                recover_timeout_s: None,
+                manual_switch: None
             })
         );
         for bad in ["", "{}", r#"{"cmd":"reboot"}"#, r#"{"cmd":"status","x":1}"#, "[1,2]", "\u{0}"] {

@@ -99,6 +99,10 @@ enum Command {
         /// each 10 ms (20%, 40%, ... 90%) until it converges.
         #[arg(long)]
         auto_converge: bool,
+        /// Hybrid: switch to post-copy only on `popek migrate-postcopy` (or after
+        /// --max-rounds), not when the rounds stop converging.
+        #[arg(long)]
+        manual_switch: bool,
     },
     /// Switch a running hybrid migration to post-copy after its current round.
     MigratePostcopy {
@@ -284,10 +288,12 @@ fn main() -> ExitCode {
             max_bandwidth,
             auto_converge,
             recover_timeout,
+            manual_switch,
         } => {
             let request = serde_json::json!({"cmd": "migrate", "to": to, "mode": mode,
                 "downtime_limit_ms": downtime_limit, "max_rounds": max_rounds, "verify_memory": verify_memory,
-                "max_bandwidth": max_bandwidth, "auto_converge": auto_converge, "recover_timeout_s": recover_timeout});
+                "max_bandwidth": max_bandwidth, "auto_converge": auto_converge, "recover_timeout_s": recover_timeout,
+                "manual_switch": manual_switch});
             api_call(&api_socket, &request, report_json.as_deref())
         }
         Command::MigratePostcopy { api_socket } => {

@@ -24,9 +24,10 @@ pub enum Mode {
     Precopy { downtime_limit_ms: f64, max_rounds: u32, auto_converge: bool },
     /// Move the vCPUs at once; memory follows, on demand and pushed in the background.
     Postcopy,
-    /// Pre-copy rounds; switch to post-copy when they stop converging, after
-    /// `max_rounds`, or when asked (`migrate-postcopy`). Converging first ends as pre-copy.
-    Hybrid { downtime_limit_ms: f64, max_rounds: u32 },
+    /// Pre-copy rounds; switch to post-copy when they stop converging (unless
+    /// `manual_switch`), after `max_rounds`, or when asked (`migrate-postcopy`).
+    /// Converging first ends as pre-copy.
+    Hybrid { downtime_limit_ms: f64, max_rounds: u32, manual_switch: bool },
 }
 
 impl Mode {
@@ -204,9 +205,14 @@ pub fn migrate(
     let mut rounds = Vec::new();
     let limits = match mode {
         Mode::Precopy { downtime_limit_ms, max_rounds, auto_converge } => {
-            Some((downtime_limit_ms, max_rounds, auto_converge, false))
+            Some(RoundLimits { downtime_limit_ms, max_rounds, auto_converge, switch: None })
         }
-        Mode::Hybrid { downtime_limit_ms, max_rounds } => Some((downtime_limit_ms, max_rounds, false, true)),
+        Mode::Hybrid { downtime_limit_ms, max_rounds, manual_switch } => Some(RoundLimits {
+            downtime_limit_ms,
+            max_rounds,
+            auto_converge: false,
+            switch: Some(if manual_switch { Switch::WhenAsked } else { Switch::WhenStuck }),
+        }),
         Mode::StopCopy | Mode::Postcopy => None,
     };
     let end = match limits {
@@ -531,15 +537,49 @@ fn postcopy(
     })
 }
 
+/// How pre-copy's rounds end.
+struct RoundLimits {
+    downtime_limit_ms: f64,
+    max_rounds: u32,
+    auto_converge: bool,
+    /// Hybrid: when to switch to post-copy besides `max_rounds`.
+    switch: Option<Switch>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Switch {
+    /// When the rounds stop converging, or when asked.
+    WhenStuck,
+    /// Only when asked (`migrate-postcopy`).
+    WhenAsked,
+}
+
+/// Whether round `round`, with `pending` pages to send (taking `estimate_ms`), shows that
+/// the guest outruns the link. Round 1 compares with round 0, which took `first_ms`: a
+/// guest that re-dirtied in it what takes half as long again to send will not let the
+/// rounds shrink fast (the 64 MiB dirtier re-dirties all of it: 1.0). Later rounds:
+/// not shrinking by a tenth. Hybrid judges from round 1 (post-copy is its way out, and
+/// each round of a dirtier costs as long as post-copy would take to move it);
+/// auto-converge from round 4.
+fn outrun(hybrid: bool, round: u32, (pending, last_pending): (u64, u64), (estimate_ms, first_ms): (f64, f64)) -> bool {
+    match (hybrid, round) {
+        (true, 1) => estimate_ms * 2.0 >= first_ms,
+        (true, _) => pending.saturating_mul(10) > last_pending.saturating_mul(9),
+        (false, r) => r >= 4 && pending.saturating_mul(10) > last_pending.saturating_mul(9),
+    }
+}
+
 /// The pre-copy rounds while the guest runs. Returns whether it converged.
 fn precopy(
     vm: &mut Vm,
     stream: &mut Box<dyn transport::Stream>,
     outgoing: &mut Outgoing,
     rounds: &mut Vec<Round>,
-    (downtime_limit_ms, max_rounds, auto_converge, hybrid): (f64, u32, bool, bool),
+    limits: RoundLimits,
     progress: &mut dyn FnMut(serde_json::Value),
 ) -> Result<RoundsEnd, String> {
+    let RoundLimits { downtime_limit_ms, max_rounds, auto_converge, switch } = limits;
+    let hybrid = switch.is_some();
     vm.set_dirty_logging(true).map_err(|e| chain(&e))?;
     // Only with auto-converge; stopped (vCPUs back to full speed) when this function
     // returns, before the pause.
@@ -584,14 +624,12 @@ fn precopy(
             );
             return Ok(RoundsEnd::Converged);
         }
-        // With auto-converge: not shrinking by a tenth a round after a few rounds means the
-        // guest outruns the link; slow it down step by step.
-        // Hybrid judges after two rounds (post-copy is its way out, so waiting costs only
-        // time); auto-converge after four.
-        let judge_from = if hybrid { 2 } else { 4 };
-        let outrun = round >= judge_from && pending.saturating_mul(10) > last_pending.saturating_mul(9);
+        // A guest that outruns the link: hybrid switches to post-copy, auto-converge slows
+        // the guest down step by step.
+        let outrun = outrun(hybrid, round, (pending, last_pending), (estimate_ms, first * 1e3));
         let asked = SWITCH_TO_POSTCOPY.load(std::sync::atomic::Ordering::SeqCst);
-        if hybrid && (outrun || asked) {
+        let stuck = outrun && switch == Some(Switch::WhenStuck);
+        if hybrid && (stuck || asked) {
             // These pages were not sent this round: they are what post-copy must move.
             vm.redirty(&dirty);
             let why = if asked { "asked to (migrate-postcopy)" } else { "the rounds stopped converging" };
@@ -646,4 +684,27 @@ pub fn dial(to: &Address, key: Option<&super::auth::Key>) -> Result<Box<dyn tran
 /// "outer: inner: innermost".
 pub fn chain(e: &dyn std::error::Error) -> String {
     crate::error_chain(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::outrun;
+
+    #[test]
+    fn hybrid_judges_round_one_against_round_zero() {
+        // The 64 MiB dirtier: round 0 took 58 ms, all of it is dirty again (35 ms to send).
+        assert!(outrun(true, 1, (16_385, u64::MAX), (35.0, 58.0)));
+        // An idle guest: a few pages.
+        assert!(!outrun(true, 1, (3, u64::MAX), (0.01, 0.5)));
+        // Auto-converge does not judge round 1.
+        assert!(!outrun(false, 1, (16_385, u64::MAX), (35.0, 58.0)));
+    }
+
+    #[test]
+    fn later_rounds_must_shrink_by_a_tenth() {
+        assert!(outrun(true, 2, (950, 1_000), (1.0, 58.0)));
+        assert!(!outrun(true, 2, (850, 1_000), (1.0, 58.0)));
+        assert!(!outrun(false, 3, (1_000, 1_000), (1.0, 58.0)));
+        assert!(outrun(false, 4, (1_000, 1_000), (1.0, 58.0)));
+    }
 }
