@@ -108,6 +108,9 @@ pub fn populate_messages(ranges: &[(u64, u64)]) -> Vec<Vec<(u64, u64)>> {
     messages
 }
 
+/// How often (in pages) `Outgoing::send_all_until` asks whether to stop: 4 MiB.
+const STOP_CHECK: u64 = 1024;
+
 /// `--max-bandwidth`: bytes per second averaged from the start, shared by every sender
 /// of one migration.
 pub struct RateLimit {
@@ -404,13 +407,30 @@ impl Outgoing {
 
     /// The first full pass: every page of RAM; non-resident pages without reading them.
     pub fn send_all<W: Write>(&mut self, ram: &GuestRam, out: &mut W) -> Result<(), Error> {
-        for region in ram.iter() {
+        self.send_all_until(ram, out, &mut |_| false).map(|_| ())
+    }
+
+    /// `send_all` that asks `stop`, every [`STOP_CHECK`] pages, whether to end early (it
+    /// gets the pages of data sent so far). Returns how many pages, counted region by
+    /// region as `PageMap` does, were sent (all of RAM unless it stopped); the ones
+    /// before that point are all on the wire.
+    pub fn send_all_until<W: Write>(
+        &mut self,
+        ram: &GuestRam,
+        out: &mut W,
+        stop: &mut dyn FnMut(u64) -> bool,
+    ) -> Result<u64, Error> {
+        let mut covered = 0;
+        'regions: for region in ram.iter() {
             // A record never spans two regions (they are not adjacent, but a run must not
             // rely on that).
             self.data_run = None;
             let base = region.start_addr().0;
             let resident = residency(region.as_ptr(), region.len() as usize);
             for (i, present) in resident.iter().enumerate() {
+                if covered % STOP_CHECK == STOP_CHECK - 1 && stop(self.stats.pages - self.stats.zero_pages) {
+                    break 'regions;
+                }
                 let gpa = base + i as u64 * PAGE;
                 if *present {
                     self.page(ram, gpa, true)?;
@@ -418,12 +438,13 @@ impl Outgoing {
                     self.stats.pages += 1;
                     self.zero_page(gpa, true);
                 }
+                covered += 1;
                 self.maybe_send(out, false)?;
             }
         }
         self.maybe_send(out, true)?;
         out.flush().map_err(protocol::Error::from)?;
-        Ok(())
+        Ok(covered)
     }
 
     /// A later round: the pages set in `dirty` (one bitmap per RAM region). Returns how
@@ -857,6 +878,42 @@ mod tests {
         let at = bad.len() / 2;
         bad[at] ^= 0xff;
         assert!(receive(&bad).is_err());
+    }
+
+    #[test]
+    fn a_first_pass_stopped_early_sends_every_page_before_the_stop_and_none_after() {
+        let src = memory::create_ram(16 << 20).unwrap();
+        src.write_slice(&[3u8; 4096], GuestAddress(0x1000)).unwrap();
+        src.write_slice(&[5u8; 4096], GuestAddress(0xf0_0000)).unwrap();
+        let mut outgoing = Outgoing::default();
+        let mut wire = Vec::new();
+        let mut asked = Vec::new();
+        let covered = outgoing
+            .send_all_until(&src, &mut wire, &mut |sent| {
+                asked.push(sent);
+                asked.len() == 2
+            })
+            .unwrap();
+        // Asked every STOP_CHECK pages with the data pages sent so far; stopped at the second.
+        assert_eq!(asked, vec![1, 1]);
+        assert_eq!(covered, 2 * STOP_CHECK - 1);
+        assert_eq!(outgoing.stats.pages, covered);
+        let dst = memory::create_ram(16 << 20).unwrap();
+        let mut incoming = Incoming::default();
+        let mut rest = &wire[..];
+        while !rest.is_empty() {
+            let (_, payload) = protocol::read_frame(&mut rest).unwrap();
+            incoming.memory(&dst, &payload).unwrap();
+        }
+        assert_eq!(incoming.stats.pages, covered);
+        let mut page = [0u8; 4096];
+        dst.read_slice(&mut page, GuestAddress(0x1000)).unwrap();
+        assert_eq!(page, [3u8; 4096]);
+        dst.read_slice(&mut page, GuestAddress(0xf0_0000)).unwrap();
+        assert_eq!(page, [0u8; 4096], "past the stop: not sent");
+        // Never stopped: all of RAM.
+        let mut all = Outgoing::default();
+        assert_eq!(all.send_all_until(&src, &mut Vec::new(), &mut |_| false).unwrap(), 4096);
     }
 
     #[test]

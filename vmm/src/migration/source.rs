@@ -77,8 +77,11 @@ enum RoundsEnd {
     Converged,
     /// `max_rounds` reached: copy the rest with the VM paused.
     GaveUp,
-    /// Hybrid: go on in post-copy.
-    Switch,
+    /// Hybrid: go on in post-copy. `unsent_from`: round 0 stopped before this page
+    /// (counted as `PageMap` does); it and every page after it are still to go.
+    Switch {
+        unsent_from: Option<u64>,
+    },
 }
 
 /// Post-copy figures, from both sides.
@@ -223,18 +226,19 @@ pub fn migrate(
                 return Err(e.into());
             }
         },
-        None if mode == Mode::Postcopy => RoundsEnd::Switch,
+        None if mode == Mode::Postcopy => RoundsEnd::Switch { unsent_from: None },
         None => RoundsEnd::Converged,
     };
     let converged = end == RoundsEnd::Converged;
-    if end == RoundsEnd::Switch {
+    if let RoundsEnd::Switch { unsent_from } = end {
         let reconnect = super::postcopy_source::Reconnect {
             to,
             auth_key: config.auth_key.as_ref(),
             migration_id,
             timeout: options.recover_timeout,
         };
-        let phase = Postcopy { stream, urgent, outgoing, rounds, start, hybrid: mode != Mode::Postcopy };
+        let hybrid = mode != Mode::Postcopy;
+        let phase = Postcopy { stream, urgent, outgoing, rounds, start, hybrid, unsent_from };
         return postcopy(vm, phase, &reconnect, mode, progress);
     }
 
@@ -352,6 +356,8 @@ struct Postcopy {
     start: Instant,
     /// Pre-copy rounds ran: only the pages dirtied since are needed (and discarded there).
     hybrid: bool,
+    /// Hybrid that switched during round 0: the pages from this one on were never sent.
+    unsent_from: Option<u64>,
 }
 
 /// A barrier: returns once the destination has applied everything sent so far.
@@ -396,7 +402,7 @@ fn postcopy(
     progress: &mut dyn FnMut(serde_json::Value),
 ) -> Result<Report, Failed> {
     use super::postcopy_source::Failure;
-    let Postcopy { mut stream, urgent, mut outgoing, rounds, start, hybrid } = phase;
+    let Postcopy { mut stream, urgent, mut outgoing, rounds, start, hybrid, unsent_from } = phase;
     // The urgent channel's sender is started now and waits, out of the downtime.
     let urgent = match urgent {
         Some(stream) => match Parked::spawn("postcopy-urgent") {
@@ -422,6 +428,11 @@ fn postcopy(
     } else {
         PageSet::new(map.total())
     };
+    // Never sent, so needed as well (the destination never received them). Before the
+    // pause: a set bit per page.
+    for index in unsent_from.unwrap_or(u64::MAX)..map.total() {
+        dropped.insert(index);
+    }
     // From here on the destination's messages are read by the link's own thread.
     let mut link = match super::postcopy_source::open_link(stream) {
         Ok(link) => link,
@@ -569,6 +580,40 @@ fn outrun(hybrid: bool, round: u32, (pending, last_pending): (u64, u64), (estima
     }
 }
 
+/// Round 0 of hybrid is judged while it runs, from this long on: on a slow link, all of
+/// RAM takes seconds, and a guest that re-dirties it faster is better moved in post-copy
+/// at once (QEMU's postcopy-after-precopy is often started after a fixed 200 ms).
+const ROUND_ZERO_JUDGE: Duration = Duration::from_millis(50);
+
+/// Round 0: all of RAM. With `judge` (hybrid), every [`ROUND_ZERO_JUDGE`] it compares what
+/// the guest dirtied since the round began with the data sent so far, and stops the round
+/// when the first is at least half the second (the rule of round 1, see [`outrun`]).
+/// Returns where it stopped (a `PageMap` index), if it did, and the pages dirtied.
+fn round_zero(
+    vm: &Vm,
+    stream: &mut Box<dyn transport::Stream>,
+    outgoing: &mut Outgoing,
+    judge: bool,
+) -> Result<(Option<u64>, u64), String> {
+    let start = Instant::now();
+    let mut next_look = start + ROUND_ZERO_JUDGE;
+    let mut redirtied = 0;
+    let mut stop = |sent: u64| {
+        if !judge || Instant::now() < next_look {
+            return false;
+        }
+        next_look = Instant::now() + ROUND_ZERO_JUDGE / 2;
+        // Fetched and put back: the next fetch (here or in round 1) sees them again.
+        let Ok(dirty) = vm.take_dirty() else { return false };
+        vm.redirty(&dirty);
+        redirtied = memory::count_dirty(&dirty);
+        sent > 0 && redirtied * 2 >= sent
+    };
+    let covered = outgoing.send_all_until(vm.ram(), stream, &mut stop).map_err(|e| chain(&e))?;
+    let total = PageMap::new(vm.ram()).total();
+    Ok(((covered < total).then_some(covered), redirtied))
+}
+
 /// The pre-copy rounds while the guest runs. Returns whether it converged.
 fn precopy(
     vm: &mut Vm,
@@ -589,13 +634,19 @@ fn precopy(
     // Start from a clean slate: everything written from now on is dirty.
     vm.take_dirty().map_err(|e| chain(&e))?;
     let t = Instant::now();
-    outgoing.send_all(vm.ram(), stream).map_err(|e| chain(&e))?;
+    let judge = switch == Some(Switch::WhenStuck);
+    let (unsent_from, redirtied) = round_zero(vm, stream, outgoing, judge)?;
     let first = t.elapsed().as_secs_f64();
     let mut bandwidth = outgoing.stats.bytes_on_wire as f64 / first.max(1e-6);
     rounds.push(Round { round: 0, pages: outgoing.stats.pages, ms: first * 1e3, mb_s: bandwidth / 1e6 });
     progress(
         serde_json::json!({"round": 0, "pages": outgoing.stats.pages, "ms": first * 1e3, "mb_s": bandwidth / 1e6}),
     );
+    if unsent_from.is_some() {
+        let why = "the rounds stopped converging";
+        progress(serde_json::json!({"round": 0, "pending_pages": redirtied, "switch_to_postcopy": why}));
+        return Ok(RoundsEnd::Switch { unsent_from });
+    }
     let mut synced = false;
     let (mut rounds_bytes, mut rounds_secs) = (0.0, 0.0);
     for round in 1..=max_rounds {
@@ -634,7 +685,7 @@ fn precopy(
             vm.redirty(&dirty);
             let why = if asked { "asked to (migrate-postcopy)" } else { "the rounds stopped converging" };
             progress(serde_json::json!({"round": round, "pending_pages": pending, "switch_to_postcopy": why}));
-            return Ok(RoundsEnd::Switch);
+            return Ok(RoundsEnd::Switch { unsent_from: None });
         }
         if let (Some(throttle), true) = (&throttle, outrun && throttle_percent < 90) {
             throttle_percent = (throttle_percent + 20).min(90);
@@ -662,7 +713,7 @@ fn precopy(
         progress(
             serde_json::json!({"converged": false, "switch_to_postcopy": format!("not under {downtime_limit_ms} ms after {max_rounds} rounds")}),
         );
-        return Ok(RoundsEnd::Switch);
+        return Ok(RoundsEnd::Switch { unsent_from: None });
     }
     progress(
         serde_json::json!({"converged": false, "note": format!("not under {downtime_limit_ms} ms after {max_rounds} rounds: stopping and copying the rest")}),
