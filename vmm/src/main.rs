@@ -355,12 +355,15 @@ fn run_incoming(
     let mut buffer = Some(buffer);
     let mut unused = Some(unused);
     log::debug!("incoming: machine restored {:?} after the state arrived", state_arrived.elapsed());
-    let confirm = |_: &mut Vm| {
+    let confirm = |vm: &mut Vm| {
         let running = popek::migration::protocol::Running { restore_us: state_arrived.elapsed().as_micros() as u64 };
         log::debug!("incoming: vCPUs started {:?} after the state arrived", state_arrived.elapsed());
         if let Err(e) = link.confirm_running(&running) {
             log::warn!("could not confirm to the source: {e}");
         }
+        // The vCPUs were held until Running went out (see `Vm::run_with`); they go now,
+        // before the clean-up below.
+        vm.resume_all();
         drop(buffer.take()); // after Running: its unmap is no longer in the downtime
         drop(unused.take()); // likewise the post-copy threads a pre-copy did not need
     };

@@ -229,10 +229,6 @@ impl Vcpu {
             None => Vcpu::thread_ahead(id)?,
         };
         let job = move || {
-            // Woken by the thread that hands out the vCPUs, this one may have taken that
-            // thread's core, and a guest in KVM_RUN keeps it for a whole time slice (3 ms
-            // seen on a destination, which had yet to send Running): let it go on first.
-            std::thread::yield_now();
             let mut vcpu = self;
             let exit = vcpu.run(&handlers, &control);
             // The receiver is gone only when the VM is already ending.
