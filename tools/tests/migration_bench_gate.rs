@@ -43,11 +43,13 @@ fn the_sweep_runs_the_same_cell_under_qemu_side_by_side() {
     assert!(std::path::Path::new("/dev/kvm").exists(), "/dev/kvm is missing: this test drives real KVM");
     let out = Command::new(env!("CARGO_BIN_EXE_migration-bench"))
         .args(["--runs", "1", "--memory", "256M", "--workloads", "idle", "--modes", "postcopy", "--quiet"])
-        .args(["--compare", "qemu"])
+        .args(["--compare", "qemu", "--pin"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    // Both VMMs' sources and destinations ran under taskset, on the two halves.
+    assert!(stdout.contains("--pin: sources on CPUs 0"), "{stdout}");
     assert!(stdout.contains("| qemu | postcopy | 256M | idle | loopback | 1 |"), "{stdout}");
     assert!(stdout.contains("Popek against QEMU"), "{stdout}");
     let row = stdout.lines().find(|l| l.starts_with("| postcopy | 256M | idle | loopback |")).expect("a ratio row");

@@ -80,6 +80,11 @@ struct Args {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Run the source on the first half of this machine's CPUs and the destination on the
+    /// other half (`taskset`), for Popek and QEMU alike: two hosts do not share cores, and
+    /// on one host the scheduler may put sender and receiver on one core.
+    #[arg(long)]
+    pin: bool,
     /// Start Popek destinations with `--prealloc` (RAM allocated before the source
     /// connects, as QEMU's destination gets its -m up front).
     #[arg(long)]
@@ -145,6 +150,17 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if args.pin {
+        match net::cpu_halves(net::cpus()) {
+            Ok([source, destination]) => {
+                println!("migration-bench: --pin: sources on CPUs {source}, destinations on CPUs {destination}")
+            }
+            Err(e) => {
+                eprintln!("migration-bench: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
     let mut probes = Vec::new();
     if args.loopback_probe {
         probe_into(&mut probes, "before the sweep");
@@ -195,7 +211,7 @@ fn main() {
     for cell in cells {
         if net.as_ref().map(|n| n.link) != Some(cell.link) {
             drop(net.take()); // the previous namespaces go first: the names are reused
-            match Net::new(cell.link) {
+            match Net::new(cell.link, args.pin) {
                 Ok(n) => net = Some(n),
                 Err(e) => {
                     eprintln!("migration-bench: link {}: {e}", cell.link);

@@ -37,6 +37,23 @@ impl std::fmt::Display for Link {
 pub struct Net {
     pub link: Link,
     names: Option<[String; 2]>,
+    /// `--pin`: the CPU lists (taskset syntax) of the source and the destination.
+    cpus: Option<[String; 2]>,
+}
+
+/// This machine's CPUs.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// `n` CPUs split in two halves (the source's, the destination's), in `taskset -c` syntax.
+pub fn cpu_halves(n: usize) -> Result<[String; 2], String> {
+    if n < 2 {
+        return Err("--pin needs at least 2 CPUs".into());
+    }
+    let half = n / 2;
+    let list = |from: usize, to: usize| if to == from + 1 { from.to_string() } else { format!("{from}-{}", to - 1) };
+    Ok([list(0, half), list(half, n)])
 }
 
 fn run(args: &[&str]) -> Result<(), String> {
@@ -78,14 +95,15 @@ fn shape(link: Link, namespace: &str, dev: &str) -> Result<(), String> {
 }
 
 impl Net {
-    pub fn new(link: Link) -> Result<Net, String> {
+    pub fn new(link: Link, pin: bool) -> Result<Net, String> {
+        let cpus = if pin { Some(cpu_halves(cpus())?) } else { None };
         if link == Link::Loopback {
-            return Ok(Net { link, names: None });
+            return Ok(Net { link, names: None, cpus });
         }
         let id = std::process::id() % 100_000;
         let names = [format!("pkb{id}a"), format!("pkb{id}b")];
         let veth = [format!("pkv{id}a"), format!("pkv{id}b")];
-        let net = Net { link, names: Some(names.clone()) };
+        let net = Net { link, names: Some(names.clone()), cpus };
         for n in &names {
             run(&["ip", "netns", "add", n])?;
         }
@@ -103,10 +121,14 @@ impl Net {
 
     /// The command prefix that runs a program on host `i` (0: source, 1: destination).
     pub fn prefix(&self, i: usize) -> Vec<String> {
-        match &self.names {
-            Some(names) => vec!["ip".into(), "netns".into(), "exec".into(), names[i].clone()],
-            None => Vec::new(),
+        let mut prefix = Vec::new();
+        if let Some(cpus) = &self.cpus {
+            prefix.extend(["taskset".into(), "-c".into(), cpus[i].clone()]);
         }
+        if let Some(names) = &self.names {
+            prefix.extend(["ip".into(), "netns".into(), "exec".into(), names[i].clone()]);
+        }
+        prefix
     }
 
     /// The destination's address for `port`.
@@ -123,5 +145,18 @@ impl Drop for Net {
         for n in self.names.iter().flatten() {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_halves;
+
+    #[test]
+    fn cpus_split_in_two_halves_in_taskset_syntax() {
+        assert_eq!(cpu_halves(2).unwrap(), ["0".to_string(), "1".to_string()]);
+        assert_eq!(cpu_halves(3).unwrap(), ["0".to_string(), "1-2".to_string()]);
+        assert_eq!(cpu_halves(8).unwrap(), ["0-3".to_string(), "4-7".to_string()]);
+        assert!(cpu_halves(1).unwrap_err().contains("at least 2 CPUs"));
     }
 }
