@@ -259,9 +259,9 @@ pub fn migrate(
     // After pre-copy rounds, the pages dirtied since the last one go while the vCPUs are
     // still on their way out of the guest (a busy vCPU took 0.1-0.5 ms here to reach its
     // pause): only what the guest writes after this fetch is left for the paused window.
-    let early_pages = if rounds.is_empty() { Ok(0) } else { send_dirty_now(vm, &mut outgoing, &mut stream) };
-    let vcpus = match early_pages {
-        Ok(_) => vm.finish_pause()?,
+    let early = if rounds.is_empty() { Ok(0) } else { send_dirty_now(vm, &mut outgoing, &mut stream) };
+    let early_pages = match early {
+        Ok(pages) => pages,
         Err(e) => {
             let _ = vm.finish_pause();
             let _ = vm.set_dirty_logging(false);
@@ -269,6 +269,7 @@ pub fn migrate(
             return Err(e.into());
         }
     };
+    let vcpus = vm.finish_pause()?;
     // SAFETY: the vCPUs stay paused until Running (the VM is gone) or a failure, which
     // resumes them only after the last use of `outgoing`.
     unsafe { outgoing.guest_paused(vm.ram()) };
@@ -289,7 +290,7 @@ pub fn migrate(
             outgoing.send_all(vm.ram(), &mut stream).map_err(|e| chain(&e))?;
             outgoing.stats.pages
         } else {
-            early_pages.unwrap_or(0) + send_dirty_now(vm, &mut outgoing, &mut stream)?
+            early_pages + send_dirty_now(vm, &mut outgoing, &mut stream)?
         };
         let ram_crc32 =
             if options.verify_memory { Some(memory::ram_crc32(vm.ram()).map_err(|e| chain(&e))?) } else { None };
@@ -625,6 +626,8 @@ fn precopy(
 ) -> Result<RoundsEnd, String> {
     let RoundLimits { downtime_limit_ms, max_rounds, auto_converge, switch } = limits;
     let hybrid = switch.is_some();
+    // Hybrid switches by itself when the rounds stop converging (not with --manual-switch).
+    let judge = switch == Some(Switch::WhenStuck);
     vm.set_dirty_logging(true).map_err(|e| chain(&e))?;
     // Only with auto-converge; stopped (vCPUs back to full speed) when this function
     // returns, before the pause.
@@ -634,7 +637,6 @@ fn precopy(
     // Start from a clean slate: everything written from now on is dirty.
     vm.take_dirty().map_err(|e| chain(&e))?;
     let t = Instant::now();
-    let judge = switch == Some(Switch::WhenStuck);
     let (unsent_from, redirtied) = round_zero(vm, stream, outgoing, judge)?;
     let first = t.elapsed().as_secs_f64();
     let mut bandwidth = outgoing.stats.bytes_on_wire as f64 / first.max(1e-6);
@@ -679,7 +681,7 @@ fn precopy(
         // the guest down step by step.
         let outrun = outrun(hybrid, round, (pending, last_pending), (estimate_ms, first * 1e3));
         let asked = SWITCH_TO_POSTCOPY.load(std::sync::atomic::Ordering::SeqCst);
-        let stuck = outrun && switch == Some(Switch::WhenStuck);
+        let stuck = outrun && judge;
         if hybrid && (stuck || asked) {
             // These pages were not sent this round: they are what post-copy must move.
             vm.redirty(&dirty);
