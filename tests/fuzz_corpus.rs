@@ -273,7 +273,7 @@ fn request_seeds() -> Vec<Seed> {
         ok("migrate-unix", r#"{"cmd":"migrate","to":"unix:/tmp/popek.sock"}"#),
         ok(
             "migrate-all-options",
-            r#"{"cmd":"migrate","to":"tcp:[::1]:7000","mode":"hybrid","downtime_limit_ms":2.5,"max_rounds":30,"max_bandwidth":1000000000,"auto_converge":true,"verify_memory":false,"recover_timeout_s":60,"manual_switch":false}"#,
+            r#"{"cmd":"migrate","to":"tcp:[::1]:7000","mode":"hybrid","downtime_limit_ms":2.5,"max_rounds":30,"max_bandwidth":1000000000,"auto_converge":true,"verify_memory":false,"recover_timeout_s":60,"manual_switch":false,"delta_cache":134217728}"#,
         ),
         ok("several-lines", "{\"cmd\":\"pause\"}\n  {\"cmd\":\"status\"}  \n{\"cmd\":\"resume\"}"),
         bad("unknown-command", br#"{"cmd":"reboot"}"#, "unknown variant `reboot`"),

@@ -17,6 +17,8 @@ use std::time::Duration;
 
 /// Longest request line accepted.
 pub const MAX_REQUEST: usize = 64 * 1024;
+/// Pre-copy's delta cache when the request names none (`popek migrate`'s default too).
+pub const DEFAULT_DELTA_CACHE: u64 = 128 << 20;
 
 /// One request, where its reply goes, and how the VM learns the reply was written
 /// (after a migration the process ends: the client must have its report first).
@@ -48,6 +50,8 @@ pub enum Request {
         recover_timeout_s: Option<u64>,
         /// Hybrid: switch only when asked (or after `max_rounds`).
         manual_switch: Option<bool>,
+        /// Pre-copy and hybrid: bytes of sent pages kept to send them again as deltas.
+        delta_cache: Option<u64>,
     },
     /// Hybrid migration in progress: switch to post-copy after the current round.
     MigratePostcopy,
@@ -71,6 +75,7 @@ pub fn parse(line: &str) -> Result<Request, String> {
                 | "auto_converge"
                 | "recover_timeout_s"
                 | "manual_switch"
+                | "delta_cache"
         )
     }) {
         return Err(format!("bad request: unknown field '{key}'"));
@@ -169,6 +174,7 @@ pub fn serve(vm: &mut Vm, call: Call) -> Option<VmExit> {
             auto_converge,
             recover_timeout_s,
             manual_switch,
+            delta_cache,
         } => {
             use crate::migration::source::Mode;
             let downtime_limit_ms = downtime_limit_ms.unwrap_or(1.0);
@@ -188,6 +194,7 @@ pub fn serve(vm: &mut Vm, call: Call) -> Option<VmExit> {
                 verify_memory: verify_memory.unwrap_or(false),
                 max_bandwidth,
                 recover_timeout: Duration::from_secs(recover_timeout_s.unwrap_or(60)),
+                delta_cache: delta_cache.unwrap_or(DEFAULT_DELTA_CACHE),
             };
             match mode {
                 Ok(mode) => migrate(vm, &to, mode, &options, &call.reply),
@@ -252,7 +259,8 @@ mod tests {
                 max_bandwidth: None,
                 auto_converge: None,
                 recover_timeout_s: None,
-                manual_switch: None
+                manual_switch: None,
+                delta_cache: None
             })
         );
         for bad in ["", "{}", r#"{"cmd":"reboot"}"#, r#"{"cmd":"status","x":1}"#, "[1,2]", "\u{0}"] {

@@ -103,6 +103,10 @@ enum Command {
         /// --max-rounds), not when the rounds stop converging.
         #[arg(long)]
         manual_switch: bool,
+        /// Pre-copy and hybrid: keep up to this much of the pages sent (K/M/G suffixes) to
+        /// send a page sent again as only the words that changed; 0 sends whole pages.
+        #[arg(long, default_value = "128M", value_name = "SIZE", value_parser = parse_size)]
+        delta_cache: u64,
     },
     /// Switch a running hybrid migration to post-copy after its current round.
     MigratePostcopy {
@@ -289,11 +293,12 @@ fn main() -> ExitCode {
             auto_converge,
             recover_timeout,
             manual_switch,
+            delta_cache,
         } => {
             let request = serde_json::json!({"cmd": "migrate", "to": to, "mode": mode,
                 "downtime_limit_ms": downtime_limit, "max_rounds": max_rounds, "verify_memory": verify_memory,
                 "max_bandwidth": max_bandwidth, "auto_converge": auto_converge, "recover_timeout_s": recover_timeout,
-                "manual_switch": manual_switch});
+                "manual_switch": manual_switch, "delta_cache": delta_cache});
             api_call(&api_socket, &request, report_json.as_deref())
         }
         Command::MigratePostcopy { api_socket } => {
@@ -455,14 +460,24 @@ fn api_call(socket: &std::path::Path, request: &serde_json::Value, report_json: 
 
 /// A rate in bytes per second: a number with an optional K/M/G suffix (binary units).
 fn parse_rate(text: &str) -> Result<u64, String> {
+    let n = parse_bytes(text).map_err(|_| format!("'{text}' is not a rate (examples: 100M, 1G, 500000)"))?;
+    n.filter(|&r| r > 0).ok_or_else(|| format!("'{text}' is not a usable rate"))
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let n = parse_bytes(text).map_err(|_| format!("'{text}' is not a size (examples: 0, 64M, 1G)"))?;
+    n.ok_or_else(|| format!("'{text}' is too large"))
+}
+
+/// A byte count with an optional K/M/G (binary) suffix; `None` when it overflows.
+fn parse_bytes(text: &str) -> Result<Option<u64>, std::num::ParseIntError> {
     let (digits, shift) = match text.trim().to_ascii_uppercase().trim_end_matches("/S").trim_end_matches('B') {
         t if t.ends_with('K') => (t[..t.len() - 1].to_string(), 10),
         t if t.ends_with('M') => (t[..t.len() - 1].to_string(), 20),
         t if t.ends_with('G') => (t[..t.len() - 1].to_string(), 30),
         t => (t.to_string(), 0),
     };
-    let n: u64 = digits.parse().map_err(|_| format!("'{text}' is not a rate (examples: 100M, 1G, 500000)"))?;
-    n.checked_mul(1 << shift).filter(|&r| r > 0).ok_or_else(|| format!("'{text}' is not a usable rate"))
+    Ok(digits.parse::<u64>()?.checked_mul(1 << shift))
 }
 
 fn parse_address(text: &str) -> Result<u64, String> {

@@ -3,9 +3,12 @@
 //! bytes. Pages the host never made resident (`mincore`) and pages that read as zero go as
 //! ZERO records without data; in the first full pass they also carry FRESH (the
 //! destination's RAM is still zero there: nothing to write), in later pre-copy rounds they
-//! do not (the destination must clear a page it received earlier). A CRC32 over every
-//! Memory payload is checked at Complete.
+//! do not (the destination must clear a page it received earlier). From pre-copy round 1
+//! on, a page sent before may go as a DELTA record (one page, then `len u32` and the runs
+//! of `delta`) that the destination writes over its copy. A CRC32 over every Memory payload
+//! is checked at Complete.
 
+use super::delta::{self, Encoded};
 use super::pages::{PageMap, PageSet};
 
 use super::protocol::{self, Kind};
@@ -16,6 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 pub use super::pages::PAGE;
 const ZERO: u32 = 1;
 const FRESH: u32 = 2;
+const DELTA: u32 = 4;
 const RECORD_HEADER: usize = 16;
 /// Payload size at which a frame is sent.
 const FRAME_TARGET: usize = 4 << 20;
@@ -28,6 +32,8 @@ pub const RECEIVE_BUFFER: usize = FRAME_TARGET + 2 * PAGE as usize + 2 * RECORD_
 pub struct Transfer {
     pub pages: u64,
     pub zero_pages: u64,
+    /// Pages that went as deltas of what was sent before.
+    pub delta_pages: u64,
     pub bytes_on_wire: u64,
     pub crc32: u32,
 }
@@ -154,6 +160,8 @@ pub struct Outgoing {
     limit: Option<std::sync::Arc<RateLimit>>,
     /// Post-copy: frames are PostcopyPages, each starting with the CRC32 of its records.
     postcopy: bool,
+    /// Pre-copy rounds after the first: what was sent, to send pages again as deltas.
+    deltas: Option<delta::Cache>,
 }
 
 impl Default for Outgoing {
@@ -169,6 +177,7 @@ impl Default for Outgoing {
             borrowed_bytes: 0,
             limit: None,
             postcopy: false,
+            deltas: None,
         }
     }
 }
@@ -194,12 +203,26 @@ impl Outgoing {
         self.paused = Some(ram.clone());
     }
 
+    /// From now on, keeps a copy of each page sent (in at most `bytes`) and sends a page
+    /// sent again as its delta when that is small (`delta`): pre-copy from round 1 on.
+    /// Round 0 goes without: most of what it sends is never sent again.
+    pub fn start_deltas(&mut self, ram: &GuestRam, bytes: u64) {
+        self.deltas = (bytes >= PAGE).then(|| delta::Cache::new(PageMap::new(ram), bytes));
+    }
+
+    /// Bytes the delta cache holds.
+    pub fn delta_cache_bytes(&self) -> u64 {
+        self.deltas.as_ref().map_or(0, delta::Cache::bytes)
+    }
+
     /// Switches to post-copy frames (each checked on its own: a post-copy stream may break
     /// and resume, so no running checksum spans it).
     pub fn start_postcopy(&mut self) {
         debug_assert_eq!(self.queued(), 0, "pages queued before post-copy were not flushed");
         self.flush_zero_run();
         self.postcopy = true;
+        // Post-copy installs whole pages (UFFDIO_COPY): no deltas, and the cache is freed.
+        self.deltas = None;
         self.data_run = None;
         // Whatever was queued and not flushed is dropped with the frame: runs sent in
         // place too (their offsets point into the old frame).
@@ -271,6 +294,9 @@ impl Outgoing {
     fn zero_page(&mut self, gpa: u64, fresh: bool) {
         // A zero record now follows the last data record: that one is closed.
         self.data_run = None;
+        if let Some(cache) = &mut self.deltas {
+            cache.zeroed(gpa);
+        }
         self.stats.zero_pages += 1;
         let flags = if fresh { ZERO | FRESH } else { ZERO };
         match &mut self.zero_run {
@@ -305,6 +331,11 @@ impl Outgoing {
             self.zero_page(gpa, fresh);
             return Ok(());
         }
+        if let Some(Encoded::Delta) = self.deltas.as_mut().map(|c| c.encode(gpa, &self.frame[data_at..])) {
+            self.frame.truncate(at);
+            self.delta_record(gpa);
+            return Ok(());
+        }
         if let Some((header_at, _)) = extends {
             self.extend_run(header_at, gpa);
             return Ok(());
@@ -319,6 +350,17 @@ impl Outgoing {
         Ok(())
     }
 
+    /// Queues page `gpa` as the delta the cache just encoded.
+    fn delta_record(&mut self, gpa: u64) {
+        self.data_run = None;
+        self.flush_zero_run();
+        let runs = self.deltas.as_ref().map_or(&[][..], delta::Cache::runs);
+        self.frame.extend_from_slice(&record_header(gpa, 1, DELTA));
+        self.frame.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+        self.frame.extend_from_slice(runs);
+        self.stats.delta_pages += 1;
+    }
+
     /// `page` for a paused guest: checks the page where it lies and queues a reference
     /// to it, not a copy.
     fn page_in_place(&mut self, ram: &GuestRam, gpa: u64, fresh: bool) -> Result<(), Error> {
@@ -328,6 +370,10 @@ impl Outgoing {
             unsafe { memory::paused_bytes(ram, gpa, PAGE as usize) }.ok_or(Error::OutsideRam { gpa, pages: 1 })?;
         if bytes.iter().all(|&b| b == 0) {
             self.zero_page(gpa, fresh);
+            return Ok(());
+        }
+        if let Some(Encoded::Delta) = self.deltas.as_mut().map(|c| c.encode(gpa, bytes)) {
+            self.delta_record(gpa);
             return Ok(());
         }
         // Extends the run at the frame's end, if that run is sent in place (a run copied
@@ -521,6 +567,11 @@ impl Record<'_> {
     pub fn is_zero(&self) -> bool {
         self.flags & ZERO != 0
     }
+
+    /// A delta of one page (`data`: its runs, checked) to write over what the page holds.
+    pub fn is_delta(&self) -> bool {
+        self.flags & DELTA != 0
+    }
 }
 
 /// The records of a Memory (or PostcopyPages) payload, each checked: aligned, non-empty,
@@ -550,15 +601,32 @@ fn next_record<'a>(ram: &GuestRam, rest: &mut &'a [u8]) -> Result<Record<'a>, Er
     if gpa % PAGE != 0 || pages == 0 || !memory::is_ram(ram, gpa, len) {
         return Err(Error::OutsideRam { gpa, pages });
     }
-    if flags & !(ZERO | FRESH) != 0 || flags == FRESH {
+    if (flags & !(ZERO | FRESH) != 0 && flags != DELTA) || flags == FRESH {
         return Err(Error::Record(format!("unknown flags {flags:#x}")));
     }
     if flags & ZERO != 0 {
         return Ok(Record { gpa, pages, flags, data: &[] });
     }
+    if flags == DELTA {
+        return next_delta(gpa, pages, rest);
+    }
     let data = rest.get(..len as usize).ok_or_else(|| Error::Record("record data past the frame".into()))?;
     *rest = &rest[len as usize..];
     Ok(Record { gpa, pages, flags, data })
+}
+
+/// The rest of a DELTA record: `len u32` and the runs, checked.
+fn next_delta<'a>(gpa: u64, pages: u64, rest: &mut &'a [u8]) -> Result<Record<'a>, Error> {
+    if pages != 1 {
+        return Err(Error::Record(format!("a delta covers one page, not {pages}")));
+    }
+    let len = rest.get(..4).ok_or_else(|| Error::Record("truncated delta length".into()))?;
+    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    let data = rest.get(4..4 + len.min(PAGE as usize * 2)).filter(|d| d.len() == len);
+    let data = data.ok_or_else(|| Error::Record("delta data past the frame".into()))?;
+    delta::runs(data).map_err(|e| Error::Record(e.to_string()))?;
+    *rest = &rest[4 + len..];
+    Ok(Record { gpa, pages, flags: DELTA, data })
 }
 
 /// Faults in, in one call per contiguous run, the destination pages a payload's data
@@ -580,7 +648,7 @@ fn prefault(ram: &GuestRam, payload: &[u8], arrived: Option<&Arrived>) {
             (first..first.saturating_add(r.pages)).all(|i| a.populated.contains(i))
         })
     };
-    for record in records(ram, payload).map_while(Result::ok).filter(|r| !r.is_zero() && !known(r)) {
+    for record in records(ram, payload).map_while(Result::ok).filter(|r| !r.is_zero() && !r.is_delta() && !known(r)) {
         let len = record.pages * PAGE;
         run = match run {
             Some((start, l)) if start + l == record.gpa && memory::is_ram(ram, start, l + len) => {
@@ -666,7 +734,10 @@ fn apply_to(
         let record = record?;
         stats.pages += record.pages;
         let target = prepared.zip(arrived).map(|(p, a)| (p, (a.first(&record) * PAGE) as usize));
-        if record.is_zero() {
+        if record.is_delta() {
+            apply_delta(ram, target, arrived, &record)?;
+            stats.delta_pages += 1;
+        } else if record.is_zero() {
             stats.zero_pages += record.pages;
             if record.flags & FRESH == 0 {
                 // A page sent earlier became zero: clear it.
@@ -692,6 +763,27 @@ fn apply_to(
         }
         if let Some(arrived) = arrived {
             arrived.mark(&record);
+        }
+    }
+    Ok(())
+}
+
+/// Writes a delta's runs over the page it is for, which must have arrived before.
+fn apply_delta(
+    ram: &GuestRam,
+    target: Option<(&memory::Prepared, usize)>,
+    arrived: Option<&Arrived>,
+    record: &Record,
+) -> Result<(), Error> {
+    if !arrived.is_some_and(|a| a.received.contains(a.first(record))) {
+        return Err(Error::Record(format!("a delta for page {:#x}, which never arrived", record.gpa)));
+    }
+    for (offset, bytes) in delta::runs(record.data).map_err(|e| Error::Record(e.to_string()))? {
+        match target {
+            Some((p, page)) => {
+                p.write(page + offset, bytes);
+            }
+            None => write_ram(ram, record.gpa + offset as u64, bytes)?,
         }
     }
     Ok(())
@@ -949,6 +1041,77 @@ mod tests {
             let (copied, in_place) = (stream(false, postcopy), stream(true, postcopy));
             assert!(copied.0.len() > 6 * 4096);
             assert_eq!(copied, in_place, "post-copy: {postcopy}");
+        }
+    }
+
+    #[test]
+    fn pages_sent_again_go_as_deltas_and_arrive_whole() {
+        let src = memory::create_ram(16 << 20).unwrap();
+        for page in 0x100u64..0x110 {
+            src.write_slice(&[page as u8; 4096], GuestAddress(page * PAGE)).unwrap();
+        }
+        let dirty = |pages: &[u64]| {
+            let mut bits = vec![vec![0u64; 4096 / 64]];
+            pages.iter().for_each(|&p| bits[0][p as usize / 64] |= 1 << (p % 64));
+            bits
+        };
+        let mut outgoing = Outgoing::default();
+        let mut wire = Vec::new();
+        outgoing.send_all(&src, &mut wire).unwrap();
+        outgoing.start_deltas(&src, 8 * PAGE);
+        // Round 1: whole pages (not cached before), now cached, the first 8 of them.
+        let round: Vec<u64> = (0x100..0x110).collect();
+        outgoing.send_dirty(&src, &dirty(&round), &mut wire).unwrap();
+        assert_eq!(outgoing.stats.delta_pages, 0);
+        // The guest stamps each page; one cached page becomes zero, one all new.
+        for &page in &round {
+            src.write_slice(&page.to_le_bytes(), GuestAddress(page * PAGE + 64)).unwrap();
+        }
+        src.write_slice(&[0u8; 4096], GuestAddress(0x101 * PAGE)).unwrap();
+        src.write_slice(&[0xeeu8; 4096], GuestAddress(0x102 * PAGE)).unwrap();
+        let before = wire.len();
+        outgoing.send_dirty(&src, &dirty(&round), &mut wire).unwrap();
+        // 6 cached pages changed by a word: deltas; 8 uncached and the new one whole.
+        assert_eq!(outgoing.stats.delta_pages, 6);
+        assert!(wire.len() - before < 9 * 4096 + 512, "{} bytes", wire.len() - before);
+        // And once more after the zero page came back to life: a full page, then deltas.
+        src.write_slice(&[9u8; 8], GuestAddress(0x101 * PAGE)).unwrap();
+        outgoing.send_dirty(&src, &dirty(&[0x101, 0x103]), &mut wire).unwrap();
+        assert_eq!(outgoing.stats.delta_pages, 8, "both against cached copies (zeros for 0x101)");
+        for prepared in [false, true] {
+            let (dst, mut incoming) = if prepared {
+                let prepared = std::sync::Arc::new(memory::Prepared::new(16 << 20).unwrap());
+                (prepared.ram.clone(), Incoming::into_prepared(prepared))
+            } else {
+                (memory::create_ram(16 << 20).unwrap(), Incoming::default())
+            };
+            let mut rest = &wire[..];
+            while !rest.is_empty() {
+                let (_, payload) = protocol::read_frame(&mut rest).unwrap();
+                incoming.memory(&dst, &payload).unwrap();
+            }
+            incoming.check_crc32(outgoing.crc32()).unwrap();
+            assert_eq!(incoming.stats.delta_pages, 8);
+            assert_eq!(ram_crc32(&dst).unwrap(), ram_crc32(&src).unwrap(), "prepared: {prepared}");
+        }
+        // A delta for a page the destination never received is refused, as is one in
+        // a payload applied without that knowledge.
+        let mut rec = record_header(0x200 * PAGE, 1, DELTA).to_vec();
+        rec.extend_from_slice(&12u32.to_le_bytes());
+        rec.extend_from_slice(&[0, 0, 8, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
+        let dst = memory::create_ram(16 << 20).unwrap();
+        let err = Incoming::default().memory(&dst, &rec).unwrap_err();
+        assert!(err.to_string().contains("never arrived"), "{err}");
+        assert!(apply(&dst, &rec, &mut Transfer::default()).is_err());
+        // Malformed: two pages, a length past the frame, a run past the page.
+        let mut two = rec.clone();
+        two[8] = 2;
+        let mut long = rec.clone();
+        long[16] = 13;
+        let mut outside = rec.clone();
+        outside[20..22].copy_from_slice(&4092u16.to_le_bytes());
+        for bad in [two, long, outside] {
+            assert!(matches!(records(&dst, &bad).next(), Some(Err(Error::Record(_)))));
         }
     }
 

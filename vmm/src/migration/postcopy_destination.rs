@@ -509,7 +509,12 @@ pub(crate) fn postcopy_records<'a>(ram: &'a GuestRam, payload: &'a [u8]) -> Resu
     if crc32fast::hash(records) != crc {
         return Err("post-copy frame checksum mismatch".into());
     }
-    memory::records(ram, records).collect::<Result<Vec<_>, _>>().map_err(|e| chain(&e))
+    let records = memory::records(ram, records).collect::<Result<Vec<_>, _>>().map_err(|e| chain(&e))?;
+    // Post-copy installs whole pages: a delta has nothing to go over.
+    if let Some(delta) = records.iter().find(|r| r.is_delta()) {
+        return Err(format!("a delta record (page {:#x}) in a post-copy frame", delta.gpa));
+    }
+    Ok(records)
 }
 
 /// Installs what the source sends until it says it sent everything, recovering from

@@ -11,8 +11,8 @@ use std::io::{Read, Write};
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PPKM");
 /// Protocol version; a peer with another version is refused in the handshake. 2: the
 /// State payload is postcard, not JSON, and goes before the last pages. 3: stop-and-copy
-/// sends Populate before the pause.
-pub const VERSION: u16 = 3;
+/// sends Populate before the pause. 4: DELTA page records.
+pub const VERSION: u16 = 4;
 /// Largest payload accepted: a peer cannot make us allocate more for one frame.
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 /// Most pages one PageRequest may ask for (32 KiB of addresses): the post-copy source

@@ -50,6 +50,8 @@ pub struct Options {
     pub max_bandwidth: Option<u64>,
     /// Post-copy: how long to keep trying to re-establish a broken link.
     pub recover_timeout: Duration,
+    /// Pre-copy: bytes of pages sent kept to send them again as deltas (0: none).
+    pub delta_cache: u64,
 }
 
 /// Set by the control socket's `migrate-postcopy` request: a hybrid migration switches to
@@ -206,15 +208,17 @@ pub fn migrate(
 
     let mut outgoing = Outgoing::with_limit(options.max_bandwidth);
     let mut rounds = Vec::new();
+    let delta_cache = options.delta_cache;
     let limits = match mode {
         Mode::Precopy { downtime_limit_ms, max_rounds, auto_converge } => {
-            Some(RoundLimits { downtime_limit_ms, max_rounds, auto_converge, switch: None })
+            Some(RoundLimits { downtime_limit_ms, max_rounds, auto_converge, switch: None, delta_cache })
         }
         Mode::Hybrid { downtime_limit_ms, max_rounds, manual_switch } => Some(RoundLimits {
             downtime_limit_ms,
             max_rounds,
             auto_converge: false,
             switch: Some(if manual_switch { Switch::WhenAsked } else { Switch::WhenStuck }),
+            delta_cache,
         }),
         Mode::StopCopy | Mode::Postcopy => None,
     };
@@ -556,6 +560,8 @@ struct RoundLimits {
     auto_converge: bool,
     /// Hybrid: when to switch to post-copy besides `max_rounds`.
     switch: Option<Switch>,
+    /// Bytes for the delta cache (`Outgoing::start_deltas`).
+    delta_cache: u64,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -624,7 +630,7 @@ fn precopy(
     limits: RoundLimits,
     progress: &mut dyn FnMut(serde_json::Value),
 ) -> Result<RoundsEnd, String> {
-    let RoundLimits { downtime_limit_ms, max_rounds, auto_converge, switch } = limits;
+    let RoundLimits { downtime_limit_ms, max_rounds, auto_converge, switch, delta_cache } = limits;
     let hybrid = switch.is_some();
     // Hybrid switches by itself when the rounds stop converging (not with --manual-switch).
     let judge = switch == Some(Switch::WhenStuck);
@@ -639,22 +645,25 @@ fn precopy(
     let t = Instant::now();
     let (unsent_from, redirtied) = round_zero(vm, stream, outgoing, judge)?;
     let first = t.elapsed().as_secs_f64();
-    let mut bandwidth = outgoing.stats.bytes_on_wire as f64 / first.max(1e-6);
-    rounds.push(Round { round: 0, pages: outgoing.stats.pages, ms: first * 1e3, mb_s: bandwidth / 1e6 });
-    progress(
-        serde_json::json!({"round": 0, "pages": outgoing.stats.pages, "ms": first * 1e3, "mb_s": bandwidth / 1e6}),
-    );
+    let mb_s = outgoing.stats.bytes_on_wire as f64 / first.max(1e-6) / 1e6;
+    // The estimates count pages, not bytes: from round 1 on, a page sent again may go as a
+    // delta of a few bytes, and what it costs is then mostly per page. Round 0's pace is
+    // that of its data pages (zero and untouched ones cost next to nothing).
+    let mut page_rate = (outgoing.stats.pages - outgoing.stats.zero_pages).max(1) as f64 / first.max(1e-6);
+    rounds.push(Round { round: 0, pages: outgoing.stats.pages, ms: first * 1e3, mb_s });
+    progress(serde_json::json!({"round": 0, "pages": outgoing.stats.pages, "ms": first * 1e3, "mb_s": mb_s}));
     if unsent_from.is_some() {
         let why = "the rounds stopped converging";
         progress(serde_json::json!({"round": 0, "pending_pages": redirtied, "switch_to_postcopy": why}));
         return Ok(RoundsEnd::Switch { unsent_from });
     }
+    outgoing.start_deltas(vm.ram(), delta_cache);
     let mut synced = false;
-    let (mut rounds_bytes, mut rounds_secs) = (0.0, 0.0);
+    let (mut rounds_pages, mut rounds_secs) = (0.0, 0.0);
     for round in 1..=max_rounds {
         let mut dirty = vm.take_dirty().map_err(|e| chain(&e))?;
         let mut pending = memory::count_dirty(&dirty);
-        let mut estimate_ms = pending as f64 * memory::PAGE as f64 / bandwidth * 1e3;
+        let mut estimate_ms = pending as f64 / page_rate * 1e3;
         if estimate_ms <= downtime_limit_ms && !synced {
             // It looks converged, but the destination may still be applying earlier
             // rounds (its socket buffers hold megabytes, the first round is all of RAM):
@@ -666,7 +675,7 @@ fn precopy(
             vm.redirty(&dirty);
             dirty = vm.take_dirty().map_err(|e| chain(&e))?;
             pending = memory::count_dirty(&dirty);
-            estimate_ms = pending as f64 * memory::PAGE as f64 / bandwidth * 1e3;
+            estimate_ms = pending as f64 / page_rate * 1e3;
         }
         if estimate_ms <= downtime_limit_ms {
             // Converged: these pages go again in the final round, with the vCPUs paused
@@ -699,17 +708,15 @@ fn precopy(
         let t = Instant::now();
         let sent = outgoing.send_dirty(vm.ram(), &dirty, stream).map_err(|e| chain(&e))?;
         let secs = t.elapsed().as_secs_f64().max(1e-6);
-        let bytes = (outgoing.stats.bytes_on_wire - before) as f64;
-        let round_bandwidth = (bytes / secs).max(1.0);
-        (rounds_bytes, rounds_secs) = (rounds_bytes + bytes, rounds_secs + secs);
+        let mb_s = (outgoing.stats.bytes_on_wire - before) as f64 / secs / 1e6;
+        (rounds_pages, rounds_secs) = (rounds_pages + sent as f64, rounds_secs + secs);
         // A small round fits in the socket buffers and seems to go at memcpy speed (8 GB/s
         // here, against 2-3 GB/s that reach the destination), which would let too many
         // pages into the downtime. The rate over all rounds so far damps that.
-        bandwidth = round_bandwidth.min(rounds_bytes / rounds_secs);
-        rounds.push(Round { round, pages: sent, ms: secs * 1e3, mb_s: round_bandwidth / 1e6 });
-        progress(
-            serde_json::json!({"round": round, "pages": sent, "ms": secs * 1e3, "mb_s": round_bandwidth / 1e6, "estimate_ms": estimate_ms}),
-        );
+        page_rate = (sent.max(1) as f64 / secs).min(rounds_pages.max(1.0) / rounds_secs);
+        rounds.push(Round { round, pages: sent, ms: secs * 1e3, mb_s });
+        progress(serde_json::json!({"round": round, "pages": sent, "ms": secs * 1e3, "mb_s": mb_s,
+            "delta_pages": outgoing.stats.delta_pages, "estimate_ms": estimate_ms}));
     }
     if hybrid {
         progress(
