@@ -181,6 +181,15 @@ fn migration_seeds() -> Vec<Seed> {
     json_frame(&mut precopy, Kind::Discard, &Missing { ranges: vec![(0x1000, 2), (0x40_0000, 1)] });
     let mut out = Outgoing::default();
     out.send_all(&src, &mut precopy).expect("encode memory");
+    // Rounds 1 and 2 of two dirty pages (one per region): whole, then as deltas.
+    out.start_deltas(&src, 1 << 20);
+    let mut dirty = vec![vec![0u64; 8]; 2];
+    (dirty[0][0], dirty[1][0]) = (1 << 5, 1 << 3);
+    out.send_dirty(&src, &dirty, &mut precopy).expect("encode round 1");
+    src.write_slice(&[1, 2, 3], GuestAddress(0x5100)).expect("write RAM");
+    src.write_slice(&[9], GuestAddress(0x40_3ff8)).expect("write RAM");
+    out.send_dirty(&src, &dirty, &mut precopy).expect("encode round 2");
+    assert_eq!(out.stats.delta_pages, 2);
     frame(&mut precopy, Kind::State, &state);
     let complete = Complete {
         memory_crc32: out.crc32(),
@@ -210,7 +219,11 @@ fn migration_seeds() -> Vec<Seed> {
     out.flush(&mut postcopy).expect("encode post-copy pages");
     let requests: Vec<u8> = [0x5000u64, 0x40_3000, 0x30_0000].iter().flat_map(|g| g.to_le_bytes()).collect();
     frame(&mut postcopy, Kind::PageRequest, &requests);
-    json_frame(&mut postcopy, Kind::Complete, &Complete { ram_crc32: None, ..complete.clone() });
+    json_frame(
+        &mut postcopy,
+        Kind::Complete,
+        &Complete { ram_crc32: None, memory_crc32: switch.memory_crc32, ..complete.clone() },
+    );
     json_frame(&mut postcopy, Kind::Done, &Done { received_pages: 4, ..Default::default() });
     json_frame(&mut postcopy, Kind::Resume, &Resume { migration_id: 42 });
     json_frame(&mut postcopy, Kind::Missing, &Missing { ranges: vec![(0x40_4000, 1)] });
@@ -232,6 +245,9 @@ fn migration_seeds() -> Vec<Seed> {
     let mut checksum = precopy.clone();
     let page_byte = precopy.windows(5).position(|w| w == b"hello").expect("the page in the stream");
     checksum[page_byte] ^= 0x55;
+    let mut delta_alone = Vec::new();
+    let record = [&0x6000u64.to_le_bytes()[..], &1u32.to_le_bytes(), &4u32.to_le_bytes(), &12u32.to_le_bytes()];
+    frame(&mut delta_alone, Kind::Memory, &[&record.concat()[..], &[0, 0, 8, 0], &[1; 8]].concat());
     vec![
         ("precopy-stream", precopy.clone(), None),
         ("hybrid-stream", postcopy, None),
@@ -242,6 +258,7 @@ fn migration_seeds() -> Vec<Seed> {
         ("cut-stream", precopy[..precopy.len() - 7].to_vec(), Some("failed to fill whole buffer")),
         ("record-outside-ram", outside, Some("lies outside guest RAM")),
         ("memory-checksum", checksum, Some("Memory checksum mismatch")),
+        ("delta-never-sent", delta_alone, Some("never arrived")),
     ]
 }
 
