@@ -210,9 +210,9 @@ impl Outgoing {
         self.deltas = (bytes >= PAGE).then(|| delta::Cache::new(PageMap::new(ram), bytes));
     }
 
-    /// Bytes the delta cache holds.
-    pub fn delta_cache_bytes(&self) -> u64 {
-        self.deltas.as_ref().map_or(0, delta::Cache::bytes)
+    /// Sends whole pages from now on, and frees the cache.
+    pub fn stop_deltas(&mut self) {
+        self.deltas = None;
     }
 
     /// Switches to post-copy frames (each checked on its own: a post-copy stream may break
@@ -222,7 +222,7 @@ impl Outgoing {
         self.flush_zero_run();
         self.postcopy = true;
         // Post-copy installs whole pages (UFFDIO_COPY): no deltas, and the cache is freed.
-        self.deltas = None;
+        self.stop_deltas();
         self.data_run = None;
         // Whatever was queued and not flushed is dropped with the frame: runs sent in
         // place too (their offsets point into the old frame).

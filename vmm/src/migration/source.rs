@@ -420,6 +420,9 @@ fn postcopy(
         None => None,
     };
     let map = PageMap::new(vm.ram());
+    // The destination is about to drop pages the cache holds copies of: a delta for one of
+    // them would have nothing to go over (the device pages sent before the switch).
+    outgoing.stop_deltas();
     // Hybrid: the destination drops what the last rounds left stale while the guest still
     // runs here; the switch then drops only what was dirtied since (a few pages).
     let dropped = if hybrid {
