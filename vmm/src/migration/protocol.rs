@@ -11,7 +11,8 @@ use std::io::{Read, Write};
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PPKM");
 /// Protocol version; a peer with another version is refused in the handshake. 2: the
 /// State payload is postcard, not JSON, and goes before the last pages. 3: stop-and-copy
-/// sends Populate before the pause. 4: DELTA page records.
+/// sends Populate before the pause. 4: DELTA page records. (tools/src/bin/fault-matrix/relay.rs
+/// mirrors it: bump both.)
 pub const VERSION: u16 = 4;
 /// Largest payload accepted: a peer cannot make us allocate more for one frame.
 pub const MAX_PAYLOAD: u64 = 64 << 20;

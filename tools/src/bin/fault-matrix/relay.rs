@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 /// Frame header (docs/migration.md, "Wire protocol").
 const MAGIC: &[u8; 4] = b"PPKM";
-const VERSION: u16 = 3;
+/// Mirrors `popek::migration::protocol::VERSION` (this tool speaks the wire format from outside).
+const VERSION: u16 = 4;
 const MAX_PAYLOAD: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
