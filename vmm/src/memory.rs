@@ -138,6 +138,27 @@ impl Prepared {
         true
     }
 
+    /// Reads `len` bytes from `r` straight into RAM at byte `offset` (page order), and
+    /// returns them (to be checksummed): one copy less than reading into a buffer first.
+    ///
+    /// # Safety
+    /// Nothing else reads or writes those bytes until the caller is done with them: in
+    /// post-copy, pages this caller claimed and nobody has mapped for the guest yet.
+    pub unsafe fn read_into<R: std::io::Read + ?Sized>(
+        &self,
+        offset: usize,
+        len: usize,
+        r: &mut R,
+    ) -> std::io::Result<&[u8]> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "outside guest RAM"));
+        }
+        // SAFETY: checked to lie inside the staging mapping; exclusive by the contract.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(self.staging.add(offset), len) };
+        r.read_exact(bytes)?;
+        Ok(bytes)
+    }
+
     /// Zeroes `len` bytes at byte `offset` of RAM.
     pub fn zero(&self, offset: usize, len: usize) -> bool {
         if offset.checked_add(len).is_none_or(|end| end > self.len) {

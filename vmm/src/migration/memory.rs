@@ -20,7 +20,7 @@ pub use super::pages::PAGE;
 const ZERO: u32 = 1;
 const FRESH: u32 = 2;
 const DELTA: u32 = 4;
-const RECORD_HEADER: usize = 16;
+pub const RECORD_HEADER: usize = 16;
 /// Payload size at which a frame is sent.
 const FRAME_TARGET: usize = 4 << 20;
 /// What a receiver's buffer holds for a Memory frame this sender makes (a frame goes out
@@ -590,13 +590,28 @@ pub fn records<'a>(ram: &'a GuestRam, payload: &'a [u8]) -> impl Iterator<Item =
 }
 
 fn next_record<'a>(ram: &GuestRam, rest: &mut &'a [u8]) -> Result<Record<'a>, Error> {
-    if rest.len() < RECORD_HEADER {
-        return Err(Error::Record("truncated record header".into()));
-    }
-    let gpa = u64::from_le_bytes(rest[..8].try_into().unwrap_or([0; 8]));
-    let pages = u64::from(u32::from_le_bytes(rest[8..12].try_into().unwrap_or([0; 4])));
-    let flags = u32::from_le_bytes(rest[12..16].try_into().unwrap_or([0; 4]));
+    let header = rest.get(..RECORD_HEADER).ok_or_else(|| Error::Record("truncated record header".into()))?;
+    let Record { gpa, pages, flags, .. } = record_header_checked(ram, header)?;
     *rest = &rest[RECORD_HEADER..];
+    if flags & ZERO != 0 {
+        return Ok(Record { gpa, pages, flags, data: &[] });
+    }
+    if flags == DELTA {
+        return next_delta(gpa, pages, rest);
+    }
+    let len = (pages * PAGE) as usize;
+    let data = rest.get(..len).ok_or_else(|| Error::Record("record data past the frame".into()))?;
+    *rest = &rest[len..];
+    Ok(Record { gpa, pages, flags, data })
+}
+
+/// A record's header (`RECORD_HEADER` bytes), checked: aligned, non-empty, inside one RAM
+/// region, known flags. Its `data` is empty: for a receiver that reads the data itself.
+pub fn record_header_checked<'a>(ram: &GuestRam, header: &[u8]) -> Result<Record<'a>, Error> {
+    let field = |at: usize, len: usize| header.get(at..at + len).ok_or_else(|| Error::Record("short header".into()));
+    let gpa = u64::from_le_bytes(field(0, 8)?.try_into().unwrap_or([0; 8]));
+    let pages = u64::from(u32::from_le_bytes(field(8, 4)?.try_into().unwrap_or([0; 4])));
+    let flags = u32::from_le_bytes(field(12, 4)?.try_into().unwrap_or([0; 4]));
     let len = pages.checked_mul(PAGE).ok_or(Error::OutsideRam { gpa, pages })?;
     if gpa % PAGE != 0 || pages == 0 || !memory::is_ram(ram, gpa, len) {
         return Err(Error::OutsideRam { gpa, pages });
@@ -604,15 +619,7 @@ fn next_record<'a>(ram: &GuestRam, rest: &mut &'a [u8]) -> Result<Record<'a>, Er
     if (flags & !(ZERO | FRESH) != 0 && flags != DELTA) || flags == FRESH {
         return Err(Error::Record(format!("unknown flags {flags:#x}")));
     }
-    if flags & ZERO != 0 {
-        return Ok(Record { gpa, pages, flags, data: &[] });
-    }
-    if flags == DELTA {
-        return next_delta(gpa, pages, rest);
-    }
-    let data = rest.get(..len as usize).ok_or_else(|| Error::Record("record data past the frame".into()))?;
-    *rest = &rest[len as usize..];
-    Ok(Record { gpa, pages, flags, data })
+    Ok(Record { gpa, pages, flags, data: &[] })
 }
 
 /// The rest of a DELTA record: `len u32` and the runs, checked.

@@ -177,6 +177,15 @@ pub fn read_frame(r: &mut impl Read) -> Result<(Kind, Vec<u8>), Error> {
 /// then touches the same memory again instead of fresh pages for every frame (a new
 /// buffer of megabytes comes from mmap, one page fault per 4 KiB).
 pub fn read_frame_into(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind, Error> {
+    let (kind, len) = read_header(r)?;
+    payload.resize(len as usize, 0);
+    r.read_exact(payload)?;
+    Ok(kind)
+}
+
+/// Reads a frame's header, checking magic, version and size; returns its kind and the
+/// length of the payload that follows (for a caller that reads the payload piece by piece).
+pub fn read_header(r: &mut impl Read) -> Result<(Kind, u64), Error> {
     let mut header = [0u8; 16];
     r.read_exact(&mut header)?;
     let magic = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
@@ -194,9 +203,7 @@ pub fn read_frame_into(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind,
     if len > MAX_PAYLOAD {
         return Err(Error::TooLarge(len));
     }
-    payload.resize(len as usize, 0);
-    r.read_exact(payload)?;
-    Ok(kind)
+    Ok((kind, len))
 }
 
 /// Reads a frame of the `expected` kind as JSON; a Refuse frame becomes `Error::Refused`.
