@@ -149,7 +149,8 @@ impl Postcopy {
             uffd.register_with_mode(region.as_ptr().cast(), region.len() as usize, mode)
                 .map_err(|e| chain(&Error::Register(e)))?;
         }
-        stream.limit_buffers(super::postcopy_source::POSTCOPY_BUFFERS);
+        // The main connection keeps the kernel's buffer sizing (see `postcopy_source::open_link`);
+        // only the urgent channel's are capped.
         let writer = stream.try_clone_stream().map_err(|e| chain(&Error::Clone(e)))?;
         let shared = Arc::new(Shared {
             uffd,
@@ -741,7 +742,6 @@ fn reconnect(shared: &Shared, recovery: &Recovery, why: &str) -> Result<Box<dyn 
         let mut stream = recovery.listener.accept(Some(deadline)).map_err(|e| chain(&e))?;
         match resume_handshake(shared, recovery, &mut stream) {
             Ok(()) => {
-                stream.limit_buffers(super::postcopy_source::POSTCOPY_BUFFERS);
                 eprintln!("popek: post-copy link re-established; {} pages to go", shared.need.count());
                 return Ok(stream);
             }
