@@ -1,8 +1,9 @@
 //! Pre-copy's delta encoding of pages sent again (QEMU's XBZRLE does the same job).
 //!
 //! A guest that keeps dirtying a working set usually changes a few words of each page
-//! between two rounds (the bundled dirtier: 16 bytes of 4096). From round 1 on, the source
-//! keeps a copy of every page it sent, in a cache of bounded size; when it sends such a
+//! between two rounds (the bundled dirtier: 16 bytes of 4096). Once the rounds show it
+//! (`source::keeps_coming_back`), the source keeps a copy of every page it sends, in a
+//! cache of bounded size; when it sends such a
 //! page again, it sends only the runs of 8-byte words that changed, and the destination
 //! writes them over the copy it holds. On the wire a delta is a list of runs
 //! `offset u16 | len u16 | bytes`, inside one page.

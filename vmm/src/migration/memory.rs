@@ -204,8 +204,8 @@ impl Outgoing {
     }
 
     /// From now on, keeps a copy of each page sent (in at most `bytes`) and sends a page
-    /// sent again as its delta when that is small (`delta`): pre-copy from round 1 on.
-    /// Round 0 goes without: most of what it sends is never sent again.
+    /// sent again as its delta when that is small (`delta`): pre-copy, once the rounds
+    /// stop shrinking. Round 0 always goes without: most of it is never sent again.
     pub fn start_deltas(&mut self, ram: &GuestRam, bytes: u64) {
         self.deltas = (bytes >= PAGE).then(|| delta::Cache::new(PageMap::new(ram), bytes));
     }
