@@ -3,9 +3,9 @@
 //! bytes. Pages the host never made resident (`mincore`) and pages that read as zero go as
 //! ZERO records without data; in the first full pass they also carry FRESH (the
 //! destination's RAM is still zero there: nothing to write), in later pre-copy rounds they
-//! do not (the destination must clear a page it received earlier). From pre-copy round 1
-//! on, a page sent before may go as a DELTA record (one page, then `len u32` and the runs
-//! of `delta`) that the destination writes over its copy. A CRC32 over every Memory payload
+//! do not (the destination must clear a page it received earlier). In later pre-copy
+//! rounds, a page sent before may go as a DELTA record (one page, then `len u32` and the
+//! runs of `delta`) that the destination writes over its copy. A CRC32 over every Memory payload
 //! is checked at Complete.
 
 use super::delta::{self, Encoded};

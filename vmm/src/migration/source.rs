@@ -658,7 +658,7 @@ fn precopy(
     let (unsent_from, redirtied) = round_zero(vm, stream, outgoing, judge)?;
     let first = t.elapsed().as_secs_f64();
     let mb_s = outgoing.stats.bytes_on_wire as f64 / first.max(1e-6) / 1e6;
-    // The estimates count pages, not bytes: from round 1 on, a page sent again may go as a
+    // The estimates count pages, not bytes: in later rounds a page sent again may go as a
     // delta of a few bytes, and what it costs is then mostly per page. Round 0's pace is
     // that of its data pages (zero and untouched ones cost next to nothing).
     let mut page_rate = (outgoing.stats.pages - outgoing.stats.zero_pages).max(1) as f64 / first.max(1e-6);
