@@ -512,29 +512,36 @@ impl Shared {
         let mut staged = Vec::new();
         let result = self.read_direct(ram, prepared, stream, len, buffer, &mut staged);
         if let Err(e) = result {
-            for record in &staged {
-                if let Staged::Claimed { first, ours, .. } = record {
-                    self.release(*first, ours);
-                }
-            }
+            self.release_staged(&staged);
             return Err(e);
         }
+        let mut records = staged.iter();
+        let installed = records.try_for_each(|record| match record {
+            Staged::Zero { first, pages } => self.install(*first, *pages, Data::Zero),
+            Staged::Claimed { first, ours, at } => {
+                let data = match at {
+                    Some(at) => Data::Bytes(&buffer[*at..*at + ours.len() * PAGE as usize]),
+                    None => Data::Staged,
+                };
+                self.install_claimed(*first, ours, data)
+            }
+        });
+        if installed.is_err() {
+            // The record that failed and every one after it: their pages must stay
+            // claimable, or nothing could install them after the recovery.
+            let failed = staged.len() - records.len() - 1;
+            self.release_staged(&staged[failed..]);
+        }
+        installed
+    }
+
+    /// Gives back the claims `read_direct` took for `staged` records.
+    fn release_staged(&self, staged: &[Staged]) {
         for record in staged {
-            match record {
-                Staged::Zero { first, pages } => self.install(first, pages, Data::Zero)?,
-                Staged::Claimed { first, ours, at } => {
-                    let data = match at {
-                        Some(at) => Data::Bytes(&buffer[at..at + ours.len() * PAGE as usize]),
-                        None => Data::Staged,
-                    };
-                    if let Err(e) = self.install_claimed(first, &ours, data) {
-                        self.release(first, &ours);
-                        return Err(e);
-                    }
-                }
+            if let Staged::Claimed { first, ours, .. } = record {
+                self.release(*first, ours);
             }
         }
-        Ok(())
     }
 
     /// Reads a PostcopyPages payload record by record (prepared RAM): the data of pages
@@ -565,9 +572,7 @@ impl Shared {
             hasher.update(&header);
             let record = memory::record_header_checked(ram, &header).map_err(|e| chain(&e))?;
             let first = self.map.index_of_gpa(record.gpa).ok_or("record outside RAM")?;
-            if record.is_delta() {
-                return Err(format!("a delta record (page {:#x}) in a post-copy frame", record.gpa));
-            }
+            whole_pages(&record)?;
             if record.is_zero() {
                 staged.push(Staged::Zero { first, pages: record.pages });
                 continue;
@@ -623,11 +628,16 @@ pub(crate) fn postcopy_records<'a>(ram: &'a GuestRam, payload: &'a [u8]) -> Resu
         return Err("post-copy frame checksum mismatch".into());
     }
     let records = memory::records(ram, records).collect::<Result<Vec<_>, _>>().map_err(|e| chain(&e))?;
-    // Post-copy installs whole pages: a delta has nothing to go over.
-    if let Some(delta) = records.iter().find(|r| r.is_delta()) {
-        return Err(format!("a delta record (page {:#x}) in a post-copy frame", delta.gpa));
-    }
+    records.iter().try_for_each(whole_pages)?;
     Ok(records)
+}
+
+/// Post-copy installs whole pages: a delta record has nothing to go over.
+fn whole_pages(record: &memory::Record) -> Result<(), String> {
+    match record.is_delta() {
+        true => Err(format!("a delta record (page {:#x}) in a post-copy frame", record.gpa)),
+        false => Ok(()),
+    }
 }
 
 /// Where the pages of a record come from when they are installed.
