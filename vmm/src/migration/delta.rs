@@ -153,23 +153,38 @@ fn diff(old: &[u8], new: &[u8], out: &mut Vec<u8>) -> bool {
     true
 }
 
-/// The runs of a delta, each `(offset in the page, bytes)`; checked whole first, so that
-/// a malformed delta is refused before any of it is written.
-pub fn runs(delta: &[u8]) -> Result<Vec<(usize, &[u8])>, Error> {
+/// Checks a whole delta, so that a malformed one is refused before any of it is written.
+pub fn check(delta: &[u8]) -> Result<(), Error> {
+    runs(delta).try_for_each(|run| run.map(drop))
+}
+
+/// The runs of a delta, each `(offset in the page, bytes)`, read as they come (no
+/// allocation per page); an error ends them.
+pub fn runs(delta: &[u8]) -> impl Iterator<Item = Result<(usize, &[u8]), Error>> {
     let mut rest = delta;
-    let mut runs = Vec::new();
-    while !rest.is_empty() {
-        let header = rest.get(..RUN_HEADER).ok_or(Error::Malformed("truncated run header"))?;
-        let offset = usize::from(u16::from_le_bytes([header[0], header[1]]));
-        let len = usize::from(u16::from_le_bytes([header[2], header[3]]));
-        if len == 0 || offset + len > PAGE as usize {
-            return Err(Error::Malformed("run outside the page"));
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
         }
-        let bytes = rest.get(RUN_HEADER..RUN_HEADER + len).ok_or(Error::Malformed("run data past the delta"))?;
-        runs.push((offset, bytes));
-        rest = &rest[RUN_HEADER + len..];
+        let run = next_run(rest);
+        rest = match &run {
+            Ok((_, bytes)) => &rest[RUN_HEADER + bytes.len()..],
+            Err(_) => &[],
+        };
+        Some(run)
+    })
+}
+
+/// The run at the start of `rest`.
+fn next_run(rest: &[u8]) -> Result<(usize, &[u8]), Error> {
+    let header = rest.get(..RUN_HEADER).ok_or(Error::Malformed("truncated run header"))?;
+    let offset = usize::from(u16::from_le_bytes([header[0], header[1]]));
+    let len = usize::from(u16::from_le_bytes([header[2], header[3]]));
+    if len == 0 || offset + len > PAGE as usize {
+        return Err(Error::Malformed("run outside the page"));
     }
-    Ok(runs)
+    let bytes = rest.get(RUN_HEADER..RUN_HEADER + len).ok_or(Error::Malformed("run data past the delta"))?;
+    Ok((offset, bytes))
 }
 
 #[cfg(test)]
@@ -183,7 +198,7 @@ mod tests {
 
     fn patch(old: &[u8], delta: &[u8]) -> Vec<u8> {
         let mut page = old.to_vec();
-        for (offset, bytes) in runs(delta).unwrap() {
+        for (offset, bytes) in runs(delta).map(Result::unwrap) {
             page[offset..offset + bytes.len()].copy_from_slice(bytes);
         }
         page
@@ -240,11 +255,13 @@ mod tests {
             v.extend(std::iter::repeat_n(1u8, data));
             v
         };
-        assert_eq!(runs(&run(4088, 8, 8)).unwrap().len(), 1);
-        assert!(runs(&run(4090, 8, 8)).is_err(), "past the page");
-        assert!(runs(&run(0, 0, 0)).is_err(), "empty run");
-        assert!(runs(&run(0, 16, 8)).is_err(), "data missing");
-        assert!(runs(&run(0, 8, 8)[..3]).is_err(), "header cut");
-        assert!(runs(&[]).unwrap().is_empty());
+        let two = [run(4088, 8, 8), run(0, 16, 16)].concat();
+        assert_eq!(runs(&two).collect::<Result<Vec<_>, _>>().unwrap(), [(4088, &[1u8; 8][..]), (0, &[1u8; 16][..])]);
+        assert!(check(&run(4090, 8, 8)).is_err(), "past the page");
+        assert!(check(&run(0, 0, 0)).is_err(), "empty run");
+        assert!(check(&run(0, 16, 8)).is_err(), "data missing");
+        assert!(check(&run(0, 8, 8)[..3]).is_err(), "header cut");
+        assert!(check(&[run(0, 8, 8), run(9000, 8, 8)].concat()).is_err(), "a bad run after a good one");
+        assert!(runs(&[]).next().is_none());
     }
 }

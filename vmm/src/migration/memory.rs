@@ -631,7 +631,7 @@ fn next_delta<'a>(gpa: u64, pages: u64, rest: &mut &'a [u8]) -> Result<Record<'a
     let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
     let data = rest.get(4..4 + len.min(PAGE as usize * 2)).filter(|d| d.len() == len);
     let data = data.ok_or_else(|| Error::Record("delta data past the frame".into()))?;
-    delta::runs(data).map_err(|e| Error::Record(e.to_string()))?;
+    delta::check(data).map_err(|e| Error::Record(e.to_string()))?;
     *rest = &rest[4 + len..];
     Ok(Record { gpa, pages, flags: DELTA, data })
 }
@@ -785,7 +785,9 @@ fn apply_delta(
     if !arrived.is_some_and(|a| a.received.contains(a.first(record))) {
         return Err(Error::Record(format!("a delta for page {:#x}, which never arrived", record.gpa)));
     }
-    for (offset, bytes) in delta::runs(record.data).map_err(|e| Error::Record(e.to_string()))? {
+    // The record's runs were checked whole when it was parsed (`next_delta`).
+    for run in delta::runs(record.data) {
+        let (offset, bytes) = run.map_err(|e| Error::Record(e.to_string()))?;
         match target {
             Some((p, page)) => {
                 p.write(page + offset, bytes);
