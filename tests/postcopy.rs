@@ -106,6 +106,24 @@ fn postcopy_of_a_guest_touching_all_memory_in_random_order() {
     assert!(d["fault_latency_p99_us"].as_u64().unwrap() >= d["fault_latency_p50_us"].as_u64().unwrap());
 }
 
+/// Over a Unix socket, with RAM allocated ahead: the source reads the destination's
+/// messages on a thread of its own while it pushes on the same socket (see
+/// `Stream::wait_readable`), and the urgent channel is a second connection to the path.
+#[test]
+fn postcopy_over_a_unix_socket_into_preallocated_ram() {
+    require_kvm();
+    let scratch = Scratch::new("pc-unix");
+    let (src, api) = workload(&scratch, &["--memory", "128M"], "test=migrate pages=all seconds=60");
+    let to = format!("unix:{}", scratch.0.join("dst.sock").display());
+    let dst = Proc::spawn(&scratch, "dst", &["run", "--no-stdin", "--memory", "128M", "--prealloc", "--incoming", &to]);
+    dst.listening();
+    let mig = migrate(&scratch, &api, &to, "postcopy", &[]);
+    let report = arrived(&scratch, mig, src, dst, "", "postcopy");
+    let p = check_postcopy(&report);
+    assert_eq!(p["reconnects"], 0, "{report}");
+    assert!(p["pages_pushed"].as_u64().unwrap() > 20_000, "the push carried most of the memory: {report}");
+}
+
 #[test]
 fn hybrid_switches_to_postcopy_when_asked() {
     require_kvm();

@@ -120,7 +120,11 @@ pub fn open_link(stream: Box<dyn Stream>) -> Result<Link, String> {
 /// replaced and its receiver dropped).
 fn read_events(mut reader: Box<dyn Stream>, tx: &SyncSender<Event>) {
     loop {
-        let event = match protocol::read_frame(&mut reader) {
+        // Waits for readability first: a read blocked on a Unix socket would also be woken
+        // whenever the destination makes room for the push (see `Stream::wait_readable`).
+        let frame =
+            reader.wait_readable().map_err(protocol::Error::from).and_then(|()| protocol::read_frame(&mut reader));
+        let event = match frame {
             Ok((Kind::PageRequest, payload)) => match parse_requests(&payload) {
                 Some(gpas) => Event::Requests(gpas),
                 None => Event::Lost(format!("malformed page request of {} bytes", payload.len())),
