@@ -11,11 +11,12 @@ use super::memory;
 use super::pages::{PageMap, PageSet, PAGE};
 use super::protocol::{self, Done, Kind, Missing, Resume, Running};
 use super::source::chain;
-use super::transport::{self, Address, Stream};
+use super::transport::{self, Address, LowWater, Stream};
 use crate::memory::GuestRam;
 use crate::memory::Prepared;
 use crate::parked::Parked;
 use std::collections::HashMap;
+use std::io::Read;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -666,16 +667,18 @@ enum Staged {
     },
 }
 
+/// The most a read of the main connection waits for during post-copy (see `LowWater`):
+/// woken for every bit of a 1 MiB push frame that arrived, the receiver, the busiest
+/// thread of an all-written post-copy, reads more often and sends an ACK after each read,
+/// whose sending also pushes the source's next segments from this thread.
+const LOW_WATER: usize = 256 << 10;
+
 /// Installs what the source sends until it says it sent everything, recovering from
 /// broken links; then reports Done. A failure for good ends the process: the VM cannot
 /// go on without its memory, and the user must hear why.
-fn receive_loop(
-    shared: &Shared,
-    ram: &GuestRam,
-    mut stream: Box<dyn Stream>,
-    recovery: &Recovery,
-) -> Result<Done, String> {
+fn receive_loop(shared: &Shared, ram: &GuestRam, stream: Box<dyn Stream>, recovery: &Recovery) -> Result<Done, String> {
     let started = Instant::now();
+    let mut stream = LowWater::new(stream, LOW_WATER);
     let mut recoveries = 0;
     let (mut complete, mut asked_again) = (false, false);
     let mut payload = Vec::new();
@@ -721,9 +724,9 @@ fn receive_loop(
             Ok((other, _)) => format!("unexpected {other:?} message during post-copy"),
             Err(e) => chain(&e),
         };
-        stream.shutdown_both();
+        stream.get_ref().shutdown_both();
         stream = match reconnect(shared, recovery, &failure) {
-            Ok(s) => s,
+            Ok(s) => LowWater::new(s, LOW_WATER),
             // The link broke after the last page arrived (before or instead of Complete):
             // nothing of the VM is only on the source any more. Giving up here would end
             // a VM that has all of its memory (the fault matrix's kill-src at Complete).

@@ -86,22 +86,72 @@ pub trait Stream: Read + Write + Send {
     fn wait_readable(&self) -> std::io::Result<()> {
         Ok(())
     }
+    /// SO_RCVLOWAT, best effort (see `LowWater`). A no-op through TLS, which reads records
+    /// of its own size.
+    fn low_water(&self, _bytes: usize) {}
 }
 
 /// SO_SNDBUF and SO_RCVBUF on a socket, best effort (the kernel may round them).
 fn set_buffers(fd: std::os::unix::io::RawFd, bytes: usize) {
-    let value = bytes.min(i32::MAX as usize) as libc::c_int;
     for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
-        // SAFETY: setsockopt reads one c_int from `value`, which lives across the call.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                option,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        set_socket_option(fd, option, bytes);
+    }
+}
+
+/// One integer SOL_SOCKET option, best effort.
+fn set_socket_option(fd: std::os::unix::io::RawFd, option: libc::c_int, value: usize) {
+    let value = value.min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: setsockopt reads one c_int from `value`, which lives across the call.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}
+
+/// A stream read in bulk with fewer wake-ups: each read of at least `SMALL_READ` bytes
+/// first sets SO_RCVLOWAT to half of what it asks for, up to `bulk`, so the kernel wakes the
+/// reader once that much has arrived instead of for every segment.
+///
+/// The kernel wakes a sleeping reader only when the bytes queued and not yet copied reach
+/// the mark, whatever the read already copied before it slept. So the mark must stay
+/// reachable by what is still to come: a read of `n` bytes may copy up to `mark - 1` of them
+/// and then sleep, and the other `n - mark + 1` or more must be able to reach the mark,
+/// hence at most half (with the mark at what the read asked for, up to 256 KiB, the last
+/// 200 KB of a post-copy sat unread for 10 s). The mark goes with every read, and the value
+/// last set is remembered with the socket it was set on.
+pub struct LowWater {
+    inner: Box<dyn Stream>,
+    bulk: usize,
+    set: usize,
+}
+
+/// Reads shorter than this (headers) keep the kernel's default mark of one byte.
+const SMALL_READ: usize = 4096;
+
+impl LowWater {
+    pub fn new(inner: Box<dyn Stream>, bulk: usize) -> LowWater {
+        // A fresh socket's mark is 1.
+        LowWater { inner, bulk, set: 1 }
+    }
+
+    pub fn get_ref(&self) -> &dyn Stream {
+        self.inner.as_ref()
+    }
+}
+
+impl Read for LowWater {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = if buf.len() < SMALL_READ { 1 } else { (buf.len() / 2).min(self.bulk) };
+        if want != self.set {
+            self.inner.low_water(want);
+            self.set = want;
+        }
+        self.inner.read(buf)
     }
 }
 
@@ -140,6 +190,9 @@ macro_rules! impl_stream {
             }
             fn limit_buffers(&self, bytes: usize) {
                 set_buffers(std::os::unix::io::AsRawFd::as_raw_fd(self), bytes);
+            }
+            fn low_water(&self, bytes: usize) {
+                set_socket_option(std::os::unix::io::AsRawFd::as_raw_fd(self), libc::SO_RCVLOWAT, bytes);
             }
             fn wait_readable(&self) -> std::io::Result<()> {
                 poll_readable(std::os::unix::io::AsRawFd::as_raw_fd(self), self.read_timeout()?)
@@ -257,6 +310,48 @@ impl Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every read comes back once what it asked for arrived, however the writes are cut:
+    /// a bulk read that finds part of its bytes queued, copies them and sleeps for the
+    /// rest, which are fewer than a mark of what it asked for; then a message shorter
+    /// than the bulk mark, written while the reader already sleeps. A read that would not
+    /// wake sleeps until the read timeout, which then hands over what arrived: the check
+    /// is that no read needed it.
+    #[test]
+    fn low_water_reads_wake_for_whatever_they_asked() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        // A receive window wider than the mark (as a bulk transfer's grows to): a narrow
+        // one wakes the reader anyway once it is nearly used up.
+        set_buffers(std::os::unix::io::AsRawFd::as_raw_fd(&listener), 4 << 20);
+        let mut writer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (reader, _) = listener.accept().unwrap();
+        let timeout = Duration::from_secs(5);
+        reader.set_read_timeout(Some(timeout)).unwrap();
+        let started = std::time::Instant::now();
+        let mut reader = LowWater::new(Box::new(reader), 256 << 10);
+        let frame: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let sender = std::thread::spawn(move || {
+            writer.write_all(&frame[..100_000]).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            writer.write_all(&frame[100_000..]).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            writer.write_all(&[7; 107]).unwrap();
+            writer
+        });
+        // The first 100 KB are queued before the read starts.
+        std::thread::sleep(Duration::from_millis(100));
+        let mut bulk = vec![0u8; 300_000];
+        reader.read_exact(&mut bulk).unwrap();
+        assert!(bulk.iter().enumerate().all(|(i, &b)| b == i as u8));
+        let mut small = [0u8; 16];
+        reader.read_exact(&mut small).unwrap();
+        assert_eq!(small, [7; 16]);
+        let mut rest = [0u8; 91];
+        reader.read_exact(&mut rest).unwrap();
+        assert_eq!(rest, [7; 91]);
+        assert!(started.elapsed() < timeout, "a read waited for the timeout");
+        drop(sender.join().unwrap());
+    }
 
     #[test]
     fn addresses() {
