@@ -8,7 +8,7 @@ use super::postcopy_destination::{drop_pages, Ahead, Postcopy, Recovery};
 use super::protocol::{self, Answer, Hello, Kind};
 use super::source::chain;
 use super::state::MachineState;
-use super::transport::{self, Address, Stream};
+use super::transport::{self, Address, LowWater, Stream};
 use crate::config::{BootMode, Kernel, VmConfig};
 use crate::trap::msr::UnknownMsrPolicy;
 use crate::vm::{IncomingRam, Vm};
@@ -83,6 +83,9 @@ impl Write for WriteAdapter<'_> {
     }
 }
 
+/// The most a read of memory frames waits for (see `LowWater`).
+const BULK_LOW_WATER: usize = 256 << 10;
+
 /// Memory frames (any number of rounds), the State, then Complete with the checksum; or,
 /// for post-copy, the Postcopy switch and the State. A State without a switch is restored
 /// at once, while the last pages still arrive (the restore writes nothing to RAM); the
@@ -100,6 +103,9 @@ fn receive_memory_and_state(
     let mut restored = None;
     let mut switch = None;
     let mut state_crc32 = None;
+    // Memory frames are read in bulk (see `LowWater`); the mark is back to 1 on return.
+    let mut stream = LowWater::new(stream.as_mut(), BULK_LOW_WATER);
+    let stream = &mut stream;
     loop {
         let kind = protocol::read_frame_into(stream, payload).map_err(|e| chain(&e))?;
         match kind {

@@ -676,9 +676,13 @@ const LOW_WATER: usize = 256 << 10;
 /// Installs what the source sends until it says it sent everything, recovering from
 /// broken links; then reports Done. A failure for good ends the process: the VM cannot
 /// go on without its memory, and the user must hear why.
-fn receive_loop(shared: &Shared, ram: &GuestRam, stream: Box<dyn Stream>, recovery: &Recovery) -> Result<Done, String> {
+fn receive_loop(
+    shared: &Shared,
+    ram: &GuestRam,
+    mut stream: Box<dyn Stream>,
+    recovery: &Recovery,
+) -> Result<Done, String> {
     let started = Instant::now();
-    let mut stream = LowWater::new(stream, LOW_WATER);
     let mut recoveries = 0;
     let (mut complete, mut asked_again) = (false, false);
     let mut payload = Vec::new();
@@ -703,16 +707,17 @@ fn receive_loop(shared: &Shared, ram: &GuestRam, stream: Box<dyn Stream>, recove
             }
             return Ok(done);
         }
-        let frame = protocol::read_header(&mut stream).and_then(|(kind, len)| match kind {
+        let mut reader = LowWater::new(stream.as_mut(), LOW_WATER);
+        let frame = protocol::read_header(&mut reader).and_then(|(kind, len)| match kind {
             Kind::PostcopyPages => Ok((kind, Some(len))),
             _ => {
                 payload.resize(len as usize, 0);
-                stream.read_exact(&mut payload)?;
+                reader.read_exact(&mut payload)?;
                 Ok((kind, None))
             }
         });
         let failure = match frame {
-            Ok((Kind::PostcopyPages, Some(len))) => match shared.receive_pages(ram, &mut stream, len, &mut payload) {
+            Ok((Kind::PostcopyPages, Some(len))) => match shared.receive_pages(ram, &mut reader, len, &mut payload) {
                 Ok(()) => continue,
                 Err(e) => e,
             },
@@ -724,9 +729,10 @@ fn receive_loop(shared: &Shared, ram: &GuestRam, stream: Box<dyn Stream>, recove
             Ok((other, _)) => format!("unexpected {other:?} message during post-copy"),
             Err(e) => chain(&e),
         };
-        stream.get_ref().shutdown_both();
+        drop(reader);
+        stream.shutdown_both();
         stream = match reconnect(shared, recovery, &failure) {
-            Ok(s) => LowWater::new(s, LOW_WATER),
+            Ok(s) => s,
             // The link broke after the last page arrived (before or instead of Complete):
             // nothing of the VM is only on the source any more. Giving up here would end
             // a VM that has all of its memory (the fault matrix's kill-src at Complete).

@@ -122,29 +122,45 @@ fn set_socket_option(fd: std::os::unix::io::RawFd, option: libc::c_int, value: u
 /// reachable by what is still to come: a read of `n` bytes may copy up to `mark - 1` of them
 /// and then sleep, and the other `n - mark + 1` or more must be able to reach the mark,
 /// hence at most half (with the mark at what the read asked for, up to 256 KiB, the last
-/// 200 KB of a post-copy sat unread for 10 s). The mark goes with every read, and the value
-/// last set is remembered with the socket it was set on.
-pub struct LowWater {
-    inner: Box<dyn Stream>,
+/// 200 KB of a post-copy sat unread for 10 s). The mark goes with every read, and goes
+/// back to 1 when the LowWater is dropped, for whoever reads the socket next.
+pub struct LowWater<'a> {
+    inner: &'a mut dyn Stream,
     bulk: usize,
+    /// The mark last set; 0: not known.
     set: usize,
 }
 
 /// Reads shorter than this (headers) keep the kernel's default mark of one byte.
 const SMALL_READ: usize = 4096;
 
-impl LowWater {
-    pub fn new(inner: Box<dyn Stream>, bulk: usize) -> LowWater {
-        // A fresh socket's mark is 1.
-        LowWater { inner, bulk, set: 1 }
-    }
-
-    pub fn get_ref(&self) -> &dyn Stream {
-        self.inner.as_ref()
+impl LowWater<'_> {
+    pub fn new(inner: &mut dyn Stream, bulk: usize) -> LowWater<'_> {
+        LowWater { inner, bulk, set: 0 }
     }
 }
 
-impl Read for LowWater {
+impl Drop for LowWater<'_> {
+    fn drop(&mut self) {
+        if self.set != 1 {
+            self.inner.low_water(1);
+        }
+    }
+}
+
+impl Write for LowWater<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.inner.write_vectored(bufs)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl Read for LowWater<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let want = if buf.len() < SMALL_READ { 1 } else { (buf.len() / 2).min(self.bulk) };
         if want != self.set {
@@ -328,7 +344,8 @@ mod tests {
         let timeout = Duration::from_secs(5);
         reader.set_read_timeout(Some(timeout)).unwrap();
         let started = std::time::Instant::now();
-        let mut reader = LowWater::new(Box::new(reader), 256 << 10);
+        let mut socket = reader;
+        let mut reader = LowWater::new(&mut socket, 256 << 10);
         let frame: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
         let sender = std::thread::spawn(move || {
             writer.write_all(&frame[..100_000]).unwrap();
