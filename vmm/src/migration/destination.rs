@@ -83,9 +83,6 @@ impl Write for WriteAdapter<'_> {
     }
 }
 
-/// The most a read of memory frames waits for (see `LowWater`).
-const BULK_LOW_WATER: usize = 256 << 10;
-
 /// Memory frames (any number of rounds), the State, then Complete with the checksum; or,
 /// for post-copy, the Postcopy switch and the State. A State without a switch is restored
 /// at once, while the last pages still arrive (the restore writes nothing to RAM); the
@@ -104,7 +101,7 @@ fn receive_memory_and_state(
     let mut switch = None;
     let mut state_crc32 = None;
     // Memory frames are read in bulk (see `LowWater`); the mark is back to 1 on return.
-    let mut stream = LowWater::new(stream.as_mut(), BULK_LOW_WATER);
+    let mut stream = LowWater::new(stream.as_mut());
     let stream = &mut stream;
     loop {
         let kind = protocol::read_frame_into(stream, payload).map_err(|e| chain(&e))?;

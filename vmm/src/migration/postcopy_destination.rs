@@ -667,12 +667,6 @@ enum Staged {
     },
 }
 
-/// The most a read of the main connection waits for during post-copy (see `LowWater`):
-/// woken for every bit of a 1 MiB push frame that arrived, the receiver, the busiest
-/// thread of an all-written post-copy, reads more often and sends an ACK after each read,
-/// whose sending also pushes the source's next segments from this thread.
-const LOW_WATER: usize = 256 << 10;
-
 /// Installs what the source sends until it says it sent everything, recovering from
 /// broken links; then reports Done. A failure for good ends the process: the VM cannot
 /// go on without its memory, and the user must hear why.
@@ -684,52 +678,21 @@ fn receive_loop(
 ) -> Result<Done, String> {
     let started = Instant::now();
     let mut recoveries = 0;
-    let (mut complete, mut asked_again) = (false, false);
-    let mut payload = Vec::new();
+    let mut receiving = Receiving::default();
     loop {
-        if complete && !asked_again && shared.need.count() > 0 {
-            asked_again = true;
-            // Answers still in flight on the urgent channel get a moment; then whatever
-            // is missing is asked for again over this connection.
-            let deadline = Instant::now() + Duration::from_millis(500);
-            while shared.need.count() > 0 && Instant::now() < deadline && lock(&shared.urgent).is_some() {
-                std::thread::sleep(Duration::from_millis(1));
+        // Read in bulk (see `LowWater`), one per connection: the mark is set per read and
+        // put back when the connection ends.
+        let failure = match receiving.frames(shared, ram, &mut LowWater::new(stream.as_mut())) {
+            Ok(()) => {
+                let done = shared.done(started, recoveries);
+                shared.finished.store(true, Relaxed);
+                if let Some(w) = lock(&shared.writer).as_mut() {
+                    let _ = protocol::write_json(w, Kind::Done, &done);
+                }
+                return Ok(done);
             }
-            if shared.need.count() > 0 {
-                shared.request_all_missing();
-            }
-        }
-        if complete && shared.need.count() == 0 {
-            let done = shared.done(started, recoveries);
-            shared.finished.store(true, Relaxed);
-            if let Some(w) = lock(&shared.writer).as_mut() {
-                let _ = protocol::write_json(w, Kind::Done, &done);
-            }
-            return Ok(done);
-        }
-        let mut reader = LowWater::new(stream.as_mut(), LOW_WATER);
-        let frame = protocol::read_header(&mut reader).and_then(|(kind, len)| match kind {
-            Kind::PostcopyPages => Ok((kind, Some(len))),
-            _ => {
-                payload.resize(len as usize, 0);
-                reader.read_exact(&mut payload)?;
-                Ok((kind, None))
-            }
-        });
-        let failure = match frame {
-            Ok((Kind::PostcopyPages, Some(len))) => match shared.receive_pages(ram, &mut reader, len, &mut payload) {
-                Ok(()) => continue,
-                Err(e) => e,
-            },
-            Ok((Kind::Complete, _)) => {
-                (complete, asked_again) = (true, false);
-                continue;
-            }
-            Ok((Kind::Refuse, _)) => unrecoverable("the source aborted during post-copy"),
-            Ok((other, _)) => format!("unexpected {other:?} message during post-copy"),
-            Err(e) => chain(&e),
+            Err(failure) => failure,
         };
-        drop(reader);
         stream.shutdown_both();
         stream = match reconnect(shared, recovery, &failure) {
             Ok(s) => s,
@@ -744,6 +707,56 @@ fn receive_loop(
             Err(e) => unrecoverable(&e),
         };
         recoveries += 1;
+    }
+}
+
+/// Where the main receiver is, across reconnections.
+#[derive(Default)]
+struct Receiving {
+    /// The source said it sent everything.
+    complete: bool,
+    /// Pages still missing after Complete were asked for again.
+    asked_again: bool,
+    payload: Vec<u8>,
+}
+
+impl Receiving {
+    /// Reads and installs frames from one connection until every page is here (Ok) or the
+    /// connection fails (Err: why).
+    fn frames(&mut self, shared: &Shared, ram: &GuestRam, stream: &mut LowWater) -> Result<(), String> {
+        loop {
+            if self.complete && !self.asked_again && shared.need.count() > 0 {
+                self.asked_again = true;
+                // Answers still in flight on the urgent channel get a moment; then whatever
+                // is missing is asked for again over this connection.
+                let deadline = Instant::now() + Duration::from_millis(500);
+                while shared.need.count() > 0 && Instant::now() < deadline && lock(&shared.urgent).is_some() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if shared.need.count() > 0 {
+                    shared.request_all_missing();
+                }
+            }
+            if self.complete && shared.need.count() == 0 {
+                return Ok(());
+            }
+            let payload = &mut self.payload;
+            let frame = protocol::read_header(stream).and_then(|(kind, len)| match kind {
+                Kind::PostcopyPages => Ok((kind, Some(len))),
+                _ => {
+                    payload.resize(len as usize, 0);
+                    stream.read_exact(payload)?;
+                    Ok((kind, None))
+                }
+            });
+            match frame {
+                Ok((Kind::PostcopyPages, Some(len))) => shared.receive_pages(ram, stream, len, payload)?,
+                Ok((Kind::Complete, _)) => (self.complete, self.asked_again) = (true, false),
+                Ok((Kind::Refuse, _)) => unrecoverable("the source aborted during post-copy"),
+                Ok((other, _)) => return Err(format!("unexpected {other:?} message during post-copy")),
+                Err(e) => return Err(chain(&e)),
+            }
+        }
     }
 }
 
