@@ -1,6 +1,6 @@
 //! The migration benchmark's CI gate: a real sweep cell (Popek, real KVM) that fails the
 //! gate when the limit is below anything possible, and passes a generous one; the JUnit
-//! report says the same.
+//! report says the same, and the table of the downtime's parts adds up.
 
 use std::process::Command;
 
@@ -33,6 +33,21 @@ fn the_downtime_gate_fails_when_it_should_and_passes_otherwise() {
     let (status, out) = sweep("1000", &junit);
     assert_eq!(status, 0, "{out}");
     assert!(out.contains("gate: passed"), "{out}");
+    // Where the downtime went: the parts of the one run add up to its downtime.
+    let row = out
+        .lines()
+        .skip_while(|l| !l.starts_with("Where Popek's downtime goes"))
+        .find(|l| l.starts_with("| popek | precopy | 256M | idle | loopback |"))
+        .expect("a row of the downtime's parts");
+    let parts: Vec<f64> = row.split('|').skip(6).filter_map(|c| c.trim().parse().ok()).collect();
+    assert_eq!(parts.len(), 6, "{row}");
+    let (downtime, sum) = (parts[0], parts[1..5].iter().sum::<f64>());
+    assert!(parts.iter().all(|&v| v >= 0.0) && parts[5] > 0.0, "{row}");
+    assert!((sum - downtime).abs() <= downtime * 0.02 + 0.01, "the parts add up to {sum} ms: {row}");
+    let json = out.lines().find_map(|l| l.strip_prefix("BENCH_JSON ")).expect("the JSON summary");
+    let json: serde_json::Value = serde_json::from_str(json).unwrap();
+    let pause = &json["cells"][0]["downtime_breakdown_ms"]["pause"]["median"];
+    assert!(pause.as_f64().is_some_and(|p| p > 0.0 && p <= downtime), "{json}");
     let xml = std::fs::read_to_string(&junit).unwrap();
     assert!(xml.contains("failures=\"0\"") && !xml.contains("<failure"), "{xml}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -535,7 +535,11 @@ fn postcopy(
         Err(Failure::VmGone(reason)) => return Err(Failed { reason, vm_here: false }),
     };
     let downtime = outcome.running_at.duration_since(paused);
-    breakdown.until_running = downtime.as_secs_f64() * 1e3 - breakdown.pause - breakdown.state;
+    // Running is stamped by the reader thread: it may arrive before this thread, off the
+    // CPU after writing the state, stamped the state's end. The state then ends there.
+    let downtime_ms = downtime.as_secs_f64() * 1e3;
+    breakdown.state = breakdown.state.min(downtime_ms - breakdown.pause).max(0.0);
+    breakdown.until_running = (downtime_ms - breakdown.pause - breakdown.state).max(0.0);
     let total = start.elapsed();
     let mut memory = outgoing.stats;
     memory.pages += outcome.urgent.pages;

@@ -99,6 +99,38 @@ pub struct Sample {
     /// Post-copy request-to-install latency.
     pub fault_p50_us: Option<f64>,
     pub fault_p99_us: Option<f64>,
+    /// Where the downtime went (Popek's report; QEMU has none).
+    pub breakdown: Option<Breakdown>,
+}
+
+/// The parts of one Popek downtime, in ms, as its report gives them (see
+/// `downtime_breakdown_ms` in docs/migration.md).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Breakdown {
+    /// Pausing the vCPUs, each saving its own state.
+    pub pause: f64,
+    /// Saving and sending the machine state (post-copy: with the switch).
+    pub state: f64,
+    /// The last dirty pages and Complete (pre-copy and stop-and-copy).
+    pub final_memory: f64,
+    /// Until the destination's Running arrived.
+    pub until_running: f64,
+    /// The destination's own part: the state arrived -> Running sent.
+    pub destination_restore: f64,
+}
+
+impl Breakdown {
+    /// From a `popek migrate` report; `None` when a part is missing.
+    fn of(report: &serde_json::Value) -> Option<Breakdown> {
+        let part = |name: &str| report["downtime_breakdown_ms"][name].as_f64();
+        Some(Breakdown {
+            pause: part("pause")?,
+            state: part("state")?,
+            final_memory: part("final_memory")?,
+            until_running: part("until_running")?,
+            destination_restore: report["destination_restore_ms"].as_f64()?,
+        })
+    }
 }
 
 /// Runs one Popek migration of `cell`.
@@ -157,5 +189,6 @@ pub fn run_popek(
         round_pages,
         fault_p50_us: f(&postcopy["fault_latency_p50_us"]),
         fault_p99_us: f(&postcopy["fault_latency_p99_us"]),
+        breakdown: Breakdown::of(report),
     })
 }

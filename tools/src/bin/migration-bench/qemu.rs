@@ -240,6 +240,7 @@ impl Qemu {
             rounds: info["ram"]["dirty-sync-count"].as_f64().unwrap_or(0.0),
             fault_p50_us: None,
             fault_p99_us: None,
+            breakdown: None,
         })
     }
 }

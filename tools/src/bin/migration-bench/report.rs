@@ -1,6 +1,6 @@
 //! What a sweep prints and writes: the Markdown table, JSON, JUnit XML and SVG plots.
 
-use crate::cell::{Cell, Sample};
+use crate::cell::{Breakdown, Cell, Sample};
 use plotters::prelude::*;
 use popek_tools::Stats;
 use std::path::Path;
@@ -40,7 +40,24 @@ impl Outcome {
             "rounds": self.stat(|s| Some(s.rounds)),
             "fault_latency_p50_us": self.stat(|s| s.fault_p50_us), "fault_latency_p99_us": self.stat(|s| s.fault_p99_us),
             "round_pages": self.samples.first().map(|s| s.round_pages.clone()),
+            "downtime_breakdown_ms": self.breakdown().map(|parts| {
+                parts.iter().map(|(name, stats)| (name.to_string(), serde_json::json!(stats))).collect::<serde_json::Map<_, _>>()
+            }),
         })
+    }
+
+    /// Statistics of each part of the downtime, named as in the JSON; `None` for cells
+    /// without a breakdown (QEMU's).
+    fn breakdown(&self) -> Option<Vec<(&'static str, Stats)>> {
+        type Part = fn(&Breakdown) -> f64;
+        let parts: [(&str, Part); 5] = [
+            ("pause", |b| b.pause),
+            ("state", |b| b.state),
+            ("final_memory", |b| b.final_memory),
+            ("until_running", |b| b.until_running),
+            ("destination_restore", |b| b.destination_restore),
+        ];
+        parts.iter().map(|&(name, part)| Some((name, self.stat(|s| s.breakdown.as_ref().map(part))?))).collect()
     }
 }
 
@@ -112,6 +129,30 @@ pub fn comparison(outcomes: &[Outcome]) -> Option<String> {
             pt.median,
             qt.median,
             pt.median / qt.median
+        ));
+    }
+    section(head, &rows)
+}
+
+/// Where each Popek cell's downtime went: the median of each part (with several runs the
+/// medians need not add up to the median downtime).
+pub fn downtime_parts(outcomes: &[Outcome]) -> Option<String> {
+    let head = "| vmm | mode | RAM | workload | link | downtime (ms) | pause | state | last memory | until Running | of which destination |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n";
+    let mut rows = Vec::new();
+    for o in outcomes {
+        let (Some(parts), Some(downtime)) = (o.breakdown(), o.downtime()) else { continue };
+        let c = &o.cell;
+        let medians: Vec<String> = parts.iter().map(|(_, s)| format!("{:.3}", s.median)).collect();
+        rows.push(format!(
+            "| {} | {} | {} | {} | {} | {:.3} | {} |\n",
+            c.vmm,
+            c.mode,
+            c.memory,
+            c.workload,
+            c.link,
+            downtime.median,
+            medians.join(" | ")
         ));
     }
     section(head, &rows)
