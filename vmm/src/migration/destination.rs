@@ -306,7 +306,7 @@ pub fn receive(
     }
     // A migration that may switch to post-copy needs userfaultfd here: checked (and its
     // threads made) before Accept, so that a host without it says so up front.
-    let ahead = match hello.postcopy.then(|| Ahead::new(prepared.is_some())).transpose() {
+    let ahead = match hello.postcopy.then(|| Ahead::new(vm.ram(), prepared.is_some())).transpose() {
         Ok(ahead) => ahead,
         Err(e) => {
             let reason = format!(
