@@ -96,4 +96,10 @@ fn a_stop_and_copy_of_all_memory_is_set_against_loopback_probes_before_and_after
     let json = stdout.lines().find_map(|l| l.strip_prefix("BENCH_JSON ")).expect("the JSON summary");
     let json: serde_json::Value = serde_json::from_str(json).unwrap();
     assert_eq!(json["loopback_probes_gb_s"].as_array().map(Vec::len), Some(2), "{json}");
+    // The guest stamped all of its memory before and after the move, and says how fast.
+    let throughput = &json["cells"][0]["guest_throughput_pages_per_ms"];
+    for when in ["before", "first_pass_after", "after"] {
+        assert!(throughput[when]["median"].as_f64().is_some_and(|v| v > 0.0), "{when}: {json}");
+    }
+    assert!(stdout.contains("The guest's own throughput around the move"), "{stdout}");
 }

@@ -101,6 +101,38 @@ pub struct Sample {
     pub fault_p99_us: Option<f64>,
     /// Where the downtime went (Popek's report; QEMU has none).
     pub breakdown: Option<Breakdown>,
+    /// The guest's own throughput around the move (Popek's workload only).
+    pub throughput: Option<Throughput>,
+}
+
+/// What Popek's guest workload says of its throughput, in pages stamped (or verified)
+/// per ms: `migrate: throughput (pages/ms): before the move B, first pass after it F,
+/// 100 passes after it A`. In post-copy the first pass runs while memory still arrives.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Throughput {
+    pub before: f64,
+    pub first_pass_after: f64,
+    pub after: f64,
+}
+
+impl Throughput {
+    /// From the guest's console output; `None` without the line.
+    pub fn of(console: &str) -> Option<Throughput> {
+        let line = console.lines().find_map(|l| l.split("migrate: throughput (pages/ms): ").nth(1))?;
+        let number = |label: &str| -> Option<f64> {
+            line.split(label)
+                .nth(1)?
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .find(|w| !w.is_empty())?
+                .parse()
+                .ok()
+        };
+        Some(Throughput {
+            before: number("before the move ")?,
+            first_pass_after: number("first pass after it ")?,
+            after: number("100 passes after it ")?,
+        })
+    }
 }
 
 /// The parts of one Popek downtime, in ms, as its report gives them (see
@@ -190,5 +222,20 @@ pub fn run_popek(
         fault_p50_us: f(&postcopy["fault_latency_p50_us"]),
         fault_p99_us: f(&postcopy["fault_latency_p99_us"]),
         breakdown: Breakdown::of(report),
+        throughput: Throughput::of(&guest),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Throughput;
+
+    #[test]
+    fn the_guests_throughput_line_is_read() {
+        let console = "migrate: ready\nmigrate: throughput (pages/ms): before the move 812, first pass after it 95, 100 passes after it 790\nmigrate: moved";
+        let t = Throughput::of(console).expect("a throughput line");
+        assert_eq!((t.before, t.first_pass_after, t.after), (812.0, 95.0, 790.0));
+        assert!(Throughput::of("migrate: moved").is_none());
+        assert!(Throughput::of("migrate: throughput (pages/ms): before the move x, first pass after it 1").is_none());
+    }
 }

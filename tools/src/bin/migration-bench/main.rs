@@ -299,6 +299,9 @@ fn print_and_write(outcomes: &[Outcome], args: &Args, probes: &[f64]) {
     if let Some(c) = report::downtime_parts(outcomes) {
         markdown += &format!("\nWhere Popek's downtime goes (medians, ms; see docs/benchmarks.md):\n\n{c}");
     }
+    if let Some(c) = report::guest_throughput(outcomes) {
+        markdown += &format!("\nThe guest's own throughput around the move (medians):\n\n{c}");
+    }
     if let Some(c) = report::loopback_share(outcomes, probes) {
         markdown += &format!("\nStop-and-copy of all memory against the loopback probes:\n\n{c}");
     }

@@ -241,6 +241,7 @@ impl Qemu {
             fault_p50_us: None,
             fault_p99_us: None,
             breakdown: None,
+            throughput: None,
         })
     }
 }

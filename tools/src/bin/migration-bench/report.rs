@@ -1,6 +1,6 @@
 //! What a sweep prints and writes: the Markdown table, JSON, JUnit XML and SVG plots.
 
-use crate::cell::{Breakdown, Cell, Sample};
+use crate::cell::{Breakdown, Cell, Sample, Throughput};
 use plotters::prelude::*;
 use popek_tools::Stats;
 use std::path::Path;
@@ -40,10 +40,20 @@ impl Outcome {
             "rounds": self.stat(|s| Some(s.rounds)),
             "fault_latency_p50_us": self.stat(|s| s.fault_p50_us), "fault_latency_p99_us": self.stat(|s| s.fault_p99_us),
             "round_pages": self.samples.first().map(|s| s.round_pages.clone()),
+            "guest_throughput_pages_per_ms": self.throughput(),
             "downtime_breakdown_ms": self.breakdown().map(|parts| {
                 parts.iter().map(|(name, stats)| (name.to_string(), serde_json::json!(stats))).collect::<serde_json::Map<_, _>>()
             }),
         })
+    }
+
+    /// Statistics of the guest's throughput before, during and after the move; `None`
+    /// for cells without it (QEMU's).
+    fn throughput(&self) -> Option<serde_json::Value> {
+        let before = self.stat(|s| s.throughput.map(|t| t.before))?;
+        let first = self.stat(|s| s.throughput.map(|t| t.first_pass_after))?;
+        let after = self.stat(|s| s.throughput.map(|t| t.after))?;
+        Some(serde_json::json!({"before": before, "first_pass_after": first, "after": after}))
     }
 
     /// Statistics of each part of the downtime, named as in the JSON; `None` for cells
@@ -129,6 +139,37 @@ pub fn comparison(outcomes: &[Outcome]) -> Option<String> {
             pt.median,
             qt.median,
             pt.median / qt.median
+        ));
+    }
+    section(head, &rows)
+}
+
+/// The guest's throughput around the move, per Popek cell whose guest stamps pages:
+/// medians before the move, in its first pass after (post-copy: while memory still
+/// arrives) and over the 100 passes after, and the first pass against before.
+pub fn guest_throughput(outcomes: &[Outcome]) -> Option<String> {
+    let head = "| vmm | mode | RAM | workload | link | before (pages/ms) | first pass after | 100 passes after | first/before |\n\
+         |---|---|---|---|---|---|---|---|---|\n";
+    let mut rows = Vec::new();
+    for o in outcomes {
+        let median = |f: fn(&Throughput) -> f64| o.stat(|s| s.throughput.as_ref().map(f)).map(|s| s.median);
+        let (Some(before), Some(first), Some(after)) =
+            (median(|t| t.before), median(|t| t.first_pass_after), median(|t| t.after))
+        else {
+            continue;
+        };
+        if before <= 0.0 {
+            continue; // an idle guest stamps nothing
+        }
+        let c = &o.cell;
+        rows.push(format!(
+            "| {} | {} | {} | {} | {} | {before:.0} | {first:.0} | {after:.0} | {:.2} |\n",
+            c.vmm,
+            c.mode,
+            c.memory,
+            c.workload,
+            c.link,
+            first / before
         ));
     }
     section(head, &rows)
