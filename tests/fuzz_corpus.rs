@@ -200,7 +200,11 @@ fn migration_seeds() -> Vec<Seed> {
         state_crc32: None,
     };
     json_frame(&mut precopy, Kind::Complete, &complete);
-    json_frame(&mut precopy, Kind::Running, &Running { restore_us: 1500 });
+    json_frame(
+        &mut precopy,
+        Kind::Running,
+        &Running { restore_us: 1500, resumed_unix_ns: Some(1_800_000_000_000_000_000) },
+    );
 
     // Hybrid: the switch to post-copy, then the post-copy frames both ways.
     let mut postcopy = Vec::new();

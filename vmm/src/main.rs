@@ -361,7 +361,10 @@ fn run_incoming(
     let mut unused = Some(unused);
     log::debug!("incoming: machine restored {:?} after the state arrived", state_arrived.elapsed());
     let confirm = |vm: &mut Vm| {
-        let running = popek::migration::protocol::Running { restore_us: state_arrived.elapsed().as_micros() as u64 };
+        let running = popek::migration::protocol::Running {
+            restore_us: state_arrived.elapsed().as_micros() as u64,
+            resumed_unix_ns: popek::migration::protocol::unix_ns(),
+        };
         log::debug!("incoming: vCPUs started {:?} after the state arrived", state_arrived.elapsed());
         if let Err(e) = link.confirm_running(&running) {
             log::warn!("could not confirm to the source: {e}");

@@ -313,6 +313,18 @@ pub struct Complete {
 pub struct Running {
     /// Destination-side time from the first State byte to vCPUs running, in microseconds.
     pub restore_us: u64,
+    /// The destination's wall clock (ns since the Unix epoch) as it lets its vCPUs go
+    /// (just before this message goes out). With the source's stamp of its pause, it gives
+    /// the downtime the way QEMU measures its own, from two events on one clock; it means
+    /// something only where both clocks agree (one host).
+    #[serde(default)]
+    pub resumed_unix_ns: Option<u64>,
+}
+
+/// This host's wall clock in ns since the Unix epoch (see `Running::resumed_unix_ns`).
+pub fn unix_ns() -> Option<u64> {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?;
+    u64::try_from(since.as_nanos()).ok()
 }
 
 #[cfg(test)]

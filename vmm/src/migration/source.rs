@@ -146,6 +146,11 @@ pub struct Report {
     pub total_ms: f64,
     /// Source vCPUs paused -> destination confirmed its vCPUs run (end to end).
     pub downtime_ms: f64,
+    /// The source's pause -> the destination letting its vCPUs go, each stamped on its own
+    /// wall clock: the downtime as QEMU measures its own (STOP and RESUME events), without
+    /// Running's way back. Only where both clocks agree (one host); `None` when the
+    /// destination's stamp is missing or earlier than the pause (clocks apart).
+    pub downtime_by_events_ms: Option<f64>,
     /// The destination's own part: first state byte -> vCPUs running.
     pub destination_restore_ms: f64,
     pub memory: Transfer,
@@ -259,6 +264,7 @@ pub fn migrate(
         }
     }
     let paused = Instant::now();
+    let paused_unix_ns = protocol::unix_ns();
     vm.begin_pause();
     // After pre-copy rounds, the pages dirtied since the last one go while the vCPUs are
     // still on their way out of the guest (a busy vCPU took 0.1-0.5 ms here to reach its
@@ -330,6 +336,7 @@ pub fn migrate(
                 total_ms: total.as_secs_f64() * 1e3,
                 downtime_ms: downtime.as_secs_f64() * 1e3,
                 destination_restore_ms: running.restore_us as f64 / 1e3,
+                downtime_by_events_ms: by_events(paused_unix_ns, &running),
                 memory,
                 state_bytes,
                 bandwidth_mb_s: bytes as f64 / total.as_secs_f64().max(1e-9) / 1e6,
@@ -344,6 +351,13 @@ pub fn migrate(
             Err(e.into())
         }
     }
+}
+
+/// The downtime from the pause's stamp here to the destination's resume stamp (see
+/// `Report::downtime_by_events_ms`).
+fn by_events(paused_unix_ns: Option<u64>, running: &Running) -> Option<f64> {
+    let gap = running.resumed_unix_ns?.checked_sub(paused_unix_ns?)?;
+    Some(gap as f64 / 1e6)
 }
 
 /// Sends the pages dirtied since the last fetch of the dirty log; returns how many.
@@ -461,6 +475,7 @@ fn postcopy(
         thread.wait_ready();
     }
     let paused = Instant::now();
+    let paused_unix_ns = protocol::unix_ns();
     let vcpus = match vm.pause_all() {
         Ok(vcpus) => vcpus,
         Err(e) => {
@@ -558,6 +573,7 @@ fn postcopy(
         total_ms: total.as_secs_f64() * 1e3,
         downtime_ms: downtime.as_secs_f64() * 1e3,
         destination_restore_ms: outcome.running.restore_us as f64 / 1e3,
+        downtime_by_events_ms: by_events(paused_unix_ns, &outcome.running),
         memory,
         state_bytes,
         bandwidth_mb_s: bytes as f64 / total.as_secs_f64().max(1e-9) / 1e6,

@@ -88,6 +88,10 @@ impl Cell {
 pub struct Sample {
     /// Source paused -> destination running, end to end.
     pub downtime_ms: f64,
+    /// Source paused -> destination resumed, each stamped on this host's clock: how QEMU
+    /// measures its own downtime (its STOP and RESUME events); Popek's `downtime_ms` also
+    /// counts its Running message's way back.
+    pub downtime_by_events_ms: Option<f64>,
     /// The longest gap in the guest's own progress (Popek's workload only).
     pub blackout_ms: Option<f64>,
     pub total_ms: f64,
@@ -215,6 +219,7 @@ pub fn run_popek(
     Ok(Sample {
         rounds: round_pages.len() as f64,
         downtime_ms: f(&report["downtime_ms"]).unwrap_or(f64::NAN),
+        downtime_by_events_ms: f(&report["downtime_by_events_ms"]),
         blackout_ms: blackout_us.map(|us| us / 1e3),
         total_ms: f(&report["total_ms"]).unwrap_or(f64::NAN),
         bytes: f(&report["memory"]["bytes_on_wire"]).unwrap_or(0.0) + f(&report["state_bytes"]).unwrap_or(0.0),

@@ -233,6 +233,8 @@ impl Qemu {
         let _ = dst.execute("quit", json!({}));
         Ok(Sample {
             downtime_ms: (resumed - stopped) * 1e3,
+            // QEMU's downtime is its STOP and RESUME events already.
+            downtime_by_events_ms: Some((resumed - stopped) * 1e3),
             blackout_ms: None,
             total_ms,
             bytes: info["ram"]["transferred"].as_f64().unwrap_or(0.0),

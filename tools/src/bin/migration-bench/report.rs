@@ -35,7 +35,8 @@ impl Outcome {
             "vmm": self.cell.vmm, "mode": self.cell.mode, "memory": self.cell.memory,
             "workload": self.cell.workload.to_string(), "link": self.cell.link.to_string(),
             "runs": self.samples.len(), "failures": self.failures, "gate": self.gate,
-            "downtime_ms": self.downtime(), "guest_blackout_ms": self.stat(|s| s.blackout_ms),
+            "downtime_ms": self.downtime(), "downtime_by_events_ms": self.stat(|s| s.downtime_by_events_ms),
+            "guest_blackout_ms": self.stat(|s| s.blackout_ms),
             "total_ms": self.total(), "mb_sent": self.stat(|s| Some(s.bytes / 1e6)),
             "rounds": self.stat(|s| Some(s.rounds)),
             "fault_latency_p50_us": self.stat(|s| s.fault_p50_us), "fault_latency_p99_us": self.stat(|s| s.fault_p99_us),
@@ -116,19 +117,22 @@ pub fn table(outcomes: &[Outcome]) -> String {
     t
 }
 
-/// Popek against QEMU, cell by cell (where both ran): the ratios of the medians.
+/// Popek against QEMU, cell by cell (where both ran): the ratios of the medians. Popek's
+/// downtime twice: end to end (until its source read Running) and by events (until its
+/// destination resumed), the way QEMU's own is measured.
 pub fn comparison(outcomes: &[Outcome]) -> Option<String> {
     let head =
-        "| mode | RAM | workload | link | downtime popek (ms) | downtime qemu (ms) | popek/qemu | total popek (ms) | total qemu (ms) | popek/qemu |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n";
+        "| mode | RAM | workload | link | downtime popek (ms) | downtime qemu (ms) | popek/qemu | popek by events (ms) | by events/qemu | total popek (ms) | total qemu (ms) | popek/qemu |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n";
     let mut rows = Vec::new();
     for p in outcomes.iter().filter(|o| o.cell.vmm == "popek") {
         let Some(q) = outcomes.iter().find(|o| o.cell.is_partner(&p.cell, "qemu")) else { continue };
         let (Some(pd), Some(qd), Some(pt), Some(qt)) = (p.downtime(), q.downtime(), p.total(), q.total()) else {
             continue;
         };
+        let events = p.stat(|s| s.downtime_by_events_ms).map(|s| s.median);
         rows.push(format!(
-            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} | {:.2} |\n",
+            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} | {:.1} | {:.2} |\n",
             p.cell.mode,
             p.cell.memory,
             p.cell.workload,
@@ -136,6 +140,8 @@ pub fn comparison(outcomes: &[Outcome]) -> Option<String> {
             pd.median,
             qd.median,
             pd.median / qd.median,
+            opt(events, 2),
+            opt(events.map(|e| e / qd.median), 2),
             pt.median,
             qt.median,
             pt.median / qt.median
