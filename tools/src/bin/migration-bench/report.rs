@@ -41,35 +41,48 @@ impl Outcome {
             "rounds": self.stat(|s| Some(s.rounds)),
             "fault_latency_p50_us": self.stat(|s| s.fault_p50_us), "fault_latency_p99_us": self.stat(|s| s.fault_p99_us),
             "round_pages": self.samples.first().map(|s| s.round_pages.clone()),
-            "guest_throughput_pages_per_ms": self.throughput(),
-            "downtime_breakdown_ms": self.breakdown().map(|parts| {
-                parts.iter().map(|(name, stats)| (name.to_string(), serde_json::json!(stats))).collect::<serde_json::Map<_, _>>()
-            }),
+            "guest_throughput_pages_per_ms": self.throughput().map(named),
+            "downtime_breakdown_ms": self.breakdown().map(named),
         })
     }
 
-    /// Statistics of the guest's throughput before, during and after the move; `None`
-    /// for cells without it (QEMU's).
-    fn throughput(&self) -> Option<serde_json::Value> {
-        let before = self.stat(|s| s.throughput.map(|t| t.before))?;
-        let first = self.stat(|s| s.throughput.map(|t| t.first_pass_after))?;
-        let after = self.stat(|s| s.throughput.map(|t| t.after))?;
-        Some(serde_json::json!({"before": before, "first_pass_after": first, "after": after}))
+    /// Statistics of the guest's throughput before, during and after the move, named as
+    /// in the JSON; `None` for cells without it (QEMU's).
+    fn throughput(&self) -> Option<Vec<(&'static str, Stats)>> {
+        self.parts::<Throughput>(
+            |s| s.throughput.as_ref(),
+            &[("before", |t| t.before), ("first_pass_after", |t| t.first_pass_after), ("after", |t| t.after)],
+        )
     }
 
     /// Statistics of each part of the downtime, named as in the JSON; `None` for cells
     /// without a breakdown (QEMU's).
     fn breakdown(&self) -> Option<Vec<(&'static str, Stats)>> {
-        type Part = fn(&Breakdown) -> f64;
-        let parts: [(&str, Part); 5] = [
-            ("pause", |b| b.pause),
-            ("state", |b| b.state),
-            ("final_memory", |b| b.final_memory),
-            ("until_running", |b| b.until_running),
-            ("destination_restore", |b| b.destination_restore),
-        ];
-        parts.iter().map(|&(name, part)| Some((name, self.stat(|s| s.breakdown.as_ref().map(part))?))).collect()
+        self.parts::<Breakdown>(
+            |s| s.breakdown.as_ref(),
+            &[
+                ("pause", |b| b.pause),
+                ("state", |b| b.state),
+                ("final_memory", |b| b.final_memory),
+                ("until_running", |b| b.until_running),
+                ("destination_restore", |b| b.destination_restore),
+            ],
+        )
     }
+
+    /// Statistics of each named field of a per-run record (`get`), or `None` when no run
+    /// has one.
+    fn parts<T>(&self, get: fn(&Sample) -> Option<&T>, fields: &[Field<T>]) -> Option<Vec<(&'static str, Stats)>> {
+        fields.iter().map(|&(name, field)| Some((name, self.stat(|s| get(s).map(field))?))).collect()
+    }
+}
+
+/// A named field of a per-run record.
+type Field<T> = (&'static str, fn(&T) -> f64);
+
+/// Named statistics as a JSON object.
+fn named(parts: Vec<(&'static str, Stats)>) -> serde_json::Map<String, serde_json::Value> {
+    parts.into_iter().map(|(name, stats)| (name.to_string(), serde_json::json!(stats))).collect()
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -158,12 +171,8 @@ pub fn guest_throughput(outcomes: &[Outcome]) -> Option<String> {
          |---|---|---|---|---|---|---|---|---|\n";
     let mut rows = Vec::new();
     for o in outcomes {
-        let median = |f: fn(&Throughput) -> f64| o.stat(|s| s.throughput.as_ref().map(f)).map(|s| s.median);
-        let (Some(before), Some(first), Some(after)) =
-            (median(|t| t.before), median(|t| t.first_pass_after), median(|t| t.after))
-        else {
-            continue;
-        };
+        let Some(&[(_, before), (_, first), (_, after)]) = o.throughput().as_deref() else { continue };
+        let (before, first, after) = (before.median, first.median, after.median);
         if before <= 0.0 {
             continue; // an idle guest stamps nothing
         }
