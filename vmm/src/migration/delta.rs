@@ -1,9 +1,10 @@
 //! Pre-copy's delta encoding of pages sent again (QEMU's XBZRLE does the same job).
 //!
 //! A guest that keeps dirtying a working set usually changes a few words of each page
-//! between two rounds (the bundled dirtier: 16 bytes of 4096). Once the rounds show it
-//! (`source::keeps_coming_back`), the source keeps a copy of every page it sends, in a
-//! cache of bounded size; when it sends such a
+//! between two rounds (the bundled dirtier: 16 bytes of 4096). The source keeps a copy of
+//! every page it sends, in a cache of bounded size, from round 0 (plain pre-copy: round 1
+//! keeps the pages written again, `Cache::retain`) or once the rounds show it
+//! (`source::keeps_coming_back`); when it sends such a
 //! page again, it sends only the runs of 8-byte words that changed, and the destination
 //! writes them over the copy it holds. On the wire a delta is a list of runs
 //! `offset u16 | len u16 | bytes`, inside one page.
@@ -41,6 +42,8 @@ pub struct Cache {
     chunks: Vec<Vec<u8>>,
     used: usize,
     capacity: usize,
+    /// Slots given back by `retain`, used before new ones.
+    free: Vec<u32>,
     /// The last encoded delta.
     runs: Vec<u8>,
 }
@@ -59,7 +62,15 @@ impl Cache {
     pub fn new(map: PageMap, bytes: u64) -> Cache {
         let capacity = usize::try_from(bytes / PAGE).unwrap_or(usize::MAX).min(NO_SLOT as usize - 1);
         let slot_of = vec![NO_SLOT; usize::try_from(map.total()).unwrap_or(0)];
-        Cache { map, slot_of, chunks: Vec::new(), used: 0, capacity, runs: Vec::with_capacity(MAX_DELTA) }
+        Cache {
+            map,
+            slot_of,
+            chunks: Vec::new(),
+            used: 0,
+            capacity,
+            free: Vec::new(),
+            runs: Vec::with_capacity(MAX_DELTA),
+        }
     }
 
     /// Bytes the cache holds now.
@@ -91,6 +102,23 @@ impl Cache {
         }
     }
 
+    /// Forgets every cached page for which `keep` (its `PageMap` number) says no, and
+    /// reuses the slots: round 0's copies of pages the guest left alone make room for the
+    /// ones it keeps writing.
+    pub fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        for (index, entry) in self.slot_of.iter_mut().enumerate() {
+            if *entry != NO_SLOT && !keep(index as u64) {
+                self.free.push(*entry);
+                *entry = NO_SLOT;
+            }
+        }
+    }
+
+    /// Pages the cache holds now.
+    pub fn pages(&self) -> usize {
+        self.used - self.free.len()
+    }
+
     /// The delta `encode` left.
     pub fn runs(&self) -> &[u8] {
         &self.runs
@@ -103,6 +131,10 @@ impl Cache {
         let entry = self.slot_of.get_mut(index)?;
         if *entry != NO_SLOT {
             return Some((*entry as usize, false));
+        }
+        if let Some(slot) = self.free.pop() {
+            *entry = slot;
+            return Some((slot as usize, true));
         }
         if self.used == self.capacity {
             return None;
@@ -231,6 +263,24 @@ mod tests {
         // Cleared by a zero record: the next delta is against zeros.
         cache.zeroed(0x3000);
         assert_eq!(cache.encode(0x3000, &again), Encoded::Full, "mostly non-zero: too large a delta");
+    }
+
+    #[test]
+    fn pages_not_kept_give_their_slots_to_others() {
+        let mut cache = cache(2 * PAGE);
+        let page = vec![1u8; PAGE as usize];
+        for gpa in [0, PAGE] {
+            assert_eq!(cache.encode(gpa, &page), Encoded::Full);
+        }
+        assert_eq!(cache.encode(2 * PAGE, &page), Encoded::Full, "full");
+        cache.retain(|i| i == 1);
+        assert_eq!(cache.pages(), 1);
+        assert_eq!(cache.encode(PAGE, &page), Encoded::Delta, "kept");
+        // Page 2 takes page 0's slot, and holds none of page 0's bytes for a delta.
+        assert_eq!(cache.encode(2 * PAGE, &page), Encoded::Full);
+        assert_eq!(cache.encode(2 * PAGE, &page), Encoded::Delta);
+        assert_eq!(cache.encode(0, &page), Encoded::Full, "forgotten, and no room again");
+        assert_eq!(cache.pages(), 2);
     }
 
     #[test]

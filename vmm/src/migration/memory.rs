@@ -204,10 +204,20 @@ impl Outgoing {
     }
 
     /// From now on, keeps a copy of each page sent (in at most `bytes`) and sends a page
-    /// sent again as its delta when that is small (`delta`): pre-copy, once the rounds
-    /// stop shrinking. Round 0 always goes without: most of it is never sent again.
+    /// sent again as its delta when that is small (`delta`): pre-copy, from round 0 (then
+    /// `keep_cached` trims it at round 1) or once the rounds stop shrinking.
     pub fn start_deltas(&mut self, ram: &GuestRam, bytes: u64) {
         self.deltas = (bytes >= PAGE).then(|| delta::Cache::new(PageMap::new(ram), bytes));
+    }
+
+    /// Keeps in the delta cache only the pages set in `dirty` (one bitmap per RAM region):
+    /// round 0 cached every data page it sent, and those the guest did not write again are
+    /// unlikely to come back. Returns how many pages stay cached.
+    pub fn keep_cached(&mut self, ram: &GuestRam, dirty: &[Vec<u64>]) -> usize {
+        let Some(cache) = &mut self.deltas else { return 0 };
+        let again = PageSet::from_bitmaps(&PageMap::new(ram), dirty);
+        cache.retain(|i| again.contains(i));
+        cache.pages()
     }
 
     /// Sends whole pages from now on, and frees the cache.
