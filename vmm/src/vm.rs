@@ -273,8 +273,17 @@ impl Vm {
 
     /// Makes the vCPU threads now, to be handed their vCPUs when the VM runs: a migration
     /// destination calls this before the downtime, which then needs no thread starts.
-    pub fn make_vcpu_threads_ahead(&mut self) -> Result<(), Error> {
-        self.threads_ahead = self.vcpus.iter().map(|v| Vcpu::thread_ahead(v.id())).collect::<Result<_, _>>()?;
+    /// `first`: vCPU 0's, made earlier still (`Vcpu::thread_ahead(0)`).
+    pub fn make_vcpu_threads_ahead(&mut self, first: Option<crate::parked::Parked>) -> Result<(), Error> {
+        let mut first = first;
+        self.threads_ahead = self
+            .vcpus
+            .iter()
+            .map(|v| match first.take().filter(|_| v.id() == 0) {
+                Some(thread) => Ok(thread),
+                None => Vcpu::thread_ahead(v.id()),
+            })
+            .collect::<Result<_, _>>()?;
         // Up before the caller goes on (see `Parked::wait_ready`).
         self.threads_ahead.iter().for_each(crate::parked::Parked::wait_ready);
         Ok(())

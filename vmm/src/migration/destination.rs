@@ -217,6 +217,12 @@ pub fn receive(
     (recover_timeout, prepared): (Duration, Option<std::sync::Arc<crate::memory::Prepared>>),
 ) -> Result<Incoming, String> {
     let listener = transport::Listener::bind(address).map_err(|e| chain(&e))?;
+    // The threads a migration here needs (vCPU 0's, and post-copy's should the source
+    // ask) start while the source has yet to come: started after its Hello, one of them
+    // waited 3-4 ms for a core in half the runs here, a busy source guest's vCPU holding
+    // the other (a new thread does not preempt it before its time slice ends).
+    let vcpu0 = crate::vcpu::Vcpu::thread_ahead(0).map_err(|e| chain(&e))?;
+    let postcopy_threads = Ahead::threads()?;
     let mut stream = listener.accept(None).map_err(|e| chain(&e))?;
     stream.set_timeout(Duration::from_secs(30)).map_err(|e| e.to_string())?;
     let first = protocol::read_frame(&mut stream).map_err(|e| chain(&e))?;
@@ -306,7 +312,7 @@ pub fn receive(
     }
     // A migration that may switch to post-copy needs userfaultfd here: checked (and its
     // threads made) before Accept, so that a host without it says so up front.
-    let ahead = match hello.postcopy.then(|| Ahead::new(vm.ram(), prepared.is_some())).transpose() {
+    let ahead = match hello.postcopy.then(|| Ahead::new(vm.ram(), prepared.is_some(), postcopy_threads)).transpose() {
         Ok(ahead) => ahead,
         Err(e) => {
             let reason = format!(
@@ -317,7 +323,7 @@ pub fn receive(
         }
     };
     // The vCPU threads too: made now, they only need their vCPUs once it runs here.
-    if let Err(e) = vm.make_vcpu_threads_ahead() {
+    if let Err(e) = vm.make_vcpu_threads_ahead(Some(vcpu0)) {
         let reason = format!("this destination cannot start vCPU threads: {}", chain(&e));
         refuse(stream.as_mut(), &reason);
         return Err(reason);

@@ -51,9 +51,15 @@ pub struct Ahead {
 }
 
 impl Ahead {
+    /// Post-copy's threads on this side, to be handed to `Ahead::new`.
+    pub fn threads() -> Result<[Parked; 3], String> {
+        let spawn = |name| Parked::spawn(name).map_err(|e| chain(&Error::Thread(e)));
+        Ok([spawn("postcopy-faults")?, spawn("postcopy-urgent")?, spawn("postcopy-receiver")?])
+    }
+
     /// `ram`: the guest RAM the pages will come into; `prepared`: whether it was allocated
-    /// ahead (minor faults need a kernel feature).
-    pub fn new(ram: &GuestRam, prepared: bool) -> Result<Ahead, String> {
+    /// ahead (minor faults need a kernel feature); `threads`: from `Ahead::threads`.
+    pub fn new(ram: &GuestRam, prepared: bool, threads: [Parked; 3]) -> Result<Ahead, String> {
         let mut builder = UffdBuilder::new();
         builder.close_on_exec(true).non_blocking(true).user_mode_only(false);
         if prepared {
@@ -64,15 +70,16 @@ impl Ahead {
         let uffd = builder.create().map_err(|e| chain(&Error::Create(e)))?;
         let map = PageMap::new(ram);
         let total = map.total();
+        let [faults, urgent, receiver] = threads;
         let ahead = Ahead {
             map,
             need: PageSet::full(total),
             touched: PageSet::new(total),
             claimed: PageSet::new(total),
             uffd,
-            faults: Parked::spawn("postcopy-faults").map_err(|e| chain(&Error::Thread(e)))?,
-            urgent: Parked::spawn("postcopy-urgent").map_err(|e| chain(&Error::Thread(e)))?,
-            receiver: Parked::spawn("postcopy-receiver").map_err(|e| chain(&Error::Thread(e)))?,
+            faults,
+            urgent,
+            receiver,
         };
         // Up before Accept: the source pauses soon after it, and threads still starting
         // would compete with its pause for the CPU.

@@ -98,10 +98,21 @@ impl Link {
 /// behind less.
 pub const POSTCOPY_BUFFERS: usize = 1 << 20;
 
-/// Starts reading the destination's messages from `stream` on a thread of its own, which
-/// timestamps Running as it arrives (the end of the downtime). Opened before the pause:
-/// starting a thread and its seccomp filter took 0.2-0.35 ms inside the downtime.
+/// The thread that will read the destination's messages (see `open_link_on`).
+pub fn reader_thread() -> Result<Parked, String> {
+    Parked::spawn("postcopy-reader").map_err(|e| format!("cannot start the post-copy reader: {e}"))
+}
+
+/// `open_link_on` a thread started now.
 pub fn open_link(stream: Box<dyn Stream>) -> Result<Link, String> {
+    open_link_on(stream, reader_thread()?)
+}
+
+/// Starts reading the destination's messages from `stream` on `thread` (see
+/// `reader_thread`), which timestamps Running as it arrives (the end of the downtime).
+/// Opened before the pause: starting a thread and its seccomp filter took 0.2-0.35 ms
+/// inside the downtime.
+pub fn open_link_on(stream: Box<dyn Stream>, thread: Parked) -> Result<Link, String> {
     // The main connection keeps the kernel's own buffer sizing. Capped at 1 MiB, the push
     // of 1 MiB frames stalled for ~200 ms at a time: the source's write blocked while the
     // destination's receiver sat waiting for data (a TCP window stall, not pinned down
@@ -112,7 +123,6 @@ pub fn open_link(stream: Box<dyn Stream>) -> Result<Link, String> {
     // Bounded: a destination that floods requests faster than they are served fills this,
     // then the reader stops reading, then TCP stops the peer; memory stays bounded.
     let (tx, rx) = mpsc::sync_channel(EVENT_QUEUE);
-    let thread = Parked::spawn("postcopy-reader").map_err(|e| format!("cannot start the post-copy reader: {e}"))?;
     // Up before the caller pauses the guest (see `Parked::wait_ready`).
     thread.wait_ready();
     thread.start(move || read_events(reader, &tx))?;
