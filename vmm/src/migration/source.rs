@@ -644,6 +644,9 @@ fn outrun(hybrid: bool, round: u32, (pending, last_pending): (u64, u64), (estima
 /// on this project's test host, less on hardware KVM).
 const FIXED_DOWNTIME_MS: f64 = 0.5;
 
+/// Pages left that never call for another round (see `precopy`).
+const FEW_PAGES: u64 = 64;
+
 /// What the last pages may take of a downtime limit: the rest goes to the fixed part, but
 /// the pages keep at least half. Without it, rounds of cheap deltas (1,500 pages a
 /// millisecond) stopped with that many pages left for a 1 ms limit, and the downtime came
@@ -755,8 +758,11 @@ fn precopy(
         // Under the budget but still shrinking by half or more a round (rounds of deltas
         // take a millisecond or two): one more round leaves fewer pages to the pause, for
         // little total time. The 64 MiB dirtier's downtime in a 1 GiB guest was 1.1-1.3 ms
-        // with 1,000-1,500 pages left, against QEMU's 1.6-1.8 ms.
-        let shrinking = pending.saturating_mul(2) < last_pending && estimate_ms > budget_ms / 10.0;
+        // with 1,000-1,500 pages left, against QEMU's 1.6-1.8 ms. A few pages go in the
+        // pause whatever the estimate (round 0's pace, mostly zero pages, makes little of
+        // an idle guest's handful look slow).
+        let shrinking =
+            pending.saturating_mul(2) < last_pending && estimate_ms > budget_ms / 10.0 && pending > FEW_PAGES;
         let mut converged = estimate_ms <= budget_ms && !shrinking;
         if converged && unsynced {
             // The destination may still be applying earlier rounds (its socket buffers
