@@ -355,10 +355,18 @@ fn run_incoming(
     // The staging mapping of prepared RAM stays mapped while the VM runs: unmapping it
     // (~80 ms for 1 GiB here) stalls the vCPUs' own page faults even on another thread,
     // and it costs only its page tables (2 MiB per GiB); the process exit unmaps it.
-    let popek::migration::destination::Incoming { mut vm, mut link, state_arrived, staging: _staging, buffer, unused } =
-        incoming;
+    let popek::migration::destination::Incoming {
+        mut vm,
+        mut link,
+        state_arrived,
+        staging: _staging,
+        buffer,
+        unused,
+        listener,
+    } = incoming;
     let mut buffer = Some(buffer);
     let mut unused = Some(unused);
+    let mut listener = Some(listener);
     log::debug!("incoming: machine restored {:?} after the state arrived", state_arrived.elapsed());
     let confirm = |vm: &mut Vm| {
         let running = popek::migration::protocol::Running {
@@ -374,6 +382,7 @@ fn run_incoming(
         vm.resume_all();
         drop(buffer.take()); // after Running: its unmap is no longer in the downtime
         drop(unused.take()); // likewise the post-copy threads a pre-copy did not need
+        drop(listener.take()); // and the listening socket
     };
     let input = stdin.then(std::io::stdin);
     let exit = match vm.run_with(input, requests, confirm) {
