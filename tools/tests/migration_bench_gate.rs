@@ -75,6 +75,19 @@ fn the_sweep_runs_the_same_cell_under_qemu_side_by_side() {
     // leaves out Running's way back: shorter than end to end, and still there.
     let (end_to_end, by_events): (f64, f64) = (cells[5].parse().unwrap(), cells[8].parse().unwrap());
     assert!(by_events > 0.0 && by_events < end_to_end, "{row}");
+    // The target column follows from the ratios (at most half the downtime, total no
+    // worse), and the JSON summary says the same.
+    let total_ratio: f64 = cells[12].parse().unwrap();
+    let met = ratio <= 0.5 && total_ratio <= 1.0;
+    assert_eq!(cells[13] == "met", met, "{row}");
+    assert!(stdout.contains(&format!("met in {} of 1 cells end to end", u8::from(met))), "{stdout}");
+    let json = stdout.lines().find_map(|l| l.strip_prefix("BENCH_JSON ")).expect("the JSON summary");
+    let json: serde_json::Value = serde_json::from_str(json).unwrap();
+    let versus = &json["comparison"][0];
+    assert_eq!(versus["mode"], "postcopy", "{json}");
+    assert_eq!(versus["meets_target"].as_bool(), Some(met), "{json}");
+    let json_ratio = versus["downtime_ratio"].as_f64().unwrap();
+    assert!((json_ratio - ratio).abs() < 0.006, "{json_ratio} vs {row}");
 }
 
 #[test]

@@ -317,6 +317,7 @@ fn print_and_write(outcomes: &[Outcome], args: &Args, probes: &[f64]) {
     }
     println!("{markdown}");
     let json = serde_json::json!({ "cells": outcomes.iter().map(Outcome::json).collect::<Vec<_>>(),
+        "comparison": report::comparison_json(outcomes),
         "gate_failures": failed.len(), "loopback_probes_gb_s": probes.iter().map(|p| p / 1e9).collect::<Vec<_>>() });
     println!("\nBENCH_JSON {json}");
     let write = |path: &Option<PathBuf>, text: &str| {

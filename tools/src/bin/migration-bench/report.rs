@@ -130,34 +130,117 @@ pub fn table(outcomes: &[Outcome]) -> String {
     t
 }
 
-/// Popek against QEMU, cell by cell (where both ran): the ratios of the medians. Popek's
-/// downtime twice: end to end (until its source read Running) and by events (until its
-/// destination resumed), the way QEMU's own is measured.
-pub fn comparison(outcomes: &[Outcome]) -> Option<String> {
-    let head =
-        "| mode | RAM | workload | link | downtime popek (ms) | downtime qemu (ms) | popek/qemu | popek by events (ms) | by events/qemu | total popek (ms) | total qemu (ms) | popek/qemu |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n";
-    let mut rows = Vec::new();
+/// What Popek is held to against QEMU in every cell where both ran: at most this share of
+/// QEMU's downtime...
+pub const TARGET_DOWNTIME_RATIO: f64 = 0.5;
+/// ...and a total time no longer than QEMU's.
+pub const TARGET_TOTAL_RATIO: f64 = 1.0;
+
+/// One cell where both VMMs ran: the medians and their ratios (Popek's over QEMU's).
+struct Versus<'a> {
+    popek: &'a Outcome,
+    /// Popek's downtime end to end (until its source read Running), QEMU's.
+    downtime: (f64, f64),
+    /// Popek's downtime by events (until its destination resumed), the way QEMU's own is
+    /// measured.
+    by_events: Option<f64>,
+    total: (f64, f64),
+}
+
+impl Versus<'_> {
+    fn downtime_ratio(&self) -> f64 {
+        self.downtime.0 / self.downtime.1
+    }
+
+    fn by_events_ratio(&self) -> Option<f64> {
+        self.by_events.map(|e| e / self.downtime.1)
+    }
+
+    fn total_ratio(&self) -> f64 {
+        self.total.0 / self.total.1
+    }
+
+    /// Whether a downtime ratio meets the target, with the total's.
+    fn meets(&self, downtime_ratio: f64) -> bool {
+        downtime_ratio <= TARGET_DOWNTIME_RATIO && self.total_ratio() <= TARGET_TOTAL_RATIO
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let cell = &self.popek.cell;
+        serde_json::json!({
+            "mode": cell.mode, "memory": cell.memory, "workload": cell.workload.to_string(),
+            "link": cell.link.to_string(),
+            "downtime_ms": {"popek": self.downtime.0, "qemu": self.downtime.1},
+            "popek_downtime_by_events_ms": self.by_events,
+            "total_ms": {"popek": self.total.0, "qemu": self.total.1},
+            "downtime_ratio": self.downtime_ratio(), "downtime_by_events_ratio": self.by_events_ratio(),
+            "total_ratio": self.total_ratio(),
+            "meets_target": self.meets(self.downtime_ratio()),
+            "meets_target_by_events": self.by_events_ratio().map(|r| self.meets(r)),
+        })
+    }
+}
+
+/// The cells where both VMMs ran, with medians.
+fn versus(outcomes: &[Outcome]) -> Vec<Versus<'_>> {
+    let mut pairs = Vec::new();
     for p in outcomes.iter().filter(|o| o.cell.vmm == "popek") {
         let Some(q) = outcomes.iter().find(|o| o.cell.is_partner(&p.cell, "qemu")) else { continue };
         let (Some(pd), Some(qd), Some(pt), Some(qt)) = (p.downtime(), q.downtime(), p.total(), q.total()) else {
             continue;
         };
-        let events = p.stat(|s| s.downtime_by_events_ms).map(|s| s.median);
+        let by_events = p.stat(|s| s.downtime_by_events_ms).map(|s| s.median);
+        pairs.push(Versus { popek: p, downtime: (pd.median, qd.median), by_events, total: (pt.median, qt.median) });
+    }
+    pairs
+}
+
+/// The comparison for the JSON summary: one entry per cell where both ran.
+pub fn comparison_json(outcomes: &[Outcome]) -> Vec<serde_json::Value> {
+    versus(outcomes).iter().map(Versus::json).collect()
+}
+
+/// Popek against QEMU, cell by cell (where both ran): the ratios of the medians, and
+/// whether the cell meets the target (`TARGET_DOWNTIME_RATIO`, `TARGET_TOTAL_RATIO`).
+/// Popek's downtime twice: end to end (until its source read Running) and by events
+/// (until its destination resumed), the way QEMU's own is measured.
+pub fn comparison(outcomes: &[Outcome]) -> Option<String> {
+    let head =
+        "| mode | RAM | workload | link | downtime popek (ms) | downtime qemu (ms) | popek/qemu | popek by events (ms) | by events/qemu | total popek (ms) | total qemu (ms) | popek/qemu | target |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    let pairs = versus(outcomes);
+    let mut rows: Vec<String> = pairs
+        .iter()
+        .map(|v| {
+            let cell = &v.popek.cell;
+            let target = match (v.meets(v.downtime_ratio()), v.by_events_ratio().map(|r| v.meets(r))) {
+                (true, _) => "met",
+                (false, Some(true)) => "met by events",
+                _ => "missed",
+            };
+            format!(
+                "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} | {:.1} | {:.2} | {target} |\n",
+                cell.mode,
+                cell.memory,
+                cell.workload,
+                cell.link,
+                v.downtime.0,
+                v.downtime.1,
+                v.downtime_ratio(),
+                opt(v.by_events, 2),
+                opt(v.by_events_ratio(), 2),
+                v.total.0,
+                v.total.1,
+                v.total_ratio()
+            )
+        })
+        .collect();
+    if !rows.is_empty() {
+        let met = pairs.iter().filter(|v| v.meets(v.downtime_ratio())).count();
+        let by_events = pairs.iter().filter(|v| v.by_events_ratio().is_some_and(|r| v.meets(r))).count();
         rows.push(format!(
-            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {:.1} | {:.1} | {:.2} |\n",
-            p.cell.mode,
-            p.cell.memory,
-            p.cell.workload,
-            p.cell.link,
-            pd.median,
-            qd.median,
-            pd.median / qd.median,
-            opt(events, 2),
-            opt(events.map(|e| e / qd.median), 2),
-            pt.median,
-            qt.median,
-            pt.median / qt.median
+            "\nTarget (downtime at most {TARGET_DOWNTIME_RATIO} of QEMU's, total at most {TARGET_TOTAL_RATIO} of it): met in {met} of {} cells end to end, {by_events} by events.\n",
+            pairs.len()
         ));
     }
     section(head, &rows)
