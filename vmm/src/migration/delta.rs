@@ -92,6 +92,26 @@ impl Cache {
         }
     }
 
+    /// `encode` for the last pages of a migration, sent as the vCPUs pause: the page leaves
+    /// the cache instead of updating it (a 4 KiB copy a page, inside the downtime, for a
+    /// copy no later round reads), so should it go once more it goes whole; a page not
+    /// cached goes whole and is not cached.
+    pub fn encode_last(&mut self, gpa: u64, new: &[u8]) -> Encoded {
+        let Some(index) = self.map.index_of_gpa(gpa).and_then(|i| usize::try_from(i).ok()) else {
+            return Encoded::Full;
+        };
+        let Some(entry) = self.slot_of.get_mut(index).filter(|e| **e != NO_SLOT) else { return Encoded::Full };
+        let slot = *entry as usize;
+        *entry = NO_SLOT;
+        self.free.push(slot as u32);
+        let old = &self.chunks[slot / CHUNK_PAGES][(slot % CHUNK_PAGES) * PAGE as usize..][..PAGE as usize];
+        if new.len() == old.len() && diff(old, new, &mut self.runs) {
+            Encoded::Delta
+        } else {
+            Encoded::Full
+        }
+    }
+
     /// Page `gpa` goes out as a zero record: the destination clears it.
     pub fn zeroed(&mut self, gpa: u64) {
         if let Some(&slot) = self.map.index_of_gpa(gpa).and_then(|i| self.slot_of.get(i as usize)) {
@@ -263,6 +283,22 @@ mod tests {
         // Cleared by a zero record: the next delta is against zeros.
         cache.zeroed(0x3000);
         assert_eq!(cache.encode(0x3000, &again), Encoded::Full, "mostly non-zero: too large a delta");
+    }
+
+    #[test]
+    fn the_last_pages_leave_the_cache_as_they_go() {
+        let mut cache = cache(4 * PAGE);
+        let mut page = vec![3u8; PAGE as usize];
+        assert_eq!(cache.encode(0, &page), Encoded::Full);
+        let sent = page.clone();
+        page[8] = 4;
+        assert_eq!(cache.encode_last(0, &page), Encoded::Delta);
+        assert_eq!(patch(&sent, cache.runs()), page);
+        assert_eq!(cache.pages(), 0, "out of the cache");
+        // Once more (the vCPU wrote it again before it stopped): whole, and not cached.
+        assert_eq!(cache.encode_last(0, &page), Encoded::Full);
+        assert_eq!(cache.encode_last(PAGE, &page), Encoded::Full);
+        assert_eq!(cache.pages(), 0);
     }
 
     #[test]

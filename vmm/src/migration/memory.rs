@@ -162,6 +162,8 @@ pub struct Outgoing {
     postcopy: bool,
     /// Pre-copy rounds after the first: what was sent, to send pages again as deltas.
     deltas: Option<delta::Cache>,
+    /// The last pages are going (`sending_last`): deltas leave the cache as they go.
+    last: bool,
 }
 
 impl Default for Outgoing {
@@ -178,6 +180,7 @@ impl Default for Outgoing {
             limit: None,
             postcopy: false,
             deltas: None,
+            last: false,
         }
     }
 }
@@ -218,6 +221,12 @@ impl Outgoing {
         let again = PageSet::from_bitmaps(&PageMap::new(ram), dirty);
         cache.retain(|i| again.contains(i));
         cache.pages()
+    }
+
+    /// The pages queued from now on are the migration's last (the vCPUs are pausing): a
+    /// delta no longer updates the cache, it takes the page out (`Cache::encode_last`).
+    pub fn sending_last(&mut self) {
+        self.last = true;
     }
 
     /// Sends whole pages from now on, and frees the cache.
@@ -341,7 +350,7 @@ impl Outgoing {
             self.zero_page(gpa, fresh);
             return Ok(());
         }
-        if let Some(Encoded::Delta) = self.deltas.as_mut().map(|c| c.encode(gpa, &self.frame[data_at..])) {
+        if let Some(Encoded::Delta) = encode(&mut self.deltas, self.last, gpa, &self.frame[data_at..]) {
             self.frame.truncate(at);
             self.delta_record(gpa);
             return Ok(());
@@ -382,7 +391,7 @@ impl Outgoing {
             self.zero_page(gpa, fresh);
             return Ok(());
         }
-        if let Some(Encoded::Delta) = self.deltas.as_mut().map(|c| c.encode(gpa, bytes)) {
+        if let Some(Encoded::Delta) = encode(&mut self.deltas, self.last, gpa, bytes) {
             self.delta_record(gpa);
             return Ok(());
         }
@@ -531,6 +540,12 @@ impl Outgoing {
     pub fn crc32(&self) -> u32 {
         self.crc.clone().finalize()
     }
+}
+
+/// Encodes page `gpa` against the delta cache, if there is one; `last`: see
+/// `Outgoing::sending_last`.
+fn encode(cache: &mut Option<delta::Cache>, last: bool, gpa: u64, bytes: &[u8]) -> Option<Encoded> {
+    cache.as_mut().map(|c| if last { c.encode_last(gpa, bytes) } else { c.encode(gpa, bytes) })
 }
 
 /// A record header: `gpa u64 | npages u32 | flags u32`, little endian.

@@ -275,6 +275,7 @@ pub fn migrate(
     let paused = Instant::now();
     let paused_unix_ns = protocol::unix_ns();
     vm.begin_pause();
+    outgoing.sending_last();
     // After pre-copy rounds, the pages dirtied since the last one go while the vCPUs are
     // still on their way out of the guest (a busy vCPU took 0.1-0.5 ms here to reach its
     // pause): only what the guest writes after this fetch is left for the paused window.
