@@ -724,7 +724,7 @@ fn precopy(
     // Plain pre-copy caches round 0's data pages: a guest that keeps writing a working set
     // then sends it again in round 1 as deltas, not whole (the 64 MiB dirtier's round 1
     // took 84-100 ms whole over loopback here, 10-17 ms as deltas). Round 1 keeps only
-    // what the guest wrote again, or drops the cache if the rounds shrink by themselves.
+    // what the guest wrote again, or drops the cache if that is not most of what goes.
     // Hybrid goes without: a guest that outruns the rounds moves in post-copy instead.
     let precached = !hybrid && delta_cache > 0;
     if precached {
@@ -807,17 +807,19 @@ fn precopy(
             progress(serde_json::json!({"round": round, "throttle_percent": throttle_percent}));
         }
         last_pending = pending;
-        let coming_back = keeps_coming_back(pending, last_sent);
         if round == 1 && precached {
-            if coming_back {
-                let cached = outgoing.keep_cached(vm.ram(), &dirty);
+            // Deltas go on when most of what goes again was cached in round 0 (a guest
+            // whose working set lies past the first `delta_cache` bytes of data gains
+            // nothing from round 0's copies: they are freed, and the rule below applies).
+            let cached = outgoing.keep_cached(vm.ram(), &dirty);
+            if cached as u64 * 2 >= pending {
                 deltas = true;
                 progress(serde_json::json!({"round": round, "deltas": "from now on pages sent again go as deltas",
                     "cached_pages": cached}));
             } else {
                 outgoing.stop_deltas();
             }
-        } else if !deltas && delta_cache > 0 && coming_back {
+        } else if !deltas && delta_cache > 0 && keeps_coming_back(pending, last_sent) {
             outgoing.start_deltas(vm.ram(), delta_cache);
             deltas = true;
             progress(serde_json::json!({"round": round, "deltas": "from now on pages sent again go as deltas"}));
