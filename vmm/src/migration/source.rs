@@ -724,7 +724,7 @@ fn precopy(
     // Plain pre-copy caches round 0's data pages: a guest that keeps writing a working set
     // then sends it again in round 1 as deltas, not whole (the 64 MiB dirtier's round 1
     // took 84-100 ms whole over loopback here, 10-17 ms as deltas). Round 1 keeps only
-    // what the guest wrote again, or drops the cache if that is not most of what goes.
+    // what the guest wrote again.
     // Hybrid goes without: a guest that outruns the rounds moves in post-copy instead.
     let precached = !hybrid && delta_cache > 0;
     if precached {
@@ -808,17 +808,14 @@ fn precopy(
         }
         last_pending = pending;
         if round == 1 && precached {
-            // Deltas go on when most of what goes again was cached in round 0 (a guest
-            // whose working set lies past the first `delta_cache` bytes of data gains
-            // nothing from round 0's copies: they are freed, and the rule below applies).
+            // Round 0's copies of the pages written again stay; the others' slots go to the
+            // pages sent from now on, with no fresh memory to touch (what made deltas wait
+            // for the rounds to stop shrinking, see `keeps_coming_back`). A working set
+            // past the cache's first `delta_cache` bytes of data is cached as it goes.
             let cached = outgoing.keep_cached(vm.ram(), &dirty);
-            if cached as u64 * 2 >= pending {
-                deltas = true;
-                progress(serde_json::json!({"round": round, "deltas": "from now on pages sent again go as deltas",
-                    "cached_pages": cached}));
-            } else {
-                outgoing.stop_deltas();
-            }
+            deltas = true;
+            progress(serde_json::json!({"round": round, "deltas": "from now on pages sent again go as deltas",
+                "cached_pages": cached}));
         } else if !deltas && delta_cache > 0 && keeps_coming_back(pending, last_sent) {
             outgoing.start_deltas(vm.ram(), delta_cache);
             deltas = true;
