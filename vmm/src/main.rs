@@ -315,6 +315,9 @@ fn main() -> ExitCode {
     }
 }
 
+/// How long after Running the destination frees what the migration no longer needs.
+const CLEANUP_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The destination side of a migration: receive, run, confirm.
 fn run_incoming(
     address: &str,
@@ -340,6 +343,11 @@ fn run_incoming(
         }
         eprintln!("popek: warning: accepting an unauthenticated migration on {address} (--insecure)");
     }
+    // Frees what the migration no longer needs, a little after Running (see `confirm`).
+    let reaper = match popek::parked::Parked::spawn("cleanup") {
+        Ok(thread) => thread,
+        Err(e) => return fail(status::VMM_ERROR, &format!("cannot start a thread: {e}")),
+    };
     let console = Box::new(std::io::stdout());
     let incoming = match popek::migration::destination::receive(
         &address,
@@ -380,9 +388,16 @@ fn run_incoming(
         // The vCPUs were held until Running went out (see `Vm::run_with`); they go now,
         // before the clean-up below.
         vm.resume_all();
-        drop(buffer.take()); // after Running: its unmap is no longer in the downtime
-        drop(unused.take()); // likewise the post-copy threads a pre-copy did not need
-        drop(listener.take()); // and the listening socket
+        // Out of the downtime, but not at once: the receive buffer's unmap (~0.5 ms
+        // here), the post-copy threads a pre-copy did not need and the listening socket
+        // would compete for a core with the source's reader of Running, whose wake-up
+        // ends the downtime, while the guest takes the other (a dirtier's downtime was
+        // 0.45 ms longer end to end than by events, an all-written guest's 1.5 ms).
+        let later = (buffer.take(), unused.take(), listener.take());
+        let _ = reaper.start(move || {
+            std::thread::sleep(CLEANUP_DELAY);
+            drop(later);
+        });
     };
     let input = stdin.then(std::io::stdin);
     let exit = match vm.run_with(input, requests, confirm) {
