@@ -372,9 +372,6 @@ fn run_incoming(
         unused,
         listener,
     } = incoming;
-    let mut buffer = Some(buffer);
-    let mut unused = Some(unused);
-    let mut listener = Some(listener);
     log::debug!("incoming: machine restored {:?} after the state arrived", state_arrived.elapsed());
     let confirm = |vm: &mut Vm| {
         let running = popek::migration::protocol::Running {
@@ -393,7 +390,7 @@ fn run_incoming(
         // would compete for a core with the source's reader of Running, whose wake-up
         // ends the downtime, while the guest takes the other (a dirtier's downtime was
         // 0.45 ms longer end to end than by events, an all-written guest's 1.5 ms).
-        let later = (buffer.take(), unused.take(), listener.take());
+        let later = (buffer, unused, listener);
         let _ = reaper.start(move || {
             std::thread::sleep(CLEANUP_DELAY);
             drop(later);

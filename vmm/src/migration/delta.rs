@@ -82,7 +82,7 @@ impl Cache {
     /// will hold, and says whether a delta (left in `runs`) can stand in for the page.
     pub fn encode(&mut self, gpa: u64, new: &[u8]) -> Encoded {
         let Some((slot, fresh)) = self.slot(gpa) else { return Encoded::Full };
-        let old = &mut self.chunks[slot / CHUNK_PAGES][(slot % CHUNK_PAGES) * PAGE as usize..][..PAGE as usize];
+        let old = slot_bytes(&mut self.chunks, slot);
         let delta = !fresh && new.len() == old.len() && diff(old, new, &mut self.runs);
         old.copy_from_slice(&new[..old.len().min(new.len())]);
         if delta {
@@ -104,7 +104,7 @@ impl Cache {
         let slot = *entry as usize;
         *entry = NO_SLOT;
         self.free.push(slot as u32);
-        let old = &self.chunks[slot / CHUNK_PAGES][(slot % CHUNK_PAGES) * PAGE as usize..][..PAGE as usize];
+        let old = slot_bytes(&mut self.chunks, slot);
         if new.len() == old.len() && diff(old, new, &mut self.runs) {
             Encoded::Delta
         } else {
@@ -117,7 +117,7 @@ impl Cache {
         if let Some(&slot) = self.map.index_of_gpa(gpa).and_then(|i| self.slot_of.get(i as usize)) {
             if slot != NO_SLOT {
                 let slot = slot as usize;
-                self.chunks[slot / CHUNK_PAGES][(slot % CHUNK_PAGES) * PAGE as usize..][..PAGE as usize].fill(0);
+                slot_bytes(&mut self.chunks, slot).fill(0);
             }
         }
     }
@@ -167,6 +167,11 @@ impl Cache {
         *entry = slot as u32;
         Some((slot, true))
     }
+}
+
+/// The bytes of cache slot `slot`, in `CHUNK_PAGES`-page chunks.
+fn slot_bytes(chunks: &mut [Vec<u8>], slot: usize) -> &mut [u8] {
+    &mut chunks[slot / CHUNK_PAGES][(slot % CHUNK_PAGES) * PAGE as usize..][..PAGE as usize]
 }
 
 /// Word `i` of `bytes`.

@@ -589,7 +589,7 @@ fn postcopy(
         to: reconnect.to.to_string(),
         encryption: encryption(),
         total_ms: total.as_secs_f64() * 1e3,
-        downtime_ms: downtime.as_secs_f64() * 1e3,
+        downtime_ms,
         destination_restore_ms: outcome.running.restore_us as f64 / 1e3,
         downtime_by_events_ms: by_events(paused_unix_ns, &outcome.running),
         memory,

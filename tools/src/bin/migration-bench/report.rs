@@ -165,6 +165,16 @@ impl Versus<'_> {
         downtime_ratio <= TARGET_DOWNTIME_RATIO && self.total_ratio() <= TARGET_TOTAL_RATIO
     }
 
+    /// The target met with the end-to-end downtime.
+    fn met(&self) -> bool {
+        self.meets(self.downtime_ratio())
+    }
+
+    /// The target met with the by-events downtime (`None` without it).
+    fn met_by_events(&self) -> Option<bool> {
+        self.by_events_ratio().map(|r| self.meets(r))
+    }
+
     fn json(&self) -> serde_json::Value {
         let cell = &self.popek.cell;
         serde_json::json!({
@@ -175,8 +185,7 @@ impl Versus<'_> {
             "total_ms": {"popek": self.total.0, "qemu": self.total.1},
             "downtime_ratio": self.downtime_ratio(), "downtime_by_events_ratio": self.by_events_ratio(),
             "total_ratio": self.total_ratio(),
-            "meets_target": self.meets(self.downtime_ratio()),
-            "meets_target_by_events": self.by_events_ratio().map(|r| self.meets(r)),
+            "meets_target": self.met(), "meets_target_by_events": self.met_by_events(),
         })
     }
 }
@@ -213,7 +222,7 @@ pub fn comparison(outcomes: &[Outcome]) -> Option<String> {
         .iter()
         .map(|v| {
             let cell = &v.popek.cell;
-            let target = match (v.meets(v.downtime_ratio()), v.by_events_ratio().map(|r| v.meets(r))) {
+            let target = match (v.met(), v.met_by_events()) {
                 (true, _) => "met",
                 (false, Some(true)) => "met by events",
                 _ => "missed",
@@ -236,8 +245,8 @@ pub fn comparison(outcomes: &[Outcome]) -> Option<String> {
         })
         .collect();
     if !rows.is_empty() {
-        let met = pairs.iter().filter(|v| v.meets(v.downtime_ratio())).count();
-        let by_events = pairs.iter().filter(|v| v.by_events_ratio().is_some_and(|r| v.meets(r))).count();
+        let met = pairs.iter().filter(|v| v.met()).count();
+        let by_events = pairs.iter().filter(|v| v.met_by_events() == Some(true)).count();
         rows.push(format!(
             "\nTarget (downtime at most {TARGET_DOWNTIME_RATIO} of QEMU's, total at most {TARGET_TOTAL_RATIO} of it): met in {met} of {} cells end to end, {by_events} by events.\n",
             pairs.len()
