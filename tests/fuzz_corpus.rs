@@ -14,6 +14,7 @@
 mod common;
 
 use popek::fuzzing::{self, Target, HYPERCALL_STEP, TARGETS};
+use popek::migration::compress;
 use popek::migration::memory::{ram_crc32, Outgoing};
 use popek::migration::protocol::{self, Answer, Complete, Done, Hello, Kind, Missing, Postcopy, Resume, Running};
 use popek::migration::state::{DeviceState, MachineState, SerialRegisters, VcpuState, VmState};
@@ -179,8 +180,10 @@ fn migration_seeds() -> Vec<Seed> {
     json_frame(&mut precopy, Kind::Populate, &Missing { ranges: vec![(0x0, 3), (0x40_0000, 2)] });
     frame(&mut precopy, Kind::Sync, &[]);
     json_frame(&mut precopy, Kind::Discard, &Missing { ranges: vec![(0x1000, 2), (0x40_0000, 1)] });
-    let mut out = Outgoing::default();
+    // Compressed frames wherever they come out smaller (MemoryLz4).
+    let mut out = Outgoing::default().compressing(compress::Mode::On);
     out.send_all(&src, &mut precopy).expect("encode memory");
+    assert!(out.stats.compressed_frames > 0, "the first pass goes compressed");
     // Rounds 1 and 2 of two dirty pages (one per region): whole, then as deltas.
     out.start_deltas(&src, 1 << 20);
     let mut dirty = vec![vec![0u64; 8]; 2];
@@ -252,8 +255,11 @@ fn migration_seeds() -> Vec<Seed> {
     let mut delta_alone = Vec::new();
     let record = [&0x6000u64.to_le_bytes()[..], &1u32.to_le_bytes(), &4u32.to_le_bytes(), &12u32.to_le_bytes()];
     frame(&mut delta_alone, Kind::Memory, &[&record.concat()[..], &[0, 0, 8, 0], &[1; 8]].concat());
+    let mut lz4_garbage = Vec::new();
+    frame(&mut lz4_garbage, Kind::MemoryLz4, &[&4096u32.to_le_bytes()[..], &[0xff; 32]].concat());
     vec![
         ("precopy-stream", precopy.clone(), None),
+        ("memory-lz4-garbage", lz4_garbage, Some("does not decompress")),
         ("hybrid-stream", postcopy, None),
         ("bad-magic", with_header_byte(0, b'X'), Some("bad magic")),
         ("bad-version", with_header_byte(4, 1), Some("version 1")),

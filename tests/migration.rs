@@ -186,6 +186,37 @@ fn precopy_sends_pages_sent_again_as_deltas_unless_told_not_to() {
 }
 
 #[test]
+fn a_slow_link_gets_compressed_frames_unless_told_not_to() {
+    require_kvm();
+    for compress in ["auto", "off"] {
+        let scratch = Scratch::new(&format!("mig-lz4{compress}"));
+        let (src, api) = source(&scratch, "1");
+        let (dst, dst_addr) = destination(&scratch);
+        let report_path = scratch.0.join("report.json");
+        // 16 MB/s: the first frame (4 MiB, sent raw to time the link) takes a quarter of a
+        // second; compressing is hundreds of times faster than that on any host.
+        let (report_arg, args) = (report_path.to_str().unwrap(), ["--max-bandwidth", "16M", "--compress", compress]);
+        let mut argv = vec!["migrate", "--api-socket", &api, "--to", &dst_addr, "--verify-memory"];
+        argv.extend(["--report-json", report_arg]);
+        argv.extend(args);
+        let run = popek(&argv, None);
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
+        let (frames, saved) = (&report["memory"]["compressed_frames"], &report["memory"]["compression_saved"]);
+        let wire = report["memory"]["bytes_on_wire"].as_u64().unwrap();
+        if compress == "off" {
+            assert_eq!(frames, 0, "{report:#}");
+            assert!(wire > 2048 * 4096, "the stamped pages went whole: {report:#}");
+        } else {
+            assert!(frames.as_u64().unwrap() > 0 && saved.as_u64().unwrap() > 4 << 20, "{report:#}");
+            assert!(wire < 2048 * 4096, "{report:#}");
+        }
+        // Compressed or not, the destination's RAM is the source's, and the guest's pages
+        // are intact.
+        check_moved(&scratch, src, dst, &run, 1);
+    }
+}
+
+#[test]
 fn back_and_forth_ten_times() {
     require_kvm();
     let scratch = Scratch::new("mig-10");
@@ -530,46 +561,60 @@ fn expect_refused(scratch: &Scratch, tag: &str, extra: &[&str], bytes: &[u8]) ->
 #[test]
 fn truncated_corrupted_and_replayed_streams_are_refused() {
     require_kvm();
-    let scratch = Scratch::new("mig-streamfuzz");
+    // Raw Memory frames (kind 5), then compressed ones (MemoryLz4, 19).
+    for (compress, memory_kind) in [("off", 5), ("on", 19)] {
+        streams_cut_and_corrupted_are_refused(
+            &Scratch::new(&format!("mig-streamfuzz-{compress}")),
+            compress,
+            memory_kind,
+        );
+    }
+}
+
+fn streams_cut_and_corrupted_are_refused(scratch: &Scratch, compress: &str, memory_kind: u16) {
     // Record a real stop-and-copy stream through a relay (the move itself succeeds).
-    let (src, api) = source(&scratch, "1");
-    let (dst, dst_addr) = destination(&scratch);
+    let (src, api) = source(scratch, "1");
+    let (dst, dst_addr) = destination(scratch);
     let relay_path = scratch.0.join("relay.sock");
     let recorder = recording_relay(relay_path.clone(), dst_addr.trim_start_matches("unix:").into());
-    let run = migrate_to(&api, &format!("unix:{}", relay_path.display()), &scratch.0.join("report.json"));
-    check_moved(&scratch, src, dst, &run, 1);
+    let report = scratch.0.join("report.json");
+    let to = format!("unix:{}", relay_path.display());
+    let argv = ["migrate", "--api-socket", &api, "--to", &to, "--verify-memory", "--compress", compress];
+    let run = popek(&[&argv[..], &["--report-json", report.to_str().unwrap()]].concat(), None);
+    check_moved(scratch, src, dst, &run, 1);
     let stream = recorder.join().unwrap();
     let frames = frames(&stream);
     let kinds: Vec<u16> = frames.iter().map(|f| f.1).collect();
     assert_eq!(kinds.first(), Some(&1), "Hello first: {kinds:?}");
     assert_eq!(kinds.last(), Some(&6), "Complete last: {kinds:?}");
     let state = frames.iter().find(|f| f.1 == 4).expect("a State frame");
-    let memory = frames.iter().find(|f| f.1 == 5 && f.2 > 4096).expect("a Memory frame with data");
+    let memory = frames.iter().find(|f| f.1 == memory_kind && f.2 > 4096).expect("a Memory frame with data");
 
     // Cut at the end of every frame but the last, and inside frames.
     for (i, &(at, _, len)) in frames.iter().enumerate() {
-        expect_refused(&scratch, &format!("cut{i}"), &[], &stream[..at + 16 + len / 2]);
+        expect_refused(scratch, &format!("cut{i}"), &[], &stream[..at + 16 + len / 2]);
     }
-    // A flipped bit in page data (CRC32 of the memory stream) and in the state.
+    // A flipped bit in page data (CRC32 of the memory stream; a compressed frame may
+    // instead no longer decompress) and in the state.
     let mut bad = stream.clone();
     bad[memory.0 + 16 + memory.2 - 100] ^= 0x10;
-    let err = expect_refused(&scratch, "memflip", &[], &bad);
-    assert!(err.contains("checksum"), "{err}");
+    let err = expect_refused(scratch, "memflip", &[], &bad);
+    assert!(err.contains("checksum") || err.contains("decompress"), "{err}");
     // A bit flipped in the middle of the state: caught by the state's own checksum before
     // anything of it is restored.
     let mut bad = stream.clone();
     bad[state.0 + 16 + state.2 / 2] ^= 0x10;
-    let err = expect_refused(&scratch, "stateflip", &[], &bad);
+    let err = expect_refused(scratch, "stateflip", &[], &bad);
     assert!(err.contains("Machine state checksum mismatch"), "{err}");
     // A Memory frame replayed: the checksum no longer adds up.
     let mut replayed = stream[..memory.0 + 16 + memory.2].to_vec();
     replayed.extend_from_slice(&stream[memory.0..]);
-    let err = expect_refused(&scratch, "replay", &[], &replayed);
+    let err = expect_refused(scratch, "replay", &[], &replayed);
     assert!(err.contains("checksum"), "{err}");
     // Hello twice.
     let mut twice = stream[..frames[1].0].to_vec();
     twice.extend_from_slice(&stream);
-    expect_refused(&scratch, "hello2", &[], &twice);
+    expect_refused(scratch, "hello2", &[], &twice);
 }
 
 #[test]

@@ -52,6 +52,8 @@ pub enum Request {
         manual_switch: Option<bool>,
         /// Pre-copy and hybrid: bytes of sent pages kept to send them again as deltas.
         delta_cache: Option<u64>,
+        /// When Memory frames go compressed: "auto" (default), "on", "off".
+        compress: Option<String>,
     },
     /// Hybrid migration in progress: switch to post-copy after the current round.
     MigratePostcopy,
@@ -76,6 +78,7 @@ pub fn parse(line: &str) -> Result<Request, String> {
                 | "recover_timeout_s"
                 | "manual_switch"
                 | "delta_cache"
+                | "compress"
         )
     }) {
         return Err(format!("bad request: unknown field '{key}'"));
@@ -175,6 +178,7 @@ pub fn serve(vm: &mut Vm, call: Call) -> Option<VmExit> {
             recover_timeout_s,
             manual_switch,
             delta_cache,
+            compress,
         } => {
             use crate::migration::source::Mode;
             let downtime_limit_ms = downtime_limit_ms.unwrap_or(1.0);
@@ -190,14 +194,18 @@ pub fn serve(vm: &mut Vm, call: Call) -> Option<VmExit> {
                 }
                 Some(other) => Err(format!("unknown migration mode '{other}' (stop-copy, precopy, postcopy, hybrid)")),
             };
-            let options = crate::migration::source::Options {
-                verify_memory: verify_memory.unwrap_or(false),
-                max_bandwidth,
-                recover_timeout: Duration::from_secs(recover_timeout_s.unwrap_or(60)),
-                delta_cache: delta_cache.unwrap_or(DEFAULT_DELTA_CACHE),
-            };
-            match mode {
-                Ok(mode) => migrate(vm, &to, mode, &options, &call.reply),
+            let compress = compress.as_deref().map(str::parse).transpose();
+            match mode.and_then(|mode| Ok((mode, compress?.unwrap_or_default()))) {
+                Ok((mode, compress)) => {
+                    let options = crate::migration::source::Options {
+                        verify_memory: verify_memory.unwrap_or(false),
+                        max_bandwidth,
+                        recover_timeout: Duration::from_secs(recover_timeout_s.unwrap_or(60)),
+                        delta_cache: delta_cache.unwrap_or(DEFAULT_DELTA_CACHE),
+                        compress,
+                    };
+                    migrate(vm, &to, mode, &options, &call.reply)
+                }
                 Err(e) => (json!({"ok": false, "error": e}), None),
             }
         }
@@ -260,7 +268,8 @@ mod tests {
                 auto_converge: None,
                 recover_timeout_s: None,
                 manual_switch: None,
-                delta_cache: None
+                delta_cache: None,
+                compress: None
             })
         );
         for bad in ["", "{}", r#"{"cmd":"reboot"}"#, r#"{"cmd":"status","x":1}"#, "[1,2]", "\u{0}"] {

@@ -92,6 +92,7 @@ pub fn migration_stream(data: &[u8]) -> Result<(), String> {
                 decode_state(&payload)?;
             }
             Kind::Memory => incoming.memory(&ram, &payload).map_err(|e| crate::error_chain(&e))?,
+            Kind::MemoryLz4 => incoming.compressed_memory(&ram, &payload).map_err(|e| crate::error_chain(&e))?,
             Kind::Complete => {
                 let complete: Complete = json(kind, &payload)?;
                 incoming.complete(&ram, &complete).map_err(|e| crate::error_chain(&e))?;

@@ -107,6 +107,10 @@ enum Command {
         /// send a page sent again as only the words that changed; 0 sends whole pages.
         #[arg(long, default_value = "128M", value_name = "SIZE", value_parser = parse_size)]
         delta_cache: u64,
+        /// Compress memory frames (lz4): auto (when the measured link is slower than the
+        /// compressor makes up for), on (whenever a frame comes out smaller), off.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+        compress: String,
     },
     /// Switch a running hybrid migration to post-copy after its current round.
     MigratePostcopy {
@@ -294,11 +298,12 @@ fn main() -> ExitCode {
             recover_timeout,
             manual_switch,
             delta_cache,
+            compress,
         } => {
             let request = serde_json::json!({"cmd": "migrate", "to": to, "mode": mode,
                 "downtime_limit_ms": downtime_limit, "max_rounds": max_rounds, "verify_memory": verify_memory,
                 "max_bandwidth": max_bandwidth, "auto_converge": auto_converge, "recover_timeout_s": recover_timeout,
-                "manual_switch": manual_switch, "delta_cache": delta_cache});
+                "manual_switch": manual_switch, "delta_cache": delta_cache, "compress": compress});
             api_call(&api_socket, &request, report_json.as_deref())
         }
         Command::MigratePostcopy { api_socket } => {
@@ -368,7 +373,7 @@ fn run_incoming(
         mut link,
         state_arrived,
         staging: _staging,
-        buffer,
+        buffers,
         unused,
         listener,
     } = incoming;
@@ -390,7 +395,7 @@ fn run_incoming(
         // would compete for a core with the source's reader of Running, whose wake-up
         // ends the downtime, while the guest takes the other (a dirtier's downtime was
         // 0.45 ms longer end to end than by events, an all-written guest's 1.5 ms).
-        let later = (buffer, unused, listener);
+        let later = (buffers, unused, listener);
         let _ = reaper.start(move || {
             std::thread::sleep(CLEANUP_DELAY);
             drop(later);

@@ -26,9 +26,9 @@ pub struct Incoming {
     /// tables takes ~80 ms here, so the caller keeps it while the VM runs instead of
     /// letting the downtime pay for it.
     pub staging: Option<std::sync::Arc<crate::memory::Prepared>>,
-    /// The receive buffer (a frame, up to 4 MiB): freeing it unmaps its pages, ~0.5 ms
-    /// here, so it too goes after the vCPUs run.
-    pub buffer: Vec<u8>,
+    /// The receive buffers (a frame, up to 4 MiB, and the one compressed frames decompress
+    /// into): freeing one unmaps its pages, ~0.5 ms here, so they too go after the vCPUs run.
+    pub buffers: [Vec<u8>; 2],
     /// A migration that could have switched to post-copy and did not: the threads made
     /// for it, to end after the vCPUs run (three threads ending and unmapping their
     /// stacks took 2-4 ms of the downtime here, now and then).
@@ -95,12 +95,13 @@ fn receive_memory_and_state(
     vm: &mut Vm,
     stream: &mut Box<dyn Stream>,
     prepared: Option<std::sync::Arc<crate::memory::Prepared>>,
-    payload: &mut Vec<u8>,
+    buffers: &mut [Vec<u8>; 2],
 ) -> Result<Received, String> {
     let mut incoming = match prepared {
         Some(p) => memory::Incoming::into_prepared(p),
         None => memory::Incoming::default(),
     };
+    let [payload, unpacked] = buffers;
     let mut restored = None;
     let mut switch = None;
     let mut state_crc32 = None;
@@ -128,9 +129,11 @@ fn receive_memory_and_state(
                 // its 4 MiB would be faulted in inside the downtime (~3 ms here). `resize`
                 // writes every byte, so the pages are in now.
                 payload.resize(payload.len().max(memory::RECEIVE_BUFFER), 0);
+                incoming.prepare_unpacking();
                 protocol::write_json(stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
             }
             Kind::Memory => incoming.memory(vm.ram(), payload).map_err(|e| chain(&e))?,
+            Kind::MemoryLz4 => incoming.compressed_memory(vm.ram(), payload).map_err(|e| chain(&e))?,
             Kind::Postcopy => {
                 let postcopy: protocol::Postcopy =
                     serde_json::from_slice(payload).map_err(|e| format!("malformed Postcopy message: {e}"))?;
@@ -145,6 +148,7 @@ fn receive_memory_and_state(
                 if let Some(switch) = switch.take() {
                     check_state(switch.state_crc32, state_crc32)?;
                     let arrived_pages = incoming.take_arrived();
+                    *unpacked = incoming.release_buffers();
                     return Ok(Received::Postcopy {
                         machine: Box::new(state),
                         arrived: Instant::now(),
@@ -168,6 +172,7 @@ fn receive_memory_and_state(
                 log::debug!("received {} pages, {} bytes", incoming.stats.pages, incoming.stats.bytes_on_wire);
                 let arrived =
                     restored.ok_or_else(|| "the source completed without sending the machine state".to_string())?;
+                *unpacked = incoming.release_buffers();
                 return Ok(Received::Complete(arrived));
             }
             Kind::Refuse => return Err("the source aborted the migration".into()),
@@ -348,8 +353,8 @@ pub fn receive(
     // that may switch fills the guest's own mapping, so that what pre-copy delivered is
     // mapped before userfaultfd watches it.
     let fill_prepared = if hello.postcopy { None } else { prepared.clone() };
-    let mut buffer = Vec::new();
-    let received = match receive_memory_and_state(&mut vm, &mut stream, fill_prepared, &mut buffer) {
+    let mut buffers = [Vec::new(), Vec::new()];
+    let received = match receive_memory_and_state(&mut vm, &mut stream, fill_prepared, &mut buffers) {
         Ok(received) => received,
         Err(reason) => {
             refuse(stream.as_mut(), &reason);
@@ -398,5 +403,5 @@ pub fn receive(
         }
     }
     vm.publish_generation();
-    Ok(Incoming { vm, link, state_arrived, staging: prepared, buffer, unused, listener })
+    Ok(Incoming { vm, link, state_arrived, staging: prepared, buffers, unused, listener })
 }

@@ -8,6 +8,7 @@
 //! runs of `delta`) that the destination writes over its copy. A CRC32 over every Memory payload
 //! is checked at Complete.
 
+use super::compress;
 use super::delta::{self, Encoded};
 use super::pages::{PageMap, PageSet};
 
@@ -35,6 +36,9 @@ pub struct Transfer {
     /// Pages that went as deltas of what was sent before.
     pub delta_pages: u64,
     pub bytes_on_wire: u64,
+    /// Memory frames that went compressed, and the bytes that saved.
+    pub compressed_frames: u64,
+    pub compression_saved: u64,
     pub crc32: u32,
 }
 
@@ -53,6 +57,8 @@ pub enum Error {
     RamDiffers { here: u32, expected: u32 },
     #[error("Guest memory access failed")]
     Guest(#[from] vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    Compressed(#[from] compress::Error),
 }
 
 /// Which pages of `[host, host + len)` are resident, one bool per page.
@@ -164,6 +170,8 @@ pub struct Outgoing {
     deltas: Option<delta::Cache>,
     /// The last pages are going (`sending_last`): deltas leave the cache as they go.
     last: bool,
+    /// Compresses Memory frames where it pays (`--compress`).
+    packer: compress::Packer,
 }
 
 impl Default for Outgoing {
@@ -181,6 +189,7 @@ impl Default for Outgoing {
             postcopy: false,
             deltas: None,
             last: false,
+            packer: compress::Packer::new(compress::Mode::Off, 0),
         }
     }
 }
@@ -189,6 +198,11 @@ impl Outgoing {
     /// Caps the rate at `bytes_per_s` (`--max-bandwidth`), averaged from now on.
     pub fn with_limit(bytes_per_s: Option<u64>) -> Self {
         Outgoing { limit: bytes_per_s.map(|r| std::sync::Arc::new(RateLimit::new(r))), ..Default::default() }
+    }
+
+    /// Compresses Memory frames as `mode` says (post-copy's pages always go raw).
+    pub fn compressing(self, mode: compress::Mode) -> Self {
+        Outgoing { packer: compress::Packer::new(mode, RECEIVE_BUFFER), ..self }
     }
 
     /// A second sender (post-copy's urgent channel) under the same rate cap.
@@ -464,9 +478,25 @@ impl Outgoing {
             };
             // The CRC went into the frame's first bytes: take the slices anew.
             let slices = Self::payload_slices(&self.frame, &self.borrowed, self.paused.as_ref())?;
-            protocol::write_frame_vectored(out, kind, &slices)?;
-            self.stats.bytes_on_wire += len as u64 + 16;
-            self.throttle(len as u64 + 16);
+            let packed = if kind == Kind::Memory { self.packer.pack(&slices, len) } else { None };
+            let start = std::time::Instant::now();
+            let wire_bytes = match packed {
+                Some(packed) => {
+                    protocol::write_frame(out, Kind::MemoryLz4, packed)?;
+                    self.stats.compressed_frames += 1;
+                    self.stats.compression_saved += (len - packed.len()) as u64;
+                    packed.len()
+                }
+                None => {
+                    protocol::write_frame_vectored(out, kind, &slices)?;
+                    len
+                }
+            };
+            self.stats.bytes_on_wire += wire_bytes as u64 + 16;
+            self.throttle(wire_bytes as u64 + 16);
+            // The link's pace includes `--max-bandwidth`'s: a capped link is a slow one.
+            let compressed = wire_bytes != len;
+            self.packer.sent(compress::Sent { compressed, wire_bytes, took: start.elapsed() });
             self.frame.truncate(header);
             self.borrowed.clear();
             self.borrowed_bytes = 0;
@@ -847,6 +877,8 @@ pub struct Incoming {
     /// RAM prepared ahead, written through its second mapping (not with post-copy, whose
     /// delivered pages must be mapped for the guest already).
     prepared: Option<std::sync::Arc<memory::Prepared>>,
+    /// Where compressed frames are decompressed (kept: the same pages serve every frame).
+    unpacked: Vec<u8>,
 }
 
 impl Incoming {
@@ -857,10 +889,41 @@ impl Incoming {
 
     /// Applies one Memory payload.
     pub fn memory(&mut self, ram: &GuestRam, payload: &[u8]) -> Result<(), Error> {
-        self.crc.update(payload);
         self.stats.bytes_on_wire += payload.len() as u64 + 16;
+        self.apply(ram, payload)
+    }
+
+    /// Applies one MemoryLz4 payload (the checksum covers the raw payload).
+    pub fn compressed_memory(&mut self, ram: &GuestRam, payload: &[u8]) -> Result<(), Error> {
+        self.stats.bytes_on_wire += payload.len() as u64 + 16;
+        let mut buffer = std::mem::take(&mut self.unpacked);
+        let applied = match compress::unpack(payload, &mut buffer) {
+            Ok(raw) => {
+                self.stats.compressed_frames += 1;
+                self.stats.compression_saved += raw.len().saturating_sub(payload.len()) as u64;
+                self.apply(ram, raw)
+            }
+            Err(e) => Err(e.into()),
+        };
+        self.unpacked = buffer;
+        applied
+    }
+
+    fn apply(&mut self, ram: &GuestRam, raw: &[u8]) -> Result<(), Error> {
+        self.crc.update(raw);
         let arrived = self.arrived.get_or_insert_with(|| Arrived::new(ram));
-        apply_to(ram, self.prepared.as_deref(), Some(arrived), payload, &mut self.stats)
+        apply_to(ram, self.prepared.as_deref(), Some(arrived), raw, &mut self.stats)
+    }
+
+    /// Makes the buffer compressed frames decompress into exist now (before a pause):
+    /// grown at the first compressed frame, its pages would be faulted in then.
+    pub fn prepare_unpacking(&mut self) {
+        self.unpacked.resize(self.unpacked.len().max(RECEIVE_BUFFER), 0);
+    }
+
+    /// Frees what only the transfer needed.
+    pub fn release_buffers(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.unpacked)
     }
 
     /// Allocates the pages of `ranges` now (stop-and-copy's Populate, before the pause),

@@ -2,6 +2,7 @@
 //! protocol, transports, the complete machine state, and memory transfer.
 
 pub mod auth;
+pub mod compress;
 pub mod delta;
 pub mod destination;
 pub mod memory;

@@ -11,9 +11,9 @@ use std::io::{Read, Write};
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PPKM");
 /// Protocol version; a peer with another version is refused in the handshake. 2: the
 /// State payload is postcard, not JSON, and goes before the last pages. 3: stop-and-copy
-/// sends Populate before the pause. 4: DELTA page records. (tools/src/bin/fault-matrix/relay.rs
+/// sends Populate before the pause. 4: DELTA page records. 5: MemoryLz4 frames. (tools/src/bin/fault-matrix/relay.rs
 /// mirrors it: bump both.)
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// Largest payload accepted: a peer cannot make us allocate more for one frame.
 pub const MAX_PAYLOAD: u64 = 64 << 20;
 /// Most pages one PageRequest may ask for (32 KiB of addresses): the post-copy source
@@ -93,6 +93,9 @@ pub enum Kind {
     /// data; allocate them now, so the downtime does not pay for it (JSON `Missing`);
     /// answered with Accept once done.
     Populate = 18,
+    /// Source -> destination: a Memory payload compressed (`raw_len u32`, then one lz4
+    /// block of it; see `compress`).
+    MemoryLz4 = 19,
 }
 
 impl Kind {
@@ -116,6 +119,7 @@ impl Kind {
             16 => Kind::Discard,
             17 => Kind::Sync,
             18 => Kind::Populate,
+            19 => Kind::MemoryLz4,
             other => return Err(Error::UnknownKind(other)),
         })
     }

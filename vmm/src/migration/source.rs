@@ -52,6 +52,8 @@ pub struct Options {
     pub recover_timeout: Duration,
     /// Pre-copy: bytes of pages sent kept to send them again as deltas (0: none).
     pub delta_cache: u64,
+    /// When Memory frames go compressed.
+    pub compress: super::compress::Mode,
 }
 
 /// Set by the control socket's `migrate-postcopy` request: a hybrid migration switches to
@@ -215,7 +217,7 @@ pub fn migrate(
         None
     };
 
-    let mut outgoing = Outgoing::with_limit(options.max_bandwidth);
+    let mut outgoing = Outgoing::with_limit(options.max_bandwidth).compressing(options.compress);
     let mut rounds = Vec::new();
     let delta_cache = options.delta_cache;
     let limits = match mode {

@@ -21,6 +21,7 @@ pub mod kind {
     pub const DISCARD: u16 = 16;
     pub const SYNC: u16 = 17;
     pub const POPULATE: u16 = 18;
+    pub const MEMORY_LZ4: u16 = 19;
 }
 
 /// Which way a frame travels.
@@ -151,7 +152,7 @@ impl Injector {
     fn phase_of(&mut self, dir: Dir, kind: u16) -> Option<Phase> {
         match (dir, kind) {
             (Dir::ToDst, kind::HELLO) => Some(Phase::Handshake),
-            (Dir::ToDst, kind::MEMORY) => {
+            (Dir::ToDst, kind::MEMORY | kind::MEMORY_LZ4) => {
                 self.memory_frames += 1;
                 // Post-copy sends one Memory frame (the device pages) before the switch.
                 let at = if self.cell.mode == Mode::Postcopy { 1 } else { 2 };
@@ -197,7 +198,7 @@ impl Injector {
 
 /// A kind's name for the report.
 pub fn name(kind: u16) -> &'static str {
-    const NAMES: [&str; 19] = [
+    const NAMES: [&str; 20] = [
         "?",
         "Hello",
         "Accept",
@@ -217,6 +218,7 @@ pub fn name(kind: u16) -> &'static str {
         "Discard",
         "Sync",
         "Populate",
+        "MemoryLz4",
     ];
     NAMES.get(usize::from(kind)).copied().unwrap_or("?")
 }

@@ -95,7 +95,9 @@ pub struct Sample {
     /// The longest gap in the guest's own progress (Popek's workload only).
     pub blackout_ms: Option<f64>,
     pub total_ms: f64,
+    /// Bytes on the wire, and what compression took out of them (Popek).
     pub bytes: f64,
+    pub compression_saved: f64,
     /// Pages sent per pre-copy round (Popek).
     pub round_pages: Vec<f64>,
     /// Pre-copy rounds (QEMU: its dirty-bitmap syncs).
@@ -223,6 +225,7 @@ pub fn run_popek(
         blackout_ms: blackout_us.map(|us| us / 1e3),
         total_ms: f(&report["total_ms"]).unwrap_or(f64::NAN),
         bytes: f(&report["memory"]["bytes_on_wire"]).unwrap_or(0.0) + f(&report["state_bytes"]).unwrap_or(0.0),
+        compression_saved: f(&report["memory"]["compression_saved"]).unwrap_or(0.0),
         round_pages,
         fault_p50_us: f(&postcopy["fault_latency_p50_us"]),
         fault_p99_us: f(&postcopy["fault_latency_p99_us"]),

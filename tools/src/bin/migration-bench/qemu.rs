@@ -238,6 +238,8 @@ impl Qemu {
             blackout_ms: None,
             total_ms,
             bytes: info["ram"]["transferred"].as_f64().unwrap_or(0.0),
+            // Not compressed: QEMU's multifd compression is off by default.
+            compression_saved: 0.0,
             round_pages: Vec::new(),
             rounds: info["ram"]["dirty-sync-count"].as_f64().unwrap_or(0.0),
             fault_p50_us: None,

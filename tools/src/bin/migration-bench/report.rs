@@ -38,6 +38,7 @@ impl Outcome {
             "downtime_ms": self.downtime(), "downtime_by_events_ms": self.stat(|s| s.downtime_by_events_ms),
             "guest_blackout_ms": self.stat(|s| s.blackout_ms),
             "total_ms": self.total(), "mb_sent": self.stat(|s| Some(s.bytes / 1e6)),
+            "mb_saved_by_compression": self.stat(|s| Some(s.compression_saved / 1e6)),
             "rounds": self.stat(|s| Some(s.rounds)),
             "fault_latency_p50_us": self.stat(|s| s.fault_p50_us), "fault_latency_p99_us": self.stat(|s| s.fault_p99_us),
             "round_pages": self.samples.first().map(|s| s.round_pages.clone()),
@@ -308,30 +309,33 @@ pub fn downtime_parts(outcomes: &[Outcome]) -> Option<String> {
 
 /// Stop-and-copy throughput of the cells that move every page (`write all`, `read all`)
 /// against the loopback probes taken before and after the sweep: the share of the
-/// link's one-stream rate the migration reached. `probes`: bytes per second.
+/// link's one-stream rate the migration reached, counting the memory moved (what
+/// compression took out of the bytes on the wire included). `probes`: bytes per second.
 pub fn loopback_share(outcomes: &[Outcome], probes: &[f64]) -> Option<String> {
     let (low, high) = probes.iter().fold((f64::MAX, 0f64), |(lo, hi), &p| (lo.min(p), hi.max(p)));
     if probes.is_empty() || low <= 0.0 {
         return None;
     }
     let head =
-        "| vmm | RAM | workload | link | MB sent | total (ms) | GB/s | share of the slower probe | of the faster |\n\
-         |---|---|---|---|---|---|---|---|---|\n";
+        "| vmm | RAM | workload | link | MB moved | MB on the wire | total (ms) | GB/s moved | share of the slower probe | of the faster |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n";
     let mut rows = Vec::new();
     // The probe measures loopback: cells on other links would compare with the wrong rate.
     let whole = |o: &&Outcome| {
         o.cell.mode == "stop-copy" && o.cell.workload.moves_all_memory() && o.cell.link.to_string() == "loopback"
     };
     for o in outcomes.iter().filter(whole) {
-        let (Some(bytes), Some(total)) = (o.stat(|s| Some(s.bytes)), o.total()) else { continue };
-        let rate = bytes.median / (total.median / 1e3);
+        let moved = o.stat(|s| Some(s.bytes + s.compression_saved));
+        let (Some(moved), Some(wire), Some(total)) = (moved, o.stat(|s| Some(s.bytes)), o.total()) else { continue };
+        let rate = moved.median / (total.median / 1e3);
         rows.push(format!(
-            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.2} | {:.0}% | {:.0}% |\n",
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0}% | {:.0}% |\n",
             o.cell.vmm,
             o.cell.memory,
             o.cell.workload,
             o.cell.link,
-            bytes.median / 1e6,
+            moved.median / 1e6,
+            wire.median / 1e6,
             total.median,
             rate / 1e9,
             rate / low * 100.0,
