@@ -214,7 +214,7 @@ fn migration_seeds() -> Vec<Seed> {
     json_frame(&mut postcopy, Kind::Hello, &hello(true));
     json_frame(&mut postcopy, Kind::Urgent, &Resume { migration_id: 42 });
     json_frame(&mut postcopy, Kind::Accept, &Answer { reason: String::new() });
-    let mut out = Outgoing::default();
+    let mut out = Outgoing::default().compressing(compress::Mode::On);
     out.send_all(&src, &mut postcopy).expect("encode memory");
     let switch = Postcopy { discard: vec![(0x5000, 1), (0x40_3000, 2)], memory_crc32: out.crc32(), state_crc32: None };
     json_frame(&mut postcopy, Kind::Postcopy, &switch);
@@ -223,7 +223,9 @@ fn migration_seeds() -> Vec<Seed> {
     for gpa in [0x5000, 0x6000, 0x40_3000, 0x40_4000] {
         out.queue(&src, gpa, true).expect("queue a page");
     }
+    let compressed = out.stats.compressed_frames;
     out.flush(&mut postcopy).expect("encode post-copy pages");
+    assert!(out.stats.compressed_frames > compressed, "the post-copy frame goes compressed");
     let requests: Vec<u8> = [0x5000u64, 0x40_3000, 0x30_0000].iter().flat_map(|g| g.to_le_bytes()).collect();
     frame(&mut postcopy, Kind::PageRequest, &requests);
     json_frame(

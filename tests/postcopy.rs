@@ -136,7 +136,8 @@ fn hybrid_switches_to_postcopy_when_asked() {
     let (src, api) = workload(&scratch, &[], "test=migrate pages=4096 seconds=60");
     let (dst, to) = destination(&scratch);
     // --manual-switch: without it, the rounds would be judged as not converging at round 1.
-    let args = ["--max-bandwidth", "50M", "--max-rounds", "1000", "--manual-switch"];
+    // Uncompressed: the stamped pages compress ~100:1, and the cap would not slow them.
+    let args = ["--max-bandwidth", "50M", "--compress", "off", "--max-rounds", "1000", "--manual-switch"];
     let mig = migrate(&scratch, &api, &to, "hybrid", &args);
     // Asked while round 1 is on the wire (it takes ~0.3 s at 50 MB/s): the switch comes
     // at the next round's check.
@@ -181,7 +182,8 @@ fn slow_postcopy(scratch: &Scratch, to: &str, dst_args: &[&str], extra: &[&str])
     let (src, api) = workload(scratch, &["--memory", "128M"], "test=migrate pages=all seconds=60");
     let dst = Proc::spawn(scratch, "dst", dst_args);
     dst.listening();
-    let mut args = vec!["--max-bandwidth", "30M"];
+    // Uncompressed, as in `hybrid_switches_to_postcopy_when_asked`: slow for sure.
+    let mut args = vec!["--max-bandwidth", "30M", "--compress", "off"];
     args.extend_from_slice(extra);
     let mig = migrate(scratch, &api, to, "postcopy", &args);
     wait_for("the VM to run on the destination", || {

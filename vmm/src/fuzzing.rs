@@ -73,7 +73,7 @@ pub fn migration_stream(data: &[u8]) -> Result<(), String> {
     let map = PageMap::new(&ram);
     let mut incoming = Incoming::default();
     let mut input = data;
-    let mut payload = Vec::new();
+    let (mut payload, mut unpacked) = (Vec::new(), Vec::new());
     while !input.is_empty() {
         let kind = protocol::read_frame_into(&mut input, &mut payload).map_err(|e| crate::error_chain(&e))?;
         match kind {
@@ -121,6 +121,10 @@ pub fn migration_stream(data: &[u8]) -> Result<(), String> {
             }
             Kind::PostcopyPages => {
                 postcopy_records(&ram, &payload)?;
+            }
+            Kind::PostcopyPagesLz4 => {
+                let raw = crate::migration::compress::unpack(&payload, &mut unpacked).map_err(|e| e.to_string())?;
+                postcopy_records(&ram, raw)?;
             }
             Kind::Done => {
                 json::<Done>(kind, &payload)?;

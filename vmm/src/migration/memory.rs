@@ -200,7 +200,8 @@ impl Outgoing {
         Outgoing { limit: bytes_per_s.map(|r| std::sync::Arc::new(RateLimit::new(r))), ..Default::default() }
     }
 
-    /// Compresses Memory frames as `mode` says (post-copy's pages always go raw).
+    /// Compresses Memory and PostcopyPages frames as `mode` says (a `sibling`, post-copy's
+    /// urgent channel, sends raw: its frames are answers a faulting guest waits for).
     pub fn compressing(self, mode: compress::Mode) -> Self {
         Outgoing { packer: compress::Packer::new(mode, RECEIVE_BUFFER), ..self }
     }
@@ -478,11 +479,12 @@ impl Outgoing {
             };
             // The CRC went into the frame's first bytes: take the slices anew.
             let slices = Self::payload_slices(&self.frame, &self.borrowed, self.paused.as_ref())?;
-            let packed = if kind == Kind::Memory { self.packer.pack(&slices, len) } else { None };
+            let packed = self.packer.pack(&slices, len);
             let start = std::time::Instant::now();
             let wire_bytes = match packed {
                 Some(packed) => {
-                    protocol::write_frame(out, Kind::MemoryLz4, packed)?;
+                    let kind = if self.postcopy { Kind::PostcopyPagesLz4 } else { Kind::MemoryLz4 };
+                    protocol::write_frame(out, kind, packed)?;
                     self.stats.compressed_frames += 1;
                     self.stats.compression_saved += (len - packed.len()) as u64;
                     packed.len()

@@ -7,6 +7,7 @@
 //! the guest waits on its missing pages while this side listens again for the source.
 
 use super::auth::Key;
+use super::compress;
 use super::memory;
 use super::pages::{PageMap, PageSet, PAGE};
 use super::protocol::{self, Done, Kind, Missing, Resume, Running};
@@ -738,6 +739,8 @@ struct Receiving {
     /// Pages still missing after Complete were asked for again.
     asked_again: bool,
     payload: Vec<u8>,
+    /// Where PostcopyPagesLz4 payloads are decompressed.
+    unpacked: Vec<u8>,
 }
 
 impl Receiving {
@@ -771,6 +774,10 @@ impl Receiving {
             });
             match frame {
                 Ok((Kind::PostcopyPages, Some(len))) => shared.receive_pages(ram, stream, len, payload)?,
+                Ok((Kind::PostcopyPagesLz4, _)) => {
+                    let raw = compress::unpack(payload, &mut self.unpacked).map_err(|e| chain(&e))?;
+                    shared.apply(ram, raw)?;
+                }
                 Ok((Kind::Complete, _)) => (self.complete, self.asked_again) = (true, false),
                 Ok((Kind::Refuse, _)) => unrecoverable("the source aborted during post-copy"),
                 Ok((other, _)) => return Err(format!("unexpected {other:?} message during post-copy")),

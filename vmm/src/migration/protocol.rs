@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PPKM");
 /// Protocol version; a peer with another version is refused in the handshake. 2: the
 /// State payload is postcard, not JSON, and goes before the last pages. 3: stop-and-copy
-/// sends Populate before the pause. 4: DELTA page records. 5: MemoryLz4 frames. (tools/src/bin/fault-matrix/relay.rs
+/// sends Populate before the pause. 4: DELTA page records. 5: MemoryLz4 and PostcopyPagesLz4 frames. (tools/src/bin/fault-matrix/relay.rs
 /// mirrors it: bump both.)
 pub const VERSION: u16 = 5;
 /// Largest payload accepted: a peer cannot make us allocate more for one frame.
@@ -96,6 +96,9 @@ pub enum Kind {
     /// Source -> destination: a Memory payload compressed (`raw_len u32`, then one lz4
     /// block of it; see `compress`).
     MemoryLz4 = 19,
+    /// Source -> destination during post-copy, on the main connection: a PostcopyPages
+    /// payload (its CRC32 included) compressed as MemoryLz4's is.
+    PostcopyPagesLz4 = 20,
 }
 
 impl Kind {
@@ -120,6 +123,7 @@ impl Kind {
             17 => Kind::Sync,
             18 => Kind::Populate,
             19 => Kind::MemoryLz4,
+            20 => Kind::PostcopyPagesLz4,
             other => return Err(Error::UnknownKind(other)),
         })
     }

@@ -22,6 +22,7 @@ pub mod kind {
     pub const SYNC: u16 = 17;
     pub const POPULATE: u16 = 18;
     pub const MEMORY_LZ4: u16 = 19;
+    pub const POSTCOPY_PAGES_LZ4: u16 = 20;
 }
 
 /// Which way a frame travels.
@@ -159,7 +160,7 @@ impl Injector {
                 (self.memory_frames == at).then_some(Phase::Memory)
             }
             (Dir::ToSrc, kind::RUNNING) => Some(Phase::State),
-            (Dir::ToDst, kind::POSTCOPY_PAGES) if self.running => Some(Phase::Running),
+            (Dir::ToDst, kind::POSTCOPY_PAGES | kind::POSTCOPY_PAGES_LZ4) if self.running => Some(Phase::Running),
             // Nothing was left to pull (see Phase::Running): the running phase's fault
             // hits the end of it.
             (Dir::ToDst, kind::COMPLETE) if self.running && self.cell.phase == Phase::Running => Some(Phase::Running),
@@ -198,7 +199,7 @@ impl Injector {
 
 /// A kind's name for the report.
 pub fn name(kind: u16) -> &'static str {
-    const NAMES: [&str; 20] = [
+    const NAMES: [&str; 21] = [
         "?",
         "Hello",
         "Accept",
@@ -219,6 +220,7 @@ pub fn name(kind: u16) -> &'static str {
         "Sync",
         "Populate",
         "MemoryLz4",
+        "PostcopyPagesLz4",
     ];
     NAMES.get(usize::from(kind)).copied().unwrap_or("?")
 }
