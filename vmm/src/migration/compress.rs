@@ -6,7 +6,7 @@
 //! `1/C + r/L < 1/L`, that is when `L < C (1 - r)`. How well memory compresses depends on
 //! what the guest keeps in it, and the link's rate on where the destination is, so `auto`
 //! measures all three as it goes: `C` and `r` from the frames it compresses and, while it
-//! sends raw, from a 64 KiB sample of every frame (at most 1/64 of compressing it all); `L`
+//! sends raw, from a sample of every frame (a 64th of it, 4 to 64 KiB); `L`
 //! from the frames it sends raw, and while it compresses, from one frame sent raw now and
 //! then (after 8 frames, then 16, 32, up to 64 while the choice holds).
 //!
@@ -16,8 +16,16 @@ use std::time::Duration;
 
 /// The first bytes of a compressed payload: the raw payload's length.
 const LEN_PREFIX: usize = 4;
-/// While frames go raw, this much of each is compressed to keep `C` and `r` current.
-const SAMPLE: usize = 64 << 10;
+/// While frames go raw, a 64th of each (at least 4 KiB, at most 64 KiB) is compressed to
+/// keep `C` and `r` current: a small frame, such as the last pages of an idle guest sent in
+/// the pause, costs microseconds, not the 0.1-0.2 ms of a whole sample.
+const SAMPLE_SHARE: usize = 64;
+/// Frames smaller than this go raw, neither compressed nor sampled: little to gain on any
+/// link, and the compressor's fixed cost per call (a few us) would skew its estimates
+/// (the records of an idle guest's last frame, 80 bytes, "compressed" at 10 ns a byte).
+const SMALL_FRAME: usize = 8 << 10;
+const SAMPLE_MIN: usize = 4 << 10;
+const SAMPLE_MAX: usize = 64 << 10;
 /// While frames go compressed, one goes raw (to time the link) this many frames after the
 /// last such try at first...
 const FIRST_TRY_GAP: u64 = 16;
@@ -118,15 +126,18 @@ pub struct Sent {
 }
 
 impl Packer {
-    /// A packer for payloads of up to `frame_bytes`. Its buffers are made and touched now,
-    /// not at the first frame it compresses, which may come in a pause: faulting in 8 MiB
-    /// took ~2 ms here.
-    pub fn new(mode: Mode, frame_bytes: usize) -> Packer {
+    /// A packer. Buffers for samples are made and touched now (a sample may be taken in a
+    /// pause); those for whole frames only when a frame first goes compressed: faulting in
+    /// 8 MiB took 2-4 ms here, which a migration that never compresses (a fast link) need
+    /// not pay, and one that does gains far more.
+    pub fn new(mode: Mode) -> Packer {
         // Not zeros: a zeroed allocation comes from calloc, its pages not yet faulted in.
         let touched = |len: usize| vec![0xa5u8; len];
         let (input, output) = match mode {
-            Mode::Off => (Vec::new(), Vec::new()),
-            _ => (touched(frame_bytes), touched(LEN_PREFIX + lz4_flex::block::get_maximum_output_size(frame_bytes))),
+            Mode::Auto => {
+                (touched(SAMPLE_MAX), touched(LEN_PREFIX + lz4_flex::block::get_maximum_output_size(SAMPLE_MAX)))
+            }
+            _ => (Vec::new(), Vec::new()),
         };
         Packer { mode, input, output, try_gap: FIRST_TRY_GAP, next_try: FIRST_TRY_GAP, ..Default::default() }
     }
@@ -134,11 +145,11 @@ impl Packer {
     /// The payload `slices` (of `len` bytes in all) compressed, if this frame should go
     /// compressed and comes out smaller; `None`: send it raw.
     pub fn pack(&mut self, slices: &[&[u8]], len: usize) -> Option<&[u8]> {
-        if self.mode == Mode::Off || len > u32::MAX as usize {
+        if self.mode == Mode::Off || len < SMALL_FRAME || len > u32::MAX as usize {
             return None;
         }
         if !self.wants_compression() {
-            self.compress(slices, len.min(SAMPLE));
+            self.compress(slices, (len / SAMPLE_SHARE).clamp(SAMPLE_MIN, SAMPLE_MAX).min(len));
             return None;
         }
         let packed = self.compress(slices, len)?;
@@ -148,6 +159,14 @@ impl Packer {
     /// Compresses the first `len` bytes of `slices` into `output` (prefix included) and
     /// updates `C` and `r`; returns the compressed length.
     fn compress(&mut self, slices: &[&[u8]], len: usize) -> Option<usize> {
+        // Grown (and faulted in) outside the timing: a one-off, not the compressor's pace.
+        let bound = LEN_PREFIX + lz4_flex::block::get_maximum_output_size(len);
+        if self.output.len() < bound {
+            self.output = vec![0xa5; bound];
+        }
+        if self.input.capacity() < len && slices.len() > 1 {
+            self.input = vec![0xa5; len];
+        }
         let start = std::time::Instant::now();
         let input: &[u8] = match slices {
             [one, ..] if one.len() >= len => &one[..len],
@@ -160,9 +179,8 @@ impl Packer {
                 &self.input
             }
         };
-        self.output.resize(LEN_PREFIX + lz4_flex::block::get_maximum_output_size(input.len()), 0);
         self.output[..LEN_PREFIX].copy_from_slice(&(input.len() as u32).to_le_bytes());
-        let packed = LEN_PREFIX + lz4_flex::block::compress_into(input, &mut self.output[LEN_PREFIX..]).ok()?;
+        let packed = LEN_PREFIX + lz4_flex::block::compress_into(input, &mut self.output[LEN_PREFIX..bound]).ok()?;
         self.compressor.add(input.len(), start.elapsed());
         let ratio = packed as f64 / input.len().max(1) as f64;
         self.ratio = Some(self.ratio.map_or(ratio, |old| old + WEIGHT * (ratio - old)));
@@ -261,7 +279,7 @@ mod tests {
     #[test]
     fn payloads_round_trip_whole_or_in_slices() {
         let data = sparse(1 << 20);
-        let mut packer = Packer::new(Mode::On, 1 << 20);
+        let mut packer = Packer::new(Mode::On);
         let (a, b) = data.split_at(12345);
         let packed = packer.pack(&[a, b], data.len()).expect("sparse pages compress").to_vec();
         assert!(packed.len() < data.len() / 50, "{} bytes", packed.len());
@@ -269,13 +287,13 @@ mod tests {
         assert_eq!(unpack(&packed, &mut out).unwrap(), &data[..]);
         // What does not shrink goes raw.
         assert!(packer.pack(&[&noise(1 << 16)], 1 << 16).is_none());
-        assert!(Packer::new(Mode::Off, 0).pack(&[&data], data.len()).is_none());
+        assert!(Packer::new(Mode::Off).pack(&[&data], data.len()).is_none());
     }
 
     #[test]
     fn forged_payloads_are_refused() {
         let data = sparse(1 << 16);
-        let packed = Packer::new(Mode::On, 1 << 20).pack(&[&data], data.len()).unwrap().to_vec();
+        let packed = Packer::new(Mode::On).pack(&[&data], data.len()).unwrap().to_vec();
         let mut out = Vec::new();
         assert!(matches!(unpack(&packed[..3], &mut out), Err(Error::Short(3))));
         let mut huge = packed.clone();
@@ -295,7 +313,7 @@ mod tests {
     /// Plays `frames` frames of `data` through an `auto` packer over a link of
     /// `link_ns_per_byte`; returns which went compressed.
     fn auto_choices(data: &[u8], link_ns_per_byte: f64, frames: usize) -> Vec<bool> {
-        let mut packer = Packer::new(Mode::Auto, 1 << 20);
+        let mut packer = Packer::new(Mode::Auto);
         (0..frames)
             .map(|_| {
                 let wire_bytes = packer.pack(&[data], data.len()).map_or(data.len(), <[u8]>::len);

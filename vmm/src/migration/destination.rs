@@ -129,7 +129,6 @@ fn receive_memory_and_state(
                 // its 4 MiB would be faulted in inside the downtime (~3 ms here). `resize`
                 // writes every byte, so the pages are in now.
                 payload.resize(payload.len().max(memory::RECEIVE_BUFFER), 0);
-                incoming.prepare_unpacking();
                 protocol::write_json(stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
             }
             Kind::Memory => incoming.memory(vm.ram(), payload).map_err(|e| chain(&e))?,

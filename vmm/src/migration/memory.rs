@@ -189,7 +189,7 @@ impl Default for Outgoing {
             postcopy: false,
             deltas: None,
             last: false,
-            packer: compress::Packer::new(compress::Mode::Off, 0),
+            packer: compress::Packer::new(compress::Mode::Off),
         }
     }
 }
@@ -203,7 +203,7 @@ impl Outgoing {
     /// Compresses Memory and PostcopyPages frames as `mode` says (a `sibling`, post-copy's
     /// urgent channel, sends raw: its frames are answers a faulting guest waits for).
     pub fn compressing(self, mode: compress::Mode) -> Self {
-        Outgoing { packer: compress::Packer::new(mode, RECEIVE_BUFFER), ..self }
+        Outgoing { packer: compress::Packer::new(mode), ..self }
     }
 
     /// A second sender (post-copy's urgent channel) under the same rate cap.
@@ -915,12 +915,6 @@ impl Incoming {
         self.crc.update(raw);
         let arrived = self.arrived.get_or_insert_with(|| Arrived::new(ram));
         apply_to(ram, self.prepared.as_deref(), Some(arrived), raw, &mut self.stats)
-    }
-
-    /// Makes the buffer compressed frames decompress into exist now (before a pause):
-    /// grown at the first compressed frame, its pages would be faulted in then.
-    pub fn prepare_unpacking(&mut self) {
-        self.unpacked.resize(self.unpacked.len().max(RECEIVE_BUFFER), 0);
     }
 
     /// Frees what only the transfer needed.
