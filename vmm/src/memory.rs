@@ -216,6 +216,31 @@ pub unsafe fn paused_bytes(ram: &GuestRam, gpa: u64, len: usize) -> Option<&[u8]
     Some(unsafe { std::slice::from_raw_parts(host, len) })
 }
 
+/// Reads `len` bytes from `r` straight into guest RAM at `gpa` (inside one region), and
+/// returns them (to be checksummed): a migration destination's receiver, one copy less
+/// than reading into a buffer first. `InvalidInput`: the range is not RAM.
+///
+/// # Safety
+/// Nothing else reads or writes those bytes meanwhile: no vCPU of the VM runs yet (a
+/// destination before its vCPUs start), and the caller holds no other slice of them.
+pub unsafe fn read_into_ram<'a, R: std::io::Read + ?Sized>(
+    ram: &'a GuestRam,
+    gpa: u64,
+    len: usize,
+    r: &mut R,
+) -> std::io::Result<&'a [u8]> {
+    let outside = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "outside guest RAM");
+    if !is_ram(ram, gpa, len as u64) {
+        return Err(outside());
+    }
+    let host = ram.get_host_address(GuestAddress(gpa)).map_err(|_| outside())?;
+    // SAFETY: `[host, host + len)` lies inside one mapped RAM region (checked above) that
+    // lives as long as `ram`'s borrow; exclusive by the caller's contract.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(host, len) };
+    r.read_exact(bytes)?;
+    Ok(bytes)
+}
+
 /// The E820-style map every boot protocol gets: RAM, minus the MP table's last KiB of base
 /// memory and the BIOS area, which are reserved.
 pub fn memory_map(ram: &GuestRam) -> Vec<MemoryMapEntry> {

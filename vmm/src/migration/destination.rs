@@ -109,7 +109,13 @@ fn receive_memory_and_state(
     let mut stream = LowWater::new(stream.as_mut());
     let stream = &mut stream;
     loop {
-        let kind = protocol::read_frame_into(stream, payload).map_err(|e| chain(&e))?;
+        let (kind, len) = protocol::read_header(stream).map_err(|e| chain(&e))?;
+        if kind == Kind::Memory {
+            // Page data straight from the socket into RAM, not through `payload`.
+            incoming.read_memory(vm.ram(), stream, len).map_err(|e| chain(&e))?;
+            continue;
+        }
+        protocol::read_payload(stream, len, payload).map_err(|e| chain(&e))?;
         match kind {
             Kind::Sync => {
                 protocol::write_json(stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
@@ -131,7 +137,6 @@ fn receive_memory_and_state(
                 payload.resize(payload.len().max(memory::RECEIVE_BUFFER), 0);
                 protocol::write_json(stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
             }
-            Kind::Memory => incoming.memory(vm.ram(), payload).map_err(|e| chain(&e))?,
             Kind::MemoryLz4 => incoming.compressed_memory(vm.ram(), payload).map_err(|e| chain(&e))?,
             Kind::Postcopy => {
                 let postcopy: protocol::Postcopy =

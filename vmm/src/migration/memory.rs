@@ -693,40 +693,6 @@ fn next_delta<'a>(gpa: u64, pages: u64, rest: &mut &'a [u8]) -> Result<Record<'a
     Ok(Record { gpa, pages, flags: DELTA, data })
 }
 
-/// Faults in, in one call per contiguous run, the destination pages a payload's data
-/// records are about to fill: one `MADV_POPULATE_WRITE` over 4 MiB costs far less than a
-/// thousand separate first-touch faults (each a trap, ~9 us on this project's test host).
-/// Best effort: kernels before 5.14 refuse it and the copy faults the pages in as usual.
-/// `arrived`: its `populated` pages are faulted in already (written by an earlier round), which
-/// need no advice (walking the page tables of 16,000 present pages a round is not free).
-fn prefault(ram: &GuestRam, payload: &[u8], arrived: Option<&Arrived>) {
-    let flush = |run: Option<(u64, u64)>| {
-        if let Some((gpa, len)) = run {
-            populate_ram(ram, gpa, len);
-        }
-    };
-    let mut run: Option<(u64, u64)> = None;
-    let known = |r: &Record| {
-        arrived.is_some_and(|a| {
-            let first = a.first(r);
-            (first..first.saturating_add(r.pages)).all(|i| a.populated.contains(i))
-        })
-    };
-    for record in records(ram, payload).map_while(Result::ok).filter(|r| !r.is_zero() && !r.is_delta() && !known(r)) {
-        let len = record.pages * PAGE;
-        run = match run {
-            Some((start, l)) if start + l == record.gpa && memory::is_ram(ram, start, l + len) => {
-                Some((start, l + len))
-            }
-            other => {
-                flush(other);
-                Some((record.gpa, len))
-            }
-        };
-    }
-    flush(run);
-}
-
 /// Faults in `[gpa, gpa + len)` (checked to lie inside one RAM region) with one
 /// `MADV_POPULATE_WRITE`; best effort, as in `prefault`.
 fn populate_ram(ram: &GuestRam, gpa: u64, len: u64) {
@@ -778,58 +744,11 @@ impl Arrived {
 
 /// Applies one Memory payload to guest RAM, checking every record against RAM.
 pub fn apply(ram: &GuestRam, payload: &[u8], stats: &mut Transfer) -> Result<(), Error> {
-    apply_to(ram, None, None, payload, stats)
-}
-
-/// Applies a payload and notes what arrived; with `prepared` RAM (and `arrived`, for its
-/// page numbering) writes through its second mapping, whose page tables are filled in
-/// already: no faults at all while memory arrives.
-fn apply_to(
-    ram: &GuestRam,
-    prepared: Option<&memory::Prepared>,
-    arrived: Option<&Arrived>,
-    payload: &[u8],
-    stats: &mut Transfer,
-) -> Result<(), Error> {
-    if prepared.is_none() {
-        prefault(ram, payload, arrived);
-    }
-    for record in records(ram, payload) {
-        let record = record?;
-        stats.pages += record.pages;
-        let target = prepared.zip(arrived).map(|(p, a)| (p, (a.first(&record) * PAGE) as usize));
-        if record.is_delta() {
-            apply_delta(ram, target, arrived, &record)?;
-            stats.delta_pages += 1;
-        } else if record.is_zero() {
-            stats.zero_pages += record.pages;
-            if record.flags & FRESH == 0 {
-                // A page sent earlier became zero: clear it.
-                match target {
-                    Some((p, offset)) => {
-                        p.zero(offset, (record.pages * PAGE) as usize);
-                    }
-                    None => {
-                        let zero = [0u8; PAGE as usize];
-                        for p in 0..record.pages {
-                            ram.write_slice(&zero, GuestAddress(record.gpa + p * PAGE))?;
-                        }
-                    }
-                }
-            }
-        } else {
-            match target {
-                Some((p, offset)) => {
-                    p.write(offset, record.data);
-                }
-                None => write_ram(ram, record.gpa, record.data)?,
-            }
-        }
-        if let Some(arrived) = arrived {
-            arrived.mark(&record);
-        }
-    }
-    Ok(())
+    let mut incoming = Incoming::default();
+    let applied = incoming.memory(ram, payload);
+    (stats.pages, stats.zero_pages, stats.delta_pages) =
+        (incoming.stats.pages, incoming.stats.zero_pages, incoming.stats.delta_pages);
+    applied
 }
 
 /// Writes a delta's runs over the page it is for, which must have arrived before.
@@ -881,6 +800,54 @@ pub struct Incoming {
     prepared: Option<std::sync::Arc<memory::Prepared>>,
     /// Where compressed frames are decompressed (kept: the same pages serve every frame).
     unpacked: Vec<u8>,
+    /// A delta record's runs, as they are read.
+    scratch: Vec<u8>,
+    /// `FrameReader`'s buffer.
+    read_ahead: Vec<u8>,
+}
+
+/// What a `FrameReader` reads ahead for small reads.
+const READ_AHEAD: usize = 64 << 10;
+
+/// Reads one frame's payload: reads shorter than [`READ_AHEAD`] (record headers, deltas)
+/// come out of a buffer filled up to at most the frame's end, so that a frame of deltas
+/// costs a few system calls, not three a page; longer ones (page data) go straight to the
+/// caller's memory when nothing is buffered.
+struct FrameReader<'a, R: std::io::Read + ?Sized> {
+    inner: &'a mut R,
+    /// Bytes of the frame not yet read from `inner`.
+    left: u64,
+    buffer: &'a mut Vec<u8>,
+    /// `buffer[at..end]` is read and not yet handed out.
+    at: usize,
+    end: usize,
+}
+
+impl<R: std::io::Read + ?Sized> std::io::Read for FrameReader<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.at == self.end {
+            let direct = out.len() >= READ_AHEAD;
+            let want = (if direct { out.len() } else { READ_AHEAD } as u64).min(self.left) as usize;
+            if want == 0 {
+                return Ok(0);
+            }
+            if direct {
+                let got = self.inner.read(&mut out[..want])?;
+                self.left -= got as u64;
+                return Ok(got);
+            }
+            if self.buffer.len() < READ_AHEAD {
+                self.buffer.resize(READ_AHEAD, 0);
+            }
+            let got = self.inner.read(&mut self.buffer[..want])?;
+            self.left -= got as u64;
+            (self.at, self.end) = (0, got);
+        }
+        let n = out.len().min(self.end - self.at);
+        out[..n].copy_from_slice(&self.buffer[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 impl Incoming {
@@ -889,10 +856,24 @@ impl Incoming {
         Incoming { prepared: Some(prepared), ..Default::default() }
     }
 
-    /// Applies one Memory payload.
+    /// Applies one Memory payload held in memory.
     pub fn memory(&mut self, ram: &GuestRam, payload: &[u8]) -> Result<(), Error> {
         self.stats.bytes_on_wire += payload.len() as u64 + 16;
         self.apply(ram, payload)
+    }
+
+    /// Reads the `len`-byte payload of a Memory frame (its header read already) from
+    /// `stream` and applies it record by record: page data goes from the socket straight
+    /// into guest RAM (through prepared RAM's second mapping, if any), one copy less than
+    /// through a buffer. Guest RAM is the destination's, whose vCPUs do not run yet.
+    pub fn read_memory<R: std::io::Read + ?Sized>(
+        &mut self,
+        ram: &GuestRam,
+        stream: &mut R,
+        len: u64,
+    ) -> Result<(), Error> {
+        self.stats.bytes_on_wire += len + 16;
+        self.receive(ram, stream, len)
     }
 
     /// Applies one MemoryLz4 payload (the checksum covers the raw payload).
@@ -912,9 +893,84 @@ impl Incoming {
     }
 
     fn apply(&mut self, ram: &GuestRam, raw: &[u8]) -> Result<(), Error> {
-        self.crc.update(raw);
+        self.receive(ram, &mut &raw[..], raw.len() as u64)
+    }
+
+    /// Reads `len` bytes of page records from `stream` and applies them as they come,
+    /// checking each against RAM (and its data against the frame's end) before reading its
+    /// data; the running checksum covers the bytes as read.
+    fn receive<R: std::io::Read + ?Sized>(&mut self, ram: &GuestRam, stream: &mut R, len: u64) -> Result<(), Error> {
+        use std::io::Read as _;
+        let stream = &mut FrameReader { inner: stream, left: len, buffer: &mut self.read_ahead, at: 0, end: 0 };
+        let io = |e: std::io::Error| Error::Protocol(e.into());
+        let past_the_frame = |what: &str| Error::Record(format!("{what} past the frame"));
         let arrived = self.arrived.get_or_insert_with(|| Arrived::new(ram));
-        apply_to(ram, self.prepared.as_deref(), Some(arrived), raw, &mut self.stats)
+        let prepared = self.prepared.as_deref();
+        let (mut rest, mut header) = (len, [0u8; RECORD_HEADER]);
+        while rest > 0 {
+            rest = rest.checked_sub(RECORD_HEADER as u64).ok_or_else(|| past_the_frame("record header"))?;
+            stream.read_exact(&mut header).map_err(io)?;
+            self.crc.update(&header);
+            let mut record = record_header_checked(ram, &header)?;
+            self.stats.pages += record.pages;
+            let offset = (arrived.first(&record) * PAGE) as usize;
+            let target = prepared.map(|p| (p, offset));
+            if record.is_delta() {
+                rest = rest.checked_sub(4).ok_or_else(|| past_the_frame("delta length"))?;
+                let mut size = [0u8; 4];
+                stream.read_exact(&mut size).map_err(io)?;
+                self.crc.update(&size);
+                let size = u64::from(u32::from_le_bytes(size));
+                if size > 2 * PAGE || size > rest {
+                    return Err(past_the_frame("delta data"));
+                }
+                rest -= size;
+                self.scratch.resize(size as usize, 0);
+                stream.read_exact(&mut self.scratch).map_err(io)?;
+                self.crc.update(&self.scratch);
+                delta::check(&self.scratch).map_err(|e| Error::Record(e.to_string()))?;
+                record.data = &self.scratch;
+                apply_delta(ram, target, Some(arrived), &record)?;
+                self.stats.delta_pages += 1;
+            } else if record.is_zero() {
+                self.stats.zero_pages += record.pages;
+                if record.flags & FRESH == 0 {
+                    // A page sent earlier became zero: clear it.
+                    match target {
+                        Some((p, offset)) => {
+                            p.zero(offset, (record.pages * PAGE) as usize);
+                        }
+                        None => {
+                            let zero = [0u8; PAGE as usize];
+                            for p in 0..record.pages {
+                                ram.write_slice(&zero, GuestAddress(record.gpa + p * PAGE))?;
+                            }
+                        }
+                    }
+                }
+            } else {
+                let bytes = record.pages * PAGE;
+                rest = rest.checked_sub(bytes).ok_or_else(|| past_the_frame("record data"))?;
+                let data = match target {
+                    // SAFETY: the destination's vCPUs do not run while memory arrives, and
+                    // nothing else here touches RAM meanwhile.
+                    Some((p, offset)) => unsafe { p.read_into(offset, bytes as usize, stream) },
+                    None => {
+                        // One MADV_POPULATE_WRITE for the run costs far less than a
+                        // first-touch fault a page (a trap each, ~9 us on the test host).
+                        let first = arrived.first(&record);
+                        if !(first..first + record.pages).all(|i| arrived.populated.contains(i)) {
+                            populate_ram(ram, record.gpa, bytes);
+                        }
+                        // SAFETY: as above.
+                        unsafe { memory::read_into_ram(ram, record.gpa, bytes as usize, stream) }
+                    }
+                };
+                self.crc.update(data.map_err(io)?);
+            }
+            arrived.mark(&record);
+        }
+        Ok(())
     }
 
     /// Frees what only the transfer needed.
@@ -981,6 +1037,30 @@ impl Incoming {
 mod tests {
     use super::*;
 
+    /// A stream that hands out at most 777 bytes a read, as a socket may.
+    struct Dribble<'a>(&'a [u8]);
+
+    impl std::io::Read for Dribble<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(777).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    /// Receives the Memory frames of `wire` the way the destination does: headers, then
+    /// each payload read record by record from the stream.
+    fn read_frames(incoming: &mut Incoming, ram: &GuestRam, wire: &[u8]) -> Result<(), Error> {
+        let mut stream = Dribble(wire);
+        while !stream.0.is_empty() {
+            let (kind, len) = protocol::read_header(&mut stream)?;
+            assert_eq!(kind, Kind::Memory);
+            incoming.read_memory(ram, &mut stream, len)?;
+        }
+        Ok(())
+    }
+
     #[test]
     fn the_resident_pages_are_allocated_ahead_and_stay_zero() {
         let src = memory::create_ram(16 << 20).unwrap();
@@ -1035,12 +1115,7 @@ mod tests {
         let receive = |wire: &[u8]| -> Result<(GuestRam, Transfer), Error> {
             let dst = memory::create_ram(16 << 20).unwrap();
             let mut incoming = Incoming::default();
-            let mut rest = wire;
-            while !rest.is_empty() {
-                let (kind, payload) = protocol::read_frame(&mut rest)?;
-                assert_eq!(kind, Kind::Memory);
-                incoming.memory(&dst, &payload)?;
-            }
+            read_frames(&mut incoming, &dst, wire)?;
             incoming.complete(&dst, &complete)?;
             Ok((dst, incoming.stats))
         };
@@ -1178,11 +1253,7 @@ mod tests {
             } else {
                 (memory::create_ram(16 << 20).unwrap(), Incoming::default())
             };
-            let mut rest = &wire[..];
-            while !rest.is_empty() {
-                let (_, payload) = protocol::read_frame(&mut rest).unwrap();
-                incoming.memory(&dst, &payload).unwrap();
-            }
+            read_frames(&mut incoming, &dst, &wire).unwrap();
             incoming.check_crc32(outgoing.crc32()).unwrap();
             assert_eq!(incoming.stats.delta_pages, 8);
             assert_eq!(ram_crc32(&dst).unwrap(), ram_crc32(&src).unwrap(), "prepared: {prepared}");

@@ -186,9 +186,16 @@ pub fn read_frame(r: &mut impl Read) -> Result<(Kind, Vec<u8>), Error> {
 /// buffer of megabytes comes from mmap, one page fault per 4 KiB).
 pub fn read_frame_into(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind, Error> {
     let (kind, len) = read_header(r)?;
+    read_payload(r, len, payload)?;
+    Ok(kind)
+}
+
+/// Reads the `len`-byte payload of a frame whose header `read_header` returned into
+/// `payload` (reusing its allocation, as `read_frame_into`).
+pub fn read_payload(r: &mut impl Read, len: u64, payload: &mut Vec<u8>) -> Result<(), Error> {
     payload.resize(len as usize, 0);
     r.read_exact(payload)?;
-    Ok(kind)
+    Ok(())
 }
 
 /// Reads a frame's header, checking magic, version and size; returns its kind and the
