@@ -131,10 +131,6 @@ fn receive_memory_and_state(
                 let populate: protocol::Missing =
                     serde_json::from_slice(payload).map_err(|e| format!("malformed Populate message: {e}"))?;
                 incoming.populate(vm.ram(), &populate.ranges).map_err(|e| chain(&e))?;
-                // The receive buffer too: grown at the first Memory frame, after the pause,
-                // its 4 MiB would be faulted in inside the downtime (~3 ms here). `resize`
-                // writes every byte, so the pages are in now.
-                payload.resize(payload.len().max(memory::RECEIVE_BUFFER), 0);
                 protocol::write_json(stream, Kind::Accept, &Answer { reason: String::new() }).map_err(|e| chain(&e))?;
             }
             Kind::MemoryLz4 => incoming.compressed_memory(vm.ram(), payload).map_err(|e| chain(&e))?,

@@ -24,9 +24,6 @@ const DELTA: u32 = 4;
 pub const RECORD_HEADER: usize = 16;
 /// Payload size at which a frame is sent.
 const FRAME_TARGET: usize = 4 << 20;
-/// What a receiver's buffer holds for a Memory frame this sender makes (a frame goes out
-/// once it reaches the target, so it exceeds it by less than one record).
-pub const RECEIVE_BUFFER: usize = FRAME_TARGET + 2 * PAGE as usize + 2 * RECORD_HEADER;
 
 /// What was sent or received.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize)]
