@@ -175,7 +175,8 @@ fn host_kind() -> &'static str {
 const PVM_RING0_SKIP: &str = "lar,lsl,verr,verw,int-n,int3";
 
 /// Expected cells: ring 0, ring 3, ring 3 with CR4.TSD and UMIP. `U` stands for the UMIP
-/// outcome (`#GP` when the guest CPU has UMIP, else `ok`); `*` is not compared.
+/// outcome (`#GP` when the guest CPU has UMIP, else `ok`); `*` is not compared; `a|b`
+/// accepts either outcome (a row that depends on the host CPU, said where it is used).
 const EXPECTED_PVM: &[(&str, &str, &str, &str)] = &[
     ("sgdt", "ok", "ok", "U"),
     ("sidt", "ok", "ok", "U"),
@@ -195,7 +196,10 @@ const EXPECTED_PVM: &[(&str, &str, &str, &str)] = &[
     ("far-ret", "ok", "#GP", "#GP"),
     ("int-n", "-", "#UD", "#UD"),
     ("int3", "-", "#BP", "#BP"),
-    ("cpuid", "ok", "differs", "differs"),
+    // Ring 3 executes CPUID on the host CPU (`differs`: the host hypervisor's leaves)
+    // unless the host CPU's CPUID faulting makes it trap to PVM (`ok`: Popek's); this
+    // project's PVM hosts have shown both (docs/traps.md).
+    ("cpuid", "ok", "differs|ok", "differs|ok"),
     ("rdtsc", "ok", "ok", "ok"),
     ("rdpmc", "#GP", "#GP", "#GP"),
     ("hlt", "-", "#GP", "#GP"),
@@ -287,7 +291,7 @@ fn trap_suite_matches_the_expected_table_for_this_host() {
                 "U" => "ok",
                 other => other,
             };
-            if want != "*" && want != *have {
+            if want != "*" && !want.split('|').any(|w| w == *have) {
                 mismatches.push(format!("{name} column {column}: expected {want}, got {have}"));
             }
         }
