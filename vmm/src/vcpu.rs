@@ -51,7 +51,8 @@ pub struct Handlers {
     pub recorder: Arc<Recorder>,
     /// Single-step audit of vCPU 0, when asked for.
     pub audit: Option<crate::trap::audit::Audit>,
-    /// The host has KVM_CAP_SYNC_REGS (registers delivered in `kvm_run`).
+    /// The host has KVM_CAP_SYNC_REGS for registers, special registers and events
+    /// (delivered in `kvm_run`).
     pub sync_regs: bool,
     /// KVM's list of MSRs to save (read once, used by every pause).
     pub msr_indexes: Vec<u32>,
@@ -277,12 +278,15 @@ impl Vcpu {
                 Wanted::Stop => return false,
                 Wanted::Stall => control.wait_while(Wanted::Stall),
                 Wanted::Pause => {
-                    if !interrupted {
+                    // With synced registers, the save's own KVM_RUN completes the I/O.
+                    let synced = handlers.sync_regs;
+                    if !interrupted && !synced {
                         self.fd.set_kvm_immediate_exit(1);
                         let _ = self.fd.run();
                         self.fd.set_kvm_immediate_exit(0);
                     }
-                    let state = crate::migration::state::VcpuState::save(&handlers.msr_indexes, &self.fd, self.id)
+                    let msrs = &handlers.msr_indexes;
+                    let state = crate::migration::state::VcpuState::save(msrs, &mut self.fd, self.id, synced)
                         .map(Box::new)
                         .map_err(|e| e.to_string());
                     let sender = handlers.paused.lock().unwrap_or_else(|p| p.into_inner()).clone();

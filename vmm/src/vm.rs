@@ -182,7 +182,8 @@ impl Vm {
             let rom_copy = rom.as_ref().map(|r| (layout::FIRMWARE_BASE, r.bytes().to_vec()));
             Audit::new(ram.clone(), rom_copy, limit)
         });
-        let sync_regs = kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
+        // Registers, special registers and events (KVM_SYNC_X86_*: 0x7), all three.
+        let sync_regs = kvm.check_extension_int(kvm_ioctls::Cap::SyncRegs) & 0x7 == 0x7;
         let msr_indexes = crate::migration::state::msr_indexes(&kvm).map_err(|e| Error::State(e.to_string()))?;
         let (paused_tx, paused_rx) = mpsc::channel();
         let handlers = Arc::new(Handlers {
