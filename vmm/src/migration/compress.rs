@@ -8,12 +8,16 @@
 //! cost as much as compressing each (the source cannot time them), compressing pays when
 //! `3/C + r/L < 1/L`, that is when `L < C (1 - r) / 3`. Without the destination's share,
 //! loopback on the 2-core test host compressed the 64 MiB dirtier's stop-and-copy, and its
-//! downtime grew from 26-30 to 35-37 ms; with one pass of it, still half the frames. How well memory compresses depends on
-//! what the guest keeps in it, and the link's rate on where the destination is, so `auto`
-//! measures all three as it goes: `C` and `r` from the frames it compresses and, while it
-//! sends raw, from a sample of every frame (a 64th of it, 4 to 64 KiB); `L`
-//! from the frames it sends raw, and while it compresses, from one frame sent raw now and
-//! then (after 8 frames, then 16, 32, up to 64 while the choice holds).
+//! downtime grew from 26-30 to 35-37 ms; counting one pass, half its frames still went
+//! compressed.
+//!
+//! How well memory compresses depends on what the guest keeps in it, and the link's rate
+//! on where the destination is, so `auto` measures all three as it goes: `C` and `r` from
+//! the frames it compresses and, while it sends raw, from a sample of every frame (a 64th
+//! of it, 4 to 64 KiB); `L` from the frames it sends raw (the first frame goes raw), and
+//! while it compresses, from one frame sent raw now and then (after 16 frames, then 32,
+//! 64, up to 256 while the choice holds: a raw frame on a slow link is expensive, and the
+//! link rarely gets faster during a migration).
 //!
 //! A compressed payload is `raw_len u32` then one lz4 block of the raw payload.
 
