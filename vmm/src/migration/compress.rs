@@ -29,12 +29,12 @@ const LEN_PREFIX: usize = 4;
 /// keep `C` and `r` current: a small frame, such as the last pages of an idle guest sent in
 /// the pause, costs microseconds, not the 0.1-0.2 ms of a whole sample.
 const SAMPLE_SHARE: usize = 64;
+const SAMPLE_MIN: usize = 4 << 10;
+const SAMPLE_MAX: usize = 64 << 10;
 /// Frames smaller than this go raw, neither compressed nor sampled: little to gain on any
 /// link, and the compressor's fixed cost per call (a few us) would skew its estimates
 /// (the records of an idle guest's last frame, 80 bytes, "compressed" at 10 ns a byte).
 const SMALL_FRAME: usize = 8 << 10;
-const SAMPLE_MIN: usize = 4 << 10;
-const SAMPLE_MAX: usize = 64 << 10;
 /// While frames go compressed, one goes raw (to time the link) this many frames after the
 /// last such try at first...
 const FIRST_TRY_GAP: u64 = 16;
