@@ -97,12 +97,9 @@ impl Cache {
     /// copy no later round reads), so should it go once more it goes whole; a page not
     /// cached goes whole and is not cached.
     pub fn encode_last(&mut self, gpa: u64, new: &[u8]) -> Encoded {
-        let Some(index) = self.map.index_of_gpa(gpa).and_then(|i| usize::try_from(i).ok()) else {
-            return Encoded::Full;
-        };
-        let Some(entry) = self.slot_of.get_mut(index).filter(|e| **e != NO_SLOT) else { return Encoded::Full };
-        let slot = *entry as usize;
-        *entry = NO_SLOT;
+        let Some(index) = self.index(gpa).filter(|&i| self.slot_of[i] != NO_SLOT) else { return Encoded::Full };
+        let slot = self.slot_of[index] as usize;
+        self.slot_of[index] = NO_SLOT;
         self.free.push(slot as u32);
         let old = slot_bytes(&mut self.chunks, slot);
         if new.len() == old.len() && diff(old, new, &mut self.runs) {
@@ -114,11 +111,8 @@ impl Cache {
 
     /// Page `gpa` goes out as a zero record: the destination clears it.
     pub fn zeroed(&mut self, gpa: u64) {
-        if let Some(&slot) = self.map.index_of_gpa(gpa).and_then(|i| self.slot_of.get(i as usize)) {
-            if slot != NO_SLOT {
-                let slot = slot as usize;
-                slot_bytes(&mut self.chunks, slot).fill(0);
-            }
+        if let Some(slot) = self.index(gpa).map(|i| self.slot_of[i]).filter(|&s| s != NO_SLOT) {
+            slot_bytes(&mut self.chunks, slot as usize).fill(0);
         }
     }
 
@@ -147,8 +141,8 @@ impl Cache {
     /// The slot page `gpa` has, or a new one while there is room (then `true`: it holds
     /// nothing the destination has).
     fn slot(&mut self, gpa: u64) -> Option<(usize, bool)> {
-        let index = usize::try_from(self.map.index_of_gpa(gpa)?).ok()?;
-        let entry = self.slot_of.get_mut(index)?;
+        let index = self.index(gpa)?;
+        let entry = &mut self.slot_of[index];
         if *entry != NO_SLOT {
             return Some((*entry as usize, false));
         }
@@ -166,6 +160,11 @@ impl Cache {
         self.used += 1;
         *entry = slot as u32;
         Some((slot, true))
+    }
+
+    /// Page `gpa`'s index in `slot_of`; `None` outside RAM.
+    fn index(&self, gpa: u64) -> Option<usize> {
+        usize::try_from(self.map.index_of_gpa(gpa)?).ok().filter(|&i| i < self.slot_of.len())
     }
 }
 

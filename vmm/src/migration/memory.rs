@@ -23,6 +23,9 @@ const ZERO: u32 = 1;
 const FRESH: u32 = 2;
 const DELTA: u32 = 4;
 pub const RECORD_HEADER: usize = 16;
+/// The longest run list a DELTA record may carry (the sender keeps them under half a
+/// page; a receiver reads at most this for one).
+const DELTA_MAX_LEN: usize = 2 * PAGE as usize;
 /// Payload size at which a frame is sent.
 const FRAME_TARGET: usize = 4 << 20;
 
@@ -684,7 +687,7 @@ fn next_delta<'a>(gpa: u64, pages: u64, rest: &mut &'a [u8]) -> Result<Record<'a
     }
     let len = rest.get(..4).ok_or_else(|| Error::Record("truncated delta length".into()))?;
     let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
-    let data = rest.get(4..4 + len.min(PAGE as usize * 2)).filter(|d| d.len() == len);
+    let data = rest.get(4..4 + len.min(DELTA_MAX_LEN)).filter(|d| d.len() == len);
     let data = data.ok_or_else(|| Error::Record("delta data past the frame".into()))?;
     delta::check(data).map_err(|e| Error::Record(e.to_string()))?;
     *rest = &rest[4 + len..];
@@ -921,7 +924,7 @@ impl Incoming {
                 stream.read_exact(&mut size).map_err(io)?;
                 self.crc.update(&size);
                 let size = u64::from(u32::from_le_bytes(size));
-                if size > 2 * PAGE || size > rest {
+                if size > DELTA_MAX_LEN as u64 || size > rest {
                     return Err(past_the_frame("delta data"));
                 }
                 rest -= size;
