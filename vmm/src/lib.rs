@@ -11,6 +11,7 @@ pub mod bundled;
 pub mod classify;
 pub mod config;
 pub mod devices;
+pub mod dirty_bitmap;
 pub mod fuzzing;
 pub mod memory;
 pub mod migration;

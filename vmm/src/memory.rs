@@ -9,7 +9,7 @@ use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, Mm
 /// Guest RAM as rust-vmm's mmap-backed guest memory, with a dirty bitmap: writes the VMM
 /// itself makes (hypercalls, devices) are tracked for migration, which KVM's dirty log
 /// cannot see.
-pub type GuestRam = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+pub type GuestRam = vm_memory::GuestMemoryMmap<crate::dirty_bitmap::DirtyBitmap>;
 
 /// Memory errors.
 #[derive(Debug, thiserror::Error)]
@@ -312,9 +312,10 @@ pub fn take_dirty(vm: &VmFd, ram: &GuestRam) -> Result<Vec<Vec<u64>>, Error> {
             source,
         })?;
         // The mapping's own bitmap (the trait method returns a sliced view).
-        let own = vm_memory::MmapRegion::bitmap(&**region).get_and_reset();
-        for (word, extra) in bits.iter_mut().zip(own) {
-            *word |= extra;
+        for (index, extra) in vm_memory::MmapRegion::bitmap(&**region).take() {
+            if let Some(word) = bits.get_mut(index) {
+                *word |= extra;
+            }
         }
         all.push(bits);
     }

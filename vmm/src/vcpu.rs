@@ -190,6 +190,9 @@ pub enum FaultKind {
 pub struct Vcpu {
     id: u32,
     fd: VcpuFd,
+    /// What this vCPU held when it was made, for a migration's restore into it (taken by
+    /// the restore: it is stale after).
+    fresh: Option<crate::migration::state::FreshParts>,
 }
 
 impl Vcpu {
@@ -202,7 +205,7 @@ impl Vcpu {
         regs::set_fpu(&fd, id)?;
         regs::set_boot_msrs(&fd, id)?;
         regs::set_lint(&fd, id)?;
-        Ok(Vcpu { id, fd })
+        Ok(Vcpu { id, fd, fresh: None })
     }
 
     /// Sets the boot vCPU's first instruction. The reset vector is KVM's initial state, so
@@ -261,8 +264,18 @@ impl Vcpu {
     }
 
     /// Restores a migrated vCPU's state (before its thread starts).
-    pub fn restore(&self, state: &crate::migration::state::VcpuState) -> Result<(), crate::migration::state::Error> {
-        state.restore(&self.fd)
+    pub fn restore(
+        &mut self,
+        state: &crate::migration::state::VcpuState,
+    ) -> Result<(), crate::migration::state::Error> {
+        state.restore(&self.fd, self.fresh.take().as_ref())
+    }
+
+    /// Reads what this vCPU holds before anything runs on it or is restored into it (see
+    /// `FreshParts`).
+    pub fn remember_fresh_parts(&mut self) -> Result<(), crate::migration::state::Error> {
+        self.fresh = Some(crate::migration::state::FreshParts::read(&self.fd)?);
+        Ok(())
     }
 
     /// Stops here while the VM wants it. For a pause: completes in-flight I/O (a KVM_RUN

@@ -89,7 +89,7 @@ impl HypercallState {
             generation: self.generation(),
             generation_gpa: *lock(&self.generation_gpa),
             doorbell_rings: self.doorbell_rings.load(Ordering::SeqCst),
-            free_pages: lock(&self.free_pages).bits.clone(),
+            free_pages: lock(&self.free_pages).runs(),
             ..Default::default()
         }
     }
@@ -103,11 +103,7 @@ impl HypercallState {
         self.generation.store(generation, Ordering::SeqCst);
         *lock(&self.generation_gpa) = devices.generation_gpa;
         self.doorbell_rings.store(devices.doorbell_rings, Ordering::SeqCst);
-        let mut free = lock(&self.free_pages);
-        if free.bits.len() == devices.free_pages.len() {
-            free.bits.copy_from_slice(&devices.free_pages);
-            free.count = free.bits.iter().map(|w| u64::from(w.count_ones())).sum();
-        }
+        lock(&self.free_pages).set_runs(&devices.free_pages);
     }
 
     /// Writes the generation into the guest's word (if it registered one). Separate from
@@ -159,6 +155,73 @@ impl FreePages {
 
     fn get(&self, pfn: u64) -> bool {
         self.bits.get((pfn / 64) as usize).is_some_and(|w| w & (1 << (pfn % 64)) != 0)
+    }
+
+    /// The hinted frames as runs `(first frame, frames)`, in order: what a migration
+    /// carries. A guest hints free memory in ranges, so this is a few runs where the bitmap
+    /// of a 1 GiB guest is 4,096 words (32 KiB to copy, and 4,096 varints to encode and to
+    /// decode, inside the downtime: 20-40 us on the test host).
+    fn runs(&self) -> Vec<(u64, u64)> {
+        let mut runs = Vec::new();
+        if self.count == 0 {
+            // No hints (most guests): no pass over a bitmap that is not in the cache.
+            return runs;
+        }
+        // The first frame of the run being read, if one is open.
+        let mut open: Option<u64> = None;
+        for (first, &word) in (0u64..).step_by(64).zip(&self.bits) {
+            // Whole words first: most are all clear, or all set inside a long run.
+            match (word, open) {
+                (0, None) | (u64::MAX, Some(_)) => continue,
+                (0, Some(start)) => {
+                    runs.push((start, first - start));
+                    open = None;
+                    continue;
+                }
+                (u64::MAX, None) => {
+                    open = Some(first);
+                    continue;
+                }
+                _ => {}
+            }
+            for bit in 0..64 {
+                match (word >> bit & 1 == 1, open) {
+                    (true, None) => open = Some(first + bit),
+                    (false, Some(start)) => {
+                        runs.push((start, first + bit - start));
+                        open = None;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(start) = open {
+            runs.push((start, self.bits.len() as u64 * 64 - start));
+        }
+        runs
+    }
+
+    /// Replaces the hints with `runs` (from a migration). Only a forged state has runs out
+    /// of order, overlapping or past this VM's RAM: the hints stop at the first such run
+    /// (hints are only hints), which also bounds the work to one pass over the bitmap.
+    fn set_runs(&mut self, runs: &[(u64, u64)]) {
+        if self.count > 0 {
+            self.bits.fill(0);
+            self.count = 0;
+        }
+        let frames = self.bits.len() as u64 * 64;
+        let mut end = 0;
+        for &(first, n) in runs {
+            let Some(last) = first.checked_add(n).filter(|&last| first >= end && last <= frames && n > 0) else {
+                log::warn!("migrated free-page hints stop at a bad run ({first}, {n})");
+                return;
+            };
+            for frame in first..last {
+                self.bits[(frame / 64) as usize] |= 1 << (frame % 64);
+            }
+            self.count += n;
+            end = last;
+        }
     }
 
     /// Sets or clears `npages` bits from `pfn`; returns how many changed.
@@ -438,6 +501,33 @@ mod tests {
         assert_eq!(call(&dev, &ram, hc::CLOCK, [7, 0, 0, 0]).0, -hc::EINVAL);
         assert_eq!(call(&dev, &ram, hc::REGISTER_GENERATION, [0x4004, 0, 0, 0]).0, -hc::EINVAL);
         assert_eq!(call(&dev, &ram, hc::REGISTER_GENERATION, [0x4000, 0, 0, 0]).0, 0);
+    }
+
+    #[test]
+    fn free_page_hints_migrate_as_runs() {
+        let (dev, ram) = device();
+        // Runs inside a word, across words, whole words, and up to the last frame.
+        for (gpa, npages) in [(0x3000, 2), (0x3e000, 3), (0x80000, 200), (0xff_f000, 1)] {
+            assert_eq!(call(&dev, &ram, hc::FREE_PAGE_HINT, [gpa, npages, 0, 0]).0, npages as i64);
+        }
+        let exported = dev.state.export();
+        assert_eq!(exported.free_pages, vec![(3, 2), (0x3e, 3), (0x80, 200), (0xfff, 1)]);
+        let (other, _) = device();
+        other.state.import(&exported);
+        assert_eq!(other.state.free_page_count(), 206);
+        assert!(other.state.is_free(0x40000) && !other.state.is_free(0x41000) && other.state.is_free(0xff_f000));
+        assert_eq!(other.state.export().free_pages, exported.free_pages);
+        // A forged state's hints stop at the first run out of order, overlapping or past
+        // RAM, and a huge one costs no more than the bitmap.
+        for forged in
+            [vec![(8, 2), (4, 1)], vec![(8, 2), (9, 1)], vec![(8, 2), (0xfff, 2)], vec![(8, 2), (9, u64::MAX)]]
+        {
+            let mut devices = exported.clone();
+            devices.free_pages = forged;
+            other.state.import(&devices);
+            assert_eq!(other.state.export().free_pages, vec![(8, 2)]);
+            assert_eq!(other.state.free_page_count(), 2);
+        }
     }
 
     #[test]

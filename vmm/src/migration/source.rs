@@ -103,6 +103,11 @@ pub struct PostcopyReport {
     pub destination: protocol::Done,
 }
 
+/// How long the source polls for Running instead of sleeping (`Stream::spin_until_readable`):
+/// the destination's restore and its last pages take well under this after Complete, and
+/// the guest is paused, so its cores are free.
+pub(crate) const RUNNING_SPIN: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// The downtime window, phase by phase (milliseconds).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Breakdown {
@@ -325,6 +330,7 @@ pub fn migrate(
         };
         protocol::write_json(&mut stream, Kind::Complete, &complete).map_err(|e| chain(&e))?;
         mark(&mut breakdown.final_memory);
+        stream.spin_until_readable(RUNNING_SPIN);
         let running: Running = protocol::read_json(&mut stream, Kind::Running).map_err(|e| chain(&e))?;
         mark(&mut breakdown.until_running);
         Ok((final_pages, state.len() as u64, running, ram_crc32))

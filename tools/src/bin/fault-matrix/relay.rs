@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 /// Frame header (docs/migration.md, "Wire protocol").
 const MAGIC: &[u8; 4] = b"PPKM";
 /// Mirrors `popek::migration::protocol::VERSION` (this tool speaks the wire format from outside).
-const VERSION: u16 = 5;
+const VERSION: u16 = 6;
 const MAX_PAYLOAD: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
