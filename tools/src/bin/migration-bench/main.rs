@@ -224,7 +224,7 @@ fn main() {
         let (mut samples, mut failures) = (Vec::<Sample>::new(), Vec::new());
         for _ in 0..args.runs {
             bar.set_message(cell.name());
-            port = port.wrapping_add(1).max(20000);
+            port = net.free_port(port.wrapping_add(1).max(20000));
             let result = match (cell.vmm, &qemu) {
                 ("qemu", Some(q)) => q.run(&cell, net, &dir, port, args.rate),
                 (vmm, _) => {

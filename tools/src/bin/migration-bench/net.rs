@@ -131,6 +131,17 @@ impl Net {
         prefix
     }
 
+    /// A port for the next run's destination. Over loopback, one the kernel says is free
+    /// (several sweeps may run at once, as the test suite's do, and a counter from each
+    /// one's process id ran into another's: QEMU's destination then failed to listen);
+    /// `fallback` where that cannot be asked (each namespace pair is this sweep's own).
+    pub fn free_port(&self, fallback: u16) -> u16 {
+        if self.names.is_some() {
+            return fallback;
+        }
+        std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_or(fallback, |a| a.port())
+    }
+
     /// The destination's address for `port`.
     pub fn destination(&self, port: u16) -> String {
         match self.names {

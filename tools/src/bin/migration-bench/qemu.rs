@@ -152,7 +152,7 @@ impl Qemu {
     pub fn run(&self, cell: &Cell, net: &Net, dir: &Path, port: u16, _rate: u64) -> Result<Sample, String> {
         let address = net.destination(port);
         let incoming = format!("tcp:{address}");
-        let _dst = self.spawn(net, 1, cell, dir, "qdst", &["-incoming", &incoming])?;
+        let mut qdst = self.spawn(net, 1, cell, dir, "qdst", &["-incoming", &incoming])?;
         let mut qsrc = self.spawn(net, 0, cell, dir, "qsrc", &[])?;
         let console = |tag: &str| std::fs::read_to_string(dir.join(format!("{tag}.console"))).unwrap_or_default();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -167,7 +167,12 @@ impl Qemu {
         }
         std::thread::sleep(Duration::from_millis(200));
         let mut src = Qmp::connect(&dir.join("qsrc.qmp"), Duration::from_secs(10))?;
-        let mut dst = Qmp::connect(&dir.join("qdst.qmp"), Duration::from_secs(10))?;
+        let mut dst =
+            Qmp::connect(&dir.join("qdst.qmp"), Duration::from_secs(10)).map_err(|e| match qdst.try_status() {
+                // Say why the destination ended rather than only that its socket is gone.
+                Some(_) => format!("{e}; QEMU's destination ended: {}", qdst.stderr().lines().next().unwrap_or("")),
+                None => e,
+            })?;
         let post = matches!(cell.mode.as_str(), "postcopy" | "hybrid");
         if post {
             let caps = json!({"capabilities": [{"capability": "postcopy-ram", "state": true}]});
