@@ -12,7 +12,7 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"PPKM");
 /// Protocol version; a peer with another version is refused in the handshake. 2: the
 /// State payload is postcard, not JSON, and goes before the last pages. 3: stop-and-copy
 /// sends Populate before the pause. 4: DELTA page records. 5: MemoryLz4 and PostcopyPagesLz4 frames. 6: the free-page hints in the State
-/// as runs, not a bitmap. (tools/src/bin/fault-matrix/relay.rs
+/// as runs, not a bitmap, and KVM's structures without their trailing zeros. (tools/src/bin/fault-matrix/relay.rs
 /// mirrors it: bump both.)
 pub const VERSION: u16 = 6;
 /// Largest payload accepted: a peer cannot make us allocate more for one frame.
