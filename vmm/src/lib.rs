@@ -17,6 +17,7 @@ pub mod memory;
 pub mod migration;
 pub mod parked;
 pub mod seccomp;
+pub mod spin;
 pub mod trap;
 pub mod vcpu;
 pub mod vm;

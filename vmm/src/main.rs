@@ -390,8 +390,7 @@ fn run_incoming(
         // On one host the source's reader of Running often shares this core (a socket's
         // wake-up puts the reader on the writer's core): let it read now rather than after
         // whatever this thread does next (90-130 us here). A no-op when nothing waits.
-        // SAFETY: no arguments; it only gives the core to another runnable thread, if any.
-        unsafe { libc::sched_yield() };
+        std::thread::yield_now();
         // The vCPUs were held until Running went out (see `Vm::run_with`); they go now,
         // before the clean-up below.
         vm.resume_all();

@@ -430,19 +430,14 @@ impl Vm {
         Ok(states.into_iter().flatten().map(|state| *state).collect())
     }
 
-    /// The next vCPU's report, polled for up to `PAUSE_SPIN` (yielding the core between
-    /// polls) before sleeping for up to 2 ms: a sleeping receiver took 25-40 us to wake on
-    /// the 2-core test host once the vCPU had sent its state, inside the downtime.
+    /// The next vCPU's report, polled for up to `PAUSE_SPIN` (see `crate::spin`) before
+    /// sleeping for up to 2 ms: a sleeping receiver took 25-40 us to wake on the 2-core
+    /// test host once the vCPU had sent its state, inside the downtime.
     fn next_paused(&self) -> Result<crate::vcpu::PausedReport, std::sync::mpsc::RecvTimeoutError> {
-        let start = std::time::Instant::now();
-        while start.elapsed() < PAUSE_SPIN {
-            if let Ok(report) = self.paused_rx.try_recv() {
-                return Ok(report);
-            }
-            // SAFETY: no arguments; it only gives the core to another runnable thread, if any.
-            unsafe { libc::sched_yield() };
+        match crate::spin::until(PAUSE_SPIN, || self.paused_rx.try_recv().ok()) {
+            Some(report) => Ok(report),
+            None => self.paused_rx.recv_timeout(std::time::Duration::from_millis(2)),
         }
-        self.paused_rx.recv_timeout(std::time::Duration::from_millis(2))
     }
 
     /// Lets every paused vCPU run again.

@@ -160,7 +160,7 @@ impl FreePages {
     /// The hinted frames as runs `(first frame, frames)`, in order: what a migration
     /// carries. A guest hints free memory in ranges, so this is a few runs where the bitmap
     /// of a 1 GiB guest is 4,096 words (32 KiB to copy, and 4,096 varints to encode and to
-    /// decode, inside the downtime: 20-40 us on the test host).
+    /// decode, inside the downtime: tens of us on the test host).
     fn runs(&self) -> Vec<(u64, u64)> {
         let mut runs = Vec::new();
         if self.count == 0 {

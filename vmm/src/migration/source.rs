@@ -106,7 +106,7 @@ pub struct PostcopyReport {
 /// How long the source polls for Running instead of sleeping (`Stream::spin_until_readable`):
 /// the destination's restore and its last pages take well under this after Complete, and
 /// the guest is paused, so its cores are free.
-pub(crate) const RUNNING_SPIN: std::time::Duration = std::time::Duration::from_millis(2);
+const RUNNING_SPIN: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// The downtime window, phase by phase (milliseconds).
 #[derive(Debug, Clone, Default, serde::Serialize)]

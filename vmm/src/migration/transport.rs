@@ -93,25 +93,15 @@ pub trait Stream: Read + Write + Send {
     fn spin_until_readable(&self, _limit: Duration) {}
 }
 
-/// Waits for `fd` to become readable by polling, not sleeping, for at most `limit`: for a
-/// reply due within the downtime, while the guest is paused and its cores are free. A
-/// reader asleep in `read` is woken on the writer's core (a socket's wake-up tells the
-/// scheduler the writer is about to sleep) and waits there until the writer sleeps or is
-/// preempted: Running took 90-130 us to reach the source on the 2-core test host, with
-/// the other core idle. `sched_yield` between polls lets a thread that shares the core
-/// (the writer itself, on one host) run first.
+/// Waits for `fd` to become readable (or closed) by polling, not sleeping, for at most
+/// `limit` (see `crate::spin`): Running took 90-130 us to reach a sleeping source on the
+/// 2-core test host, with the other core idle.
 fn spin_readable(fd: std::os::unix::io::RawFd, limit: Duration) {
-    let start = std::time::Instant::now();
-    loop {
+    crate::spin::until(limit, || {
         let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd for the duration of the call; a zero timeout never sleeps.
-        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-        if ready != 0 || start.elapsed() >= limit {
-            return;
-        }
-        // SAFETY: no arguments; it only gives the core to another runnable thread, if any.
-        unsafe { libc::sched_yield() };
-    }
+        (unsafe { libc::poll(&mut poll, 1, 0) } != 0).then_some(())
+    });
 }
 
 /// SO_SNDBUF and SO_RCVBUF on a socket, best effort (the kernel may round them).
