@@ -745,15 +745,6 @@ impl Arrived {
     }
 }
 
-/// Applies one Memory payload to guest RAM, checking every record against RAM.
-pub fn apply(ram: &GuestRam, payload: &[u8], stats: &mut Transfer) -> Result<(), Error> {
-    let mut incoming = Incoming::default();
-    let applied = incoming.memory(ram, payload);
-    (stats.pages, stats.zero_pages, stats.delta_pages) =
-        (incoming.stats.pages, incoming.stats.zero_pages, incoming.stats.delta_pages);
-    applied
-}
-
 /// Writes a delta's runs over the page it is for, which must have arrived before.
 fn apply_delta(
     ram: &GuestRam,
@@ -1040,6 +1031,11 @@ impl Incoming {
 mod tests {
     use super::*;
 
+    /// Applies one Memory payload as a fresh destination would (checking every record).
+    fn apply(ram: &GuestRam, payload: &[u8]) -> Result<(), Error> {
+        Incoming::default().memory(ram, payload)
+    }
+
     /// A stream that hands out at most 777 bytes a read, as a socket may.
     struct Dribble<'a>(&'a [u8]);
 
@@ -1128,19 +1124,18 @@ mod tests {
         dst.read_slice(&mut buf, GuestAddress(0x5000)).unwrap();
         assert_eq!(&buf, b"hello");
         // Records pointing outside RAM, truncated, or unaligned are refused.
-        let mut stats = Transfer::default();
         let mut rec = Vec::new();
         rec.extend_from_slice(&(64u64 << 20).to_le_bytes());
         rec.extend_from_slice(&1u32.to_le_bytes());
         rec.extend_from_slice(&ZERO.to_le_bytes());
-        assert!(matches!(apply(&dst, &rec, &mut stats), Err(Error::OutsideRam { .. })));
-        assert!(matches!(apply(&dst, &rec[..10], &mut stats), Err(Error::Record(_))));
+        assert!(matches!(apply(&dst, &rec), Err(Error::OutsideRam { .. })));
+        assert!(matches!(apply(&dst, &rec[..10]), Err(Error::Record(_))));
         let mut rec = Vec::new();
         rec.extend_from_slice(&0x1000u64.to_le_bytes());
         rec.extend_from_slice(&2u32.to_le_bytes());
         rec.extend_from_slice(&0u32.to_le_bytes());
         rec.extend_from_slice(&[1u8; 4096]);
-        assert!(matches!(apply(&dst, &rec, &mut stats), Err(Error::Record(_))), "data shorter than announced");
+        assert!(matches!(apply(&dst, &rec), Err(Error::Record(_))), "data shorter than announced");
         // A corrupted stream fails the checksum.
         let mut bad = wire.clone();
         let at = bad.len() / 2;
@@ -1269,7 +1264,7 @@ mod tests {
         let dst = memory::create_ram(16 << 20).unwrap();
         let err = Incoming::default().memory(&dst, &rec).unwrap_err();
         assert!(err.to_string().contains("never arrived"), "{err}");
-        assert!(apply(&dst, &rec, &mut Transfer::default()).is_err());
+        assert!(apply(&dst, &rec).is_err());
         // Malformed: two pages, a length past the frame, a run past the page.
         let mut two = rec.clone();
         two[8] = 2;
@@ -1300,7 +1295,7 @@ mod tests {
         // A zero page ends a run; a page out of order starts a new one.
         assert_eq!(layout, [(0x100, 3, false), (0x103, 1, true), (0x104, 2, false), (0x101, 1, false)]);
         let dst = memory::create_ram(16 << 20).unwrap();
-        apply(&dst, &payload, &mut Transfer::default()).unwrap();
+        apply(&dst, &payload).unwrap();
         assert_eq!(ram_crc32(&dst).unwrap(), ram_crc32(&src).unwrap());
     }
 }
