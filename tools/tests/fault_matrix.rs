@@ -34,14 +34,25 @@ fn no_vm_is_lost_at_any_phase_of_any_mode() {
     assert_eq!(totals["lost"], 0, "{stdout}");
     assert_eq!(totals["check_failures"], 0, "{stdout}");
     assert_eq!(totals["failed_cells"], 0, "{stdout}");
-    // Kill-dst after Running, kill-src at state and running: 8 (9 or 10 when an answer
-    // was still on its way as the source was killed at Complete).
-    let documented = totals["unrecoverable_documented"].as_u64().unwrap();
-    assert!((8..=10).contains(&documented), "{totals}");
-    assert_eq!(totals["survived"].as_u64().unwrap() + documented, 72, "{totals}");
     assert!(stdout.contains("| postcopy | running | cut | PostcopyPages from src | ok | destination | yes | pass |"));
 
     let cells = report["cells"].as_array().unwrap();
+    // A source killed "at running" as it sends the last pages the destination lacked (a
+    // hybrid guest that dirtied little since its last round: the relay kills on that
+    // frame, which still goes through) leaves the whole VM on the destination, which
+    // keeps it: such a cell must have verified every page there.
+    let kept_at_running: Vec<&Value> =
+        cells_where(cells, |c| c["phase"] == "running" && c["fault"] == "kill-src" && c["survived"] == true).collect();
+    for c in &kept_at_running {
+        assert_eq!((&c["runs_on"], &c["memory_check"]), (&"destination".into(), &"pass".into()), "{c}");
+    }
+    // Kill-dst after Running, kill-src at state and running: 8, less the cells kept
+    // above (9 or 10 when an answer was still on its way as the source was killed at
+    // Complete).
+    let documented = totals["unrecoverable_documented"].as_u64().unwrap();
+    assert!((8 - kept_at_running.len() as u64..=10).contains(&documented), "{totals}");
+    assert_eq!(totals["survived"].as_u64().unwrap() + documented, 72, "{totals}");
+
     let before_running = |c: &Value| !["running", "complete"].contains(&c["phase"].as_str().unwrap());
     // Cut, killed destination and refusal before Running: the migration fails (18) and
     // the source runs the VM, whose memory then moves intact.
